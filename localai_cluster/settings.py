@@ -1,0 +1,162 @@
+"""One env-driven settings module. Every variable of CONTRACT §2 is read here; a bad value stops start-up."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+from localai_cluster import embedded
+from localai_cluster.env import env_bool, env_int, env_list, env_seconds, env_str
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+STATE_DIR = embedded.default_state_dir(BASE_DIR)
+
+DEBUG = env_bool("DJANGO_DEBUG", default=False)
+_INSECURE_DEV_KEY = "django-insecure-localai-cluster-dev-only"
+SECRET_KEY = env_str("DJANGO_SECRET_KEY") or _INSECURE_DEV_KEY
+USING_INSECURE_SECRET_KEY = SECRET_KEY == _INSECURE_DEV_KEY
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
+CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
+
+# --- cluster behaviour (CONTRACT §2) -------------------------------------------------------------
+LOCALAI_REGISTRATION_TOKEN = env_str("LOCALAI_REGISTRATION_TOKEN")
+LOCALAI_AUTO_APPROVE_NODES = env_bool("LOCALAI_AUTO_APPROVE_NODES", default=False)
+LOCALAI_RECONCILE_INTERVAL = env_seconds("LOCALAI_RECONCILE_INTERVAL", 30, minimum=0.1)
+LOCALAI_HEALTH_CHECK_INTERVAL = env_seconds("LOCALAI_HEALTH_CHECK_INTERVAL", 15, minimum=0.1)
+LOCALAI_STALE_NODE_THRESHOLD = env_seconds("LOCALAI_STALE_NODE_THRESHOLD", 60, minimum=0.1)
+LOCALAI_SCALE_DOWN_DELAY = env_seconds("LOCALAI_SCALE_DOWN_DELAY", 300)
+LOCALAI_PROBE_STALE_AFTER = env_seconds("LOCALAI_PROBE_STALE_AFTER", 120)
+LOCALAI_UNSATISFIABLE_TICKS = env_int("LOCALAI_UNSATISFIABLE_TICKS", 3, minimum=1)
+LOCALAI_UNSATISFIABLE_COOLDOWN = env_seconds("LOCALAI_UNSATISFIABLE_COOLDOWN", 300)
+LOCALAI_LOAD_TIMEOUT = env_seconds("LOCALAI_LOAD_TIMEOUT", 300, minimum=0.1)
+# How often a worker heartbeats (told to agents at registration).
+LOCALAI_HEARTBEAT_INTERVAL = env_seconds("LOCALAI_HEARTBEAT_INTERVAL", 10, minimum=0.1)
+
+# --- engines: embedded unless URLs are given --------------------------------------------------------
+DATABASE_URL = env_str("DATABASE_URL")
+if not DATABASE_URL:
+    DATABASE_URL = embedded.ensure_postgres(STATE_DIR)
+    os.environ["DATABASE_URL"] = DATABASE_URL
+REDIS_URL = env_str("REDIS_URL")
+if not REDIS_URL:
+    REDIS_URL = embedded.ensure_redis(STATE_DIR)
+    os.environ["REDIS_URL"] = REDIS_URL
+
+try:
+    _database = dj_database_url.parse(DATABASE_URL)
+except ValueError as exc:
+    raise ImproperlyConfigured(f"DATABASE_URL: {exc}") from None
+if _database.get("ENGINE") != "django.db.backends.postgresql":
+    raise ImproperlyConfigured("DATABASE_URL: only PostgreSQL (postgres://...) is supported")
+# psycopg's pool: opening a connection per request would dominate the gateway's hot path.
+_DB_POOL = env_bool("LOCALAI_DB_POOL", default=True)
+_database["CONN_MAX_AGE"] = 0
+_database["OPTIONS"] = (
+    {"pool": {"min_size": 1, "max_size": env_int("LOCALAI_DB_POOL_SIZE", 20, minimum=1), "timeout": 10}}
+    if _DB_POOL
+    else {}
+)
+DATABASES = {"default": _database}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "rest_framework",
+    "drf_spectacular",
+    "template_partials",
+    "localai_cluster",
+    "nodes",
+    "scheduling",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "localai_cluster.urls"
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+ASGI_APPLICATION = "localai_cluster.asgi.application"
+WSGI_APPLICATION = "localai_cluster.wsgi.application"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+LOGIN_URL = "/admin/login/"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = env_str("TIME_ZONE", "UTC")
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = STATE_DIR / "static"
+STATICFILES_DIRS = [BASE_DIR / "static"] if (BASE_DIR / "static").is_dir() else []
+
+# --- Redis users: Celery and Channels --------------------------------------------------------------
+CELERY_BROKER_URL = embedded.celery_broker_url(REDIS_URL)
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_TIMEZONE = TIME_ZONE
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {"hosts": [REDIS_URL]},
+    }
+}
+
+# --- DRF -------------------------------------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_AUTHENTICATION_CLASSES": [],
+    "DEFAULT_PERMISSION_CLASSES": [],
+    "EXCEPTION_HANDLER": "localai_cluster.api.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "UNAUTHENTICATED_USER": None,
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "LocalAI Cluster API",
+    "DESCRIPTION": "Control plane for a cluster of LocalAI-compatible inference workers.",
+    "VERSION": "0.1.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+    "loggers": {"django.db.backends": {"level": "INFO"}, "pgserver": {"level": "WARNING"}},
+}

@@ -1,0 +1,135 @@
+from __future__ import annotations
+
+import uuid
+
+from django.db import models
+from django.db.models import Q
+
+from nodes.choices import NodeStatus, NodeType, ReplicaState
+
+
+class Node(models.Model):
+    """One worker agent. `name` is its identity across restarts; approval is kept apart from status so a
+    pending node that goes stale and comes back is still pending."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=255, unique=True)
+    node_type = models.CharField(max_length=16, choices=NodeType.choices, default=NodeType.BACKEND)
+    address = models.CharField(max_length=255, blank=True, default="")
+    status = models.CharField(max_length=16, choices=NodeStatus.choices, default=NodeStatus.PENDING)
+    approved_at = models.DateTimeField(null=True, blank=True)
+    total_vram = models.BigIntegerField(default=0)
+    available_vram = models.BigIntegerField(default=0)
+    reserved_vram = models.BigIntegerField(default=0)
+    total_ram = models.BigIntegerField(default=0)
+    available_ram = models.BigIntegerField(default=0)
+    gpu_vendor = models.CharField(max_length=64, blank=True, default="")
+    worker_max_replicas_per_model = models.IntegerField(default=1)
+    max_replicas_override = models.IntegerField(null=True, blank=True)
+    token_hash = models.CharField(max_length=64, blank=True, default="", editable=False)
+    token_salt = models.CharField(max_length=64, blank=True, default="", editable=False)
+    last_heartbeat = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.CheckConstraint(condition=Q(reserved_vram__gte=0), name="node_reserved_vram_gte_0"),
+            models.CheckConstraint(
+                condition=Q(worker_max_replicas_per_model__gte=1), name="node_worker_cap_gte_1"
+            ),
+            models.CheckConstraint(
+                condition=Q(max_replicas_override__isnull=True) | Q(max_replicas_override__gte=1),
+                name="node_override_gte_1",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def effective_max_replicas(self) -> int:
+        """The admin override when set, else what the worker's flag says."""
+        return self.max_replicas_override or self.worker_max_replicas_per_model
+
+    @property
+    def is_approved(self) -> bool:
+        return self.approved_at is not None
+
+    @property
+    def effective_free_vram(self) -> int:
+        return self.available_vram - self.reserved_vram
+
+
+class NodeLabel(models.Model):
+    """A `key=value` label on a node; selectors match labels by exact strings."""
+
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="labels")
+    key = models.CharField(max_length=255)
+    value = models.CharField(max_length=255, blank=True, default="")
+
+    class Meta:
+        ordering = ["key"]
+        constraints = [models.UniqueConstraint(fields=["node", "key"], name="nodelabel_unique_node_key")]
+
+    def __str__(self) -> str:
+        return f"{self.key}={self.value}"
+
+
+class ModelReplica(models.Model):
+    """One backend process serving one model in one slot of one node. The row exists from the moment its
+    slot is claimed (state `loading`), so a load in progress counts against capacity."""
+
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="replicas")
+    model_name = models.CharField(max_length=255)
+    replica_index = models.IntegerField()
+    state = models.CharField(max_length=16, choices=ReplicaState.choices, default=ReplicaState.LOADING)
+    address = models.CharField(max_length=255, blank=True, default="")
+    in_flight = models.IntegerField(default=0)
+    last_used = models.DateTimeField(null=True, blank=True)
+    load_started_at = models.DateTimeField(null=True, blank=True)
+    loaded_at = models.DateTimeField(null=True, blank=True)
+    # Last time the control plane heard of this process (a heartbeat listing it, a request, a probe).
+    last_seen_at = models.DateTimeField(null=True, blank=True)
+    vram_bytes = models.BigIntegerField(default=0)
+    backend = models.CharField(max_length=64, blank=True, default="")
+
+    class Meta:
+        ordering = ["node__name", "model_name", "replica_index"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["node", "model_name", "replica_index"], name="modelreplica_unique_slot"
+            ),
+            models.CheckConstraint(condition=Q(replica_index__gte=0), name="modelreplica_index_gte_0"),
+            models.CheckConstraint(condition=Q(in_flight__gte=0), name="modelreplica_in_flight_gte_0"),
+            models.CheckConstraint(condition=Q(vram_bytes__gte=0), name="modelreplica_vram_gte_0"),
+        ]
+        indexes = [models.Index(fields=["model_name", "state"], name="modelreplica_model_state")]
+
+    def __str__(self) -> str:
+        return f"{self.process_key} on {self.node_id}"
+
+    @property
+    def process_key(self) -> str:
+        return f"{self.model_name}#{self.replica_index}"
+
+
+class ApiKey(models.Model):
+    """A bearer key for `/v1/*` (every key) and `/api/nodes/*`, `/api/models/*` (admin keys). Only a hash is
+    stored; the key itself is shown once at creation."""
+
+    name = models.CharField(max_length=255)
+    prefix = models.CharField(max_length=16, editable=False)
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    is_admin = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "API key"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"

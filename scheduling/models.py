@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+from django.db import models
+from django.db.models import F, Q
+
+
+class ModelConfig(models.Model):
+    """A catalog entry: what the router and the reconciler load when a model has no replica yet."""
+
+    name = models.CharField(max_length=255, unique=True)
+    backend = models.CharField(max_length=64, default="echo")
+    model = models.CharField(max_length=1024, blank=True, default="")
+    options = models.JSONField(default=dict, blank=True)
+    vram_bytes = models.BigIntegerField(default=0)
+    context_size = models.IntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "model"
+        constraints = [
+            models.CheckConstraint(condition=Q(vram_bytes__gte=0), name="modelconfig_vram_gte_0"),
+            models.CheckConstraint(
+                condition=Q(context_size__isnull=True) | Q(context_size__gte=0),
+                name="modelconfig_context_size_gte_0",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class SchedulingRule(models.Model):
+    """Where a model may run (`node_selector`) and how many replicas it keeps (`min_replicas`,
+    `max_replicas`, 0 = no limit), with the reconciler's circuit breaker."""
+
+    model_name = models.CharField(max_length=255, unique=True)
+    node_selector = models.JSONField(default=dict, blank=True)
+    min_replicas = models.IntegerField(default=0)
+    max_replicas = models.IntegerField(default=0)
+    unsatisfiable_until = models.DateTimeField(null=True, blank=True)
+    unsatisfiable_ticks = models.IntegerField(default=0)
+    unsatisfiable_reason = models.CharField(max_length=255, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["model_name"]
+        constraints = [
+            models.CheckConstraint(condition=Q(min_replicas__gte=0), name="rule_min_gte_0"),
+            models.CheckConstraint(condition=Q(max_replicas__gte=0), name="rule_max_gte_0"),
+            models.CheckConstraint(
+                condition=Q(max_replicas=0) | Q(min_replicas__lte=F("max_replicas")),
+                name="rule_min_lte_max",
+            ),
+            models.CheckConstraint(condition=Q(unsatisfiable_ticks__gte=0), name="rule_ticks_gte_0"),
+        ]
+
+    def __str__(self) -> str:
+        return self.model_name

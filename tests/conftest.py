@@ -1,0 +1,70 @@
+"""Shared fixtures. The database and Redis are real: embedded servers unless DATABASE_URL / REDIS_URL are set
+(the settings module starts them and exports their URLs, so xdist workers and subprocesses reuse them)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate, *, timeout: float = 15.0, interval: float = 0.05, message: str = "condition"):
+    """Poll `predicate` until it returns a truthy value; fail the test with `message` on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {message}")
+        time.sleep(interval)
+
+
+class ControlPlaneServer:
+    """The real ASGI application served by uvicorn in a thread of the test process, on 127.0.0.1."""
+
+    def __init__(self) -> None:
+        import uvicorn
+
+        from localai_cluster.asgi import application
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            application,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan="off",
+            timeout_graceful_shutdown=2,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="cp-server", daemon=True)
+
+    def start(self) -> ControlPlaneServer:
+        self._thread.start()
+        wait_until(lambda: self._server.started, timeout=20, message="the control plane test server")
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+
+@pytest.fixture
+def cp_server(transactional_db) -> Iterator[ControlPlaneServer]:
+    """A live control plane (HTTP + WebSocket) on loopback, backed by the test database."""
+    server = ControlPlaneServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()

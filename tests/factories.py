@@ -1,0 +1,74 @@
+"""factory-boy factories for the registry and the catalog."""
+
+from __future__ import annotations
+
+import factory
+from django.utils import timezone
+
+from nodes.choices import NodeStatus, NodeType, ReplicaState
+from nodes.models import ModelReplica, Node, NodeLabel
+from scheduling.models import ModelConfig, SchedulingRule
+
+GiB = 1024**3
+
+
+class NodeFactory(factory.django.DjangoModelFactory):
+    """An approved, healthy backend node with a fresh heartbeat and no VRAM limit unless given."""
+
+    class Meta:
+        model = Node
+
+    name = factory.Sequence(lambda n: f"node-{n}")
+    node_type = NodeType.BACKEND
+    address = factory.Sequence(lambda n: f"127.0.0.1:{40000 + n}")
+    status = NodeStatus.HEALTHY
+    approved_at = factory.LazyFunction(timezone.now)
+    last_heartbeat = factory.LazyFunction(timezone.now)
+    worker_max_replicas_per_model = 1
+
+
+class NodeLabelFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = NodeLabel
+
+    node = factory.SubFactory(NodeFactory)
+    key = factory.Sequence(lambda n: f"key-{n}")
+    value = "value"
+
+
+class ReplicaFactory(factory.django.DjangoModelFactory):
+    """A loaded replica (index 0 unless given)."""
+
+    class Meta:
+        model = ModelReplica
+
+    node = factory.SubFactory(NodeFactory)
+    model_name = "m"
+    replica_index = 0
+    state = ReplicaState.LOADED
+    address = factory.Sequence(lambda n: f"127.0.0.1:{45000 + n}")
+    loaded_at = factory.LazyFunction(timezone.now)
+    last_seen_at = factory.LazyFunction(timezone.now)
+    backend = "echo"
+
+
+class ModelConfigFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = ModelConfig
+        django_get_or_create = ("name",)
+
+    name = factory.Sequence(lambda n: f"model-{n}")
+    backend = "echo"
+    model = ""
+    options = factory.LazyFunction(dict)
+    vram_bytes = 0
+
+
+class RuleFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = SchedulingRule
+
+    model_name = factory.Sequence(lambda n: f"model-{n}")
+    node_selector = factory.LazyFunction(dict)
+    min_replicas = 0
+    max_replicas = 0

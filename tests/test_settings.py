@@ -1,0 +1,86 @@
+"""Configuration: bad values stop start-up naming the variable; the engines are real."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.db import connection
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _import_settings(**env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", "import localai_cluster.settings"],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("LOCALAI_RECONCILE_INTERVAL", "abc"),
+        ("LOCALAI_STALE_NODE_THRESHOLD", "-5"),
+        ("LOCALAI_UNSATISFIABLE_TICKS", "0"),
+        ("LOCALAI_UNSATISFIABLE_TICKS", "three"),
+        ("LOCALAI_AUTO_APPROVE_NODES", "maybe"),
+        ("LOCALAI_LOAD_TIMEOUT", "5 minutes"),
+        ("DJANGO_DEBUG", "perhaps"),
+    ],
+)
+def test_bad_setting_stops_startup_naming_the_variable(name, value):
+    result = _import_settings(**{name: value})
+    assert result.returncode != 0
+    assert name in result.stderr
+
+
+def test_durations_accept_units():
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from localai_cluster import settings as s; print(s.LOCALAI_RECONCILE_INTERVAL, s.LOCALAI_LOAD_TIMEOUT)",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "LOCALAI_RECONCILE_INTERVAL": "500ms", "LOCALAI_LOAD_TIMEOUT": "2m"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0.5", "120.0"]
+
+
+@pytest.mark.django_db
+def test_database_is_real_postgresql():
+    assert connection.vendor == "postgresql"
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW server_version_num")
+        assert int(cursor.fetchone()[0]) >= 150000
+
+
+def test_redis_is_real():
+    import redis
+
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    assert client.ping()
+    assert client.info()["redis_version"]
+
+
+def test_secret_key_check_refuses_production_without_secret():
+    from localai_cluster.checks import check_secret_key
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(settings, "USING_INSECURE_SECRET_KEY", True)
+        mp.setattr(settings, "DEBUG", False)
+        errors = check_secret_key(None)
+    assert [e.id for e in errors] == ["localai_cluster.E001"]
