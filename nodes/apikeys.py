@@ -1,0 +1,69 @@
+"""API keys: creation, revocation and authentication of `Authorization: Bearer <key>`.
+
+A key is `lac_` followed by 43 URL-safe characters. Only its SHA-256 (hex) is stored, with its first 8 characters
+as a `prefix` so an operator can tell keys apart; the key itself is shown once, at creation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import timedelta
+
+from django.db import transaction
+from django.utils import timezone
+
+from nodes.models import ApiKey
+
+KEY_PREFIX = "lac_"
+PREFIX_LENGTH = 8
+# `last_used_at` is refreshed at most this often, so authenticating stays one SELECT on the hot path.
+LAST_USED_RESOLUTION = timedelta(minutes=5)
+
+
+def api_key_hash(raw: str) -> str:
+    """The SHA-256 hex digest stored in `ApiKey.key_hash`."""
+    return hashlib.sha256(raw.encode("utf-8", errors="surrogatepass")).hexdigest()
+
+
+def api_key_create(*, name: str, is_admin: bool = False) -> tuple[ApiKey, str]:
+    """Creates a key; answers the row and the raw key (the only time the raw key is available)."""
+    raw = KEY_PREFIX + secrets.token_urlsafe(32)
+    with transaction.atomic(durable=True):
+        api_key = ApiKey.objects.create(
+            name=name, prefix=raw[:PREFIX_LENGTH], key_hash=api_key_hash(raw), is_admin=is_admin
+        )
+    return api_key, raw
+
+
+def api_key_revoke(*, api_key: ApiKey) -> ApiKey:
+    """Marks the key revoked (idempotent: the first revocation time is kept). A revoked key is refused."""
+    ApiKey.objects.filter(pk=api_key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+    api_key.refresh_from_db(fields=["revoked_at"])
+    return api_key
+
+
+def api_key_lookup(raw: str) -> ApiKey | None:
+    """The key row for a raw bearer value, revoked or not; None when no key has that hash."""
+    if not raw or len(raw) > 512:
+        return None
+    return ApiKey.objects.filter(key_hash=api_key_hash(raw)).first()
+
+
+def api_key_authenticate(raw: str) -> ApiKey | None:
+    """The active key for a raw bearer value, or None (unknown or revoked). Refreshes `last_used_at` at most
+    every few minutes, so a busy gateway does not write on every request."""
+    api_key = api_key_lookup(raw)
+    if api_key is None or api_key.revoked_at is not None:
+        return None
+    now = timezone.now()
+    if api_key.last_used_at is None or now - api_key.last_used_at > LAST_USED_RESOLUTION:
+        ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=now)
+        api_key.last_used_at = now
+    return api_key
+
+
+def api_keys_exist() -> bool:
+    """Whether any key was ever created. The gateway is open only while this is False; a revoked key still
+    counts, so revoking the last (leaked) key does not open the gateway to everyone."""
+    return ApiKey.objects.exists()
