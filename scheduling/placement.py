@@ -155,3 +155,23 @@ def choose_eviction(
         if node.free_slots > 0 and vram_fits(model, node, freed=replica.vram_bytes):
             return replica
     return None
+
+
+class PlacementError(Exception):
+    """A replica could not be placed or loaded; `reason` is one sentence for the operator or the client."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class NoCapacity(PlacementError):
+    """Nothing fits, even after eviction: no node matches, no free slot, or not enough VRAM."""
+
+
+class UnknownModel(PlacementError):
+    """The model is not in the catalog, so there is nothing to load."""
+
+
+class LoadFailed(PlacementError):
+    """The agent could not start the replica (or it did not become ready in time); nothing was left behind."""

@@ -39,3 +39,294 @@ def rule_delete(*, model_name: str) -> bool:
 
 
 # --- end of scheduling rules ------------------------------------------------------------------------------
+
+# --- placement (router and reconciler share this: BEHAVIOUR §4) -------------------------------------------
+# Imports of this section are kept here so the section can be read (and merged) on its own.
+import logging  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Any  # noqa: E402
+
+from django.conf import settings  # noqa: E402
+from django.db.models import Count, F, Q, Sum  # noqa: E402
+from django.db.models.functions import Coalesce, Least  # noqa: E402
+
+from nodes.choices import NodeStatus, NodeType, ReplicaState  # noqa: E402
+from nodes.models import ModelReplica, Node  # noqa: E402
+from nodes.tokens import node_token_for  # noqa: E402
+from scheduling.models import ModelConfig  # noqa: E402
+from scheduling.placement import (  # noqa: E402
+    IdleReplica,
+    LoadFailed,
+    ModelRequirement,
+    NoCapacity,
+    NodeSnapshot,
+    UnknownModel,
+    choose_eviction,
+    place,
+)
+from worker_client.client import WorkerControlClient  # noqa: E402
+from worker_client.errors import WorkerError  # noqa: E402
+
+placement_logger = logging.getLogger("scheduling.placement")
+
+# Deadline of the short WorkerControl calls (stop); a load waits LOCALAI_LOAD_TIMEOUT on top of it.
+CONTROL_CALL_TIMEOUT = 10.0
+
+# `ModelOptions` fields a catalog entry's `options` may set, by their proto name or LocalAI's YAML name.
+_MODEL_OPTION_FIELDS = {
+    "Model": "Model",
+    "ContextSize": "ContextSize",
+    "context_size": "ContextSize",
+    "Seed": "Seed",
+    "seed": "Seed",
+    "NBatch": "NBatch",
+    "batch": "NBatch",
+    "Embeddings": "Embeddings",
+    "embeddings": "Embeddings",
+    "NGPULayers": "NGPULayers",
+    "gpu_layers": "NGPULayers",
+    "Threads": "Threads",
+    "threads": "Threads",
+    "ModelFile": "ModelFile",
+    "Type": "Type",
+    "type": "Type",
+    "ModelPath": "ModelPath",
+    "Options": "Options",
+    "options": "Options",
+}
+_MODEL_OPTION_TYPES = {
+    "Model": str,
+    "ContextSize": int,
+    "Seed": int,
+    "NBatch": int,
+    "Embeddings": bool,
+    "NGPULayers": int,
+    "Threads": int,
+    "ModelFile": str,
+    "Type": str,
+    "ModelPath": str,
+}
+
+
+@dataclass(frozen=True)
+class PlacementResult:
+    """A replica placed and loaded: its row is `loaded` at `address`."""
+
+    replica_id: int
+    model_name: str
+    replica_index: int
+    node_id: Any
+    node_name: str
+    address: str
+    load_seconds: float
+    evicted: list[str] = field(default_factory=list)
+
+    @property
+    def process_key(self) -> str:
+        return f"{self.model_name}#{self.replica_index}"
+
+
+def model_options_for(config: ModelConfig) -> dict[str, Any]:
+    """The `ModelOptions` a catalog entry loads with: `Model` (the entry's `model`, else its name),
+    `ContextSize`, and the fields its `options` set (proto or LocalAI YAML names; `options` as a list of
+    `key:value` strings). Other keys are LocalAI settings the backend protocol has no field for: ignored."""
+    values: dict[str, Any] = {"Model": config.model or config.name}
+    if config.context_size:
+        values["ContextSize"] = config.context_size
+    for key, value in (config.options or {}).items():
+        name = _MODEL_OPTION_FIELDS.get(key)
+        if name == "Options":
+            items = value if isinstance(value, list) else [value]
+            values["Options"] = [*values.get("Options", []), *(str(item) for item in items)]
+        elif name and isinstance(value, _MODEL_OPTION_TYPES[name]):
+            values[name] = value
+    return values
+
+
+def placement_snapshot(*, model_name: str) -> list[NodeSnapshot]:
+    """Schedulable nodes (approved, `healthy`, `backend`) as seen for placing `model_name`: two queries."""
+    nodes = (
+        Node.objects.filter(approved_at__isnull=False, status=NodeStatus.HEALTHY, node_type=NodeType.BACKEND)
+        .annotate(
+            model_rows=Count("replicas", filter=Q(replicas__model_name=model_name)),
+            node_in_flight=Coalesce(Sum("replicas__in_flight"), 0),
+        )
+        .prefetch_related("labels")
+    )
+    return [
+        NodeSnapshot(
+            id=node.id,
+            name=node.name,
+            effective_cap=node.effective_max_replicas,
+            replicas_of_model=node.model_rows,
+            total_vram=node.total_vram,
+            available_vram=node.available_vram,
+            reserved_vram=node.reserved_vram,
+            in_flight=node.node_in_flight,
+            labels={label.key: label.value for label in node.labels.all()},
+        )
+        for node in nodes
+    ]
+
+
+def _model_requirement(config: ModelConfig) -> tuple[ModelRequirement, dict[str, str]]:
+    rule = SchedulingRule.objects.filter(model_name=config.name).only("node_selector").first()
+    selector = dict(rule.node_selector) if rule and isinstance(rule.node_selector, dict) else {}
+    return ModelRequirement(config.name, config.vram_bytes, selector), selector
+
+
+def _stop_process(node: Node, process_key: str) -> None:
+    """Asks the node's agent to stop exactly `process_key`; failures are logged, never raised."""
+    try:
+        WorkerControlClient(node.address, node_token_for(node), CONTROL_CALL_TIMEOUT).stop_replica(
+            process_key
+        )
+    except WorkerError as error:
+        placement_logger.warning("could not stop %s on %s: %s", process_key, node.name, error)
+
+
+def replica_stop_on_node(*, node_id: Any, process_key: str) -> None:
+    """Asks the agent of `node_id` to stop exactly `process_key` (errors logged). No transaction is open."""
+    node = Node.objects.filter(pk=node_id).only("id", "name", "address", "token_salt").first()
+    if node is not None and node.address:
+        _stop_process(node, process_key)
+
+
+def _load(replica: ModelReplica, config: ModelConfig) -> PlacementResult:
+    """LoadReplica outside any transaction; success → `loaded`, failure → row and reservation released and
+    the agent told to stop exactly that key."""
+    from nodes.services import replica_mark_loaded, replica_release_failed
+
+    node = Node.objects.only("id", "name", "address", "token_salt").get(pk=replica.node_id)
+    client = WorkerControlClient(node.address, node_token_for(node), CONTROL_CALL_TIMEOUT)
+    process_key = f"{replica.model_name}#{replica.replica_index}"
+    try:
+        result = client.load_replica(
+            replica.model_name,
+            replica.replica_index,
+            config.backend,
+            model_options_for(config),
+            config.vram_bytes,
+            load_timeout=settings.LOCALAI_LOAD_TIMEOUT,
+        )
+    except WorkerError as error:
+        replica_release_failed(replica_id=replica.id)
+        _stop_process(node, process_key)
+        placement_logger.warning("loading %s on %s failed: %s", process_key, node.name, error)
+        raise LoadFailed(f"loading {config.name} on {node.name} failed: {error.details or error}") from error
+    if not replica_mark_loaded(replica_id=replica.id, address=result.address):
+        # The row went away during the load (node removed, heartbeat reconciliation): do not leave a process.
+        _stop_process(node, process_key)
+        raise LoadFailed(f"the replica {process_key} on {node.name} was removed while it loaded")
+    placement_logger.info(
+        "loaded %s on %s at %s in %.2fs", process_key, node.name, result.address, result.load_seconds
+    )
+    return PlacementResult(
+        replica_id=replica.id,
+        model_name=replica.model_name,
+        replica_index=replica.replica_index,
+        node_id=node.id,
+        node_name=node.name,
+        address=result.address,
+        load_seconds=result.load_seconds,
+    )
+
+
+def _eviction_candidates(
+    model: ModelRequirement, nodes: list[NodeSnapshot]
+) -> tuple[list[IdleReplica], dict[str, int], dict[str, int]]:
+    """Idle loaded replicas on the given nodes, and the replica counts and rule minimums of their models."""
+    rows = ModelReplica.objects.filter(
+        node_id__in=[node.id for node in nodes], state=ReplicaState.LOADED, in_flight=0
+    ).exclude(model_name=model.name)
+    idle = [
+        IdleReplica(
+            id=row.id,
+            node_id=row.node_id,
+            model_name=row.model_name,
+            replica_index=row.replica_index,
+            last_used=row.last_used or row.loaded_at,
+            vram_bytes=row.vram_bytes,
+        )
+        for row in rows.only(
+            "id", "node_id", "model_name", "replica_index", "last_used", "loaded_at", "vram_bytes"
+        )
+    ]
+    models = {replica.model_name for replica in idle}
+    counts = dict(
+        ModelReplica.objects.filter(
+            model_name__in=models, state__in=[ReplicaState.LOADING, ReplicaState.LOADED]
+        )
+        .values_list("model_name")
+        .annotate(count=Count("id"))
+        .values_list("model_name", "count")
+    )
+    minimums = dict(
+        SchedulingRule.objects.filter(model_name__in=models).values_list("model_name", "min_replicas")
+    )
+    return idle, counts, minimums
+
+
+def replica_evict(*, replica: IdleReplica) -> bool:
+    """Unloads exactly this idle replica: flips it `loaded` → `unloading` only while its in-flight is 0 (so
+    no request can claim it any more), asks its agent to stop exactly its key, removes the row and credits
+    its VRAM to the node until the next heartbeat reports the real figure. False when it was claimed
+    meanwhile (nothing done)."""
+    from nodes.services import replica_remove
+
+    flipped = ModelReplica.objects.filter(pk=replica.id, state=ReplicaState.LOADED, in_flight=0).update(
+        state=ReplicaState.UNLOADING
+    )
+    if not flipped:
+        return False
+    node = Node.objects.filter(pk=replica.node_id).only("id", "name", "address", "token_salt").first()
+    if node is not None and node.address:
+        _stop_process(node, replica.process_key)
+    replica_remove(replica_id=replica.id)
+    if replica.vram_bytes:
+        Node.objects.filter(pk=replica.node_id, total_vram__gt=0).update(
+            available_vram=Least(F("available_vram") + replica.vram_bytes, F("total_vram"))
+        )
+    placement_logger.info("evicted %s from %s", replica.process_key, node.name if node else replica.node_id)
+    return True
+
+
+def replica_place(*, model_name: str) -> PlacementResult:
+    """Places and loads one new replica of a catalog model (BEHAVIOUR §4).
+
+    Ranks the schedulable nodes, claims a slot on each in turn until one claim wins (a lost race moves to
+    the next), then loads it outside any transaction. When nothing fits, evicts the least recently used idle
+    replica whose removal makes room and tries again once. Raises `UnknownModel` (not in the catalog),
+    `NoCapacity(reason)` (nothing fits), or `LoadFailed` (the load failed; row, reservation and process gone).
+    Call it from sync code; from async code run it in a thread. Must not be called inside a transaction.
+    """
+    from nodes.services import replica_claim_slot
+
+    config = ModelConfig.objects.filter(name=model_name).first()
+    if config is None:
+        raise UnknownModel(f"the model {model_name!r} is not in the catalog")
+    requirement, _ = _model_requirement(config)
+    evicted: list[str] = []
+    reason = ""
+    for _round in range(2):
+        nodes = placement_snapshot(model_name=model_name)
+        ranked = place(requirement, nodes)
+        reason = ranked.reason or "no free slot"
+        for node in ranked.candidates:
+            replica = replica_claim_slot(
+                node_id=node.id, model_name=model_name, vram_bytes=config.vram_bytes, backend=config.backend
+            )
+            if replica is not None:
+                result = _load(replica, config)
+                return PlacementResult(**{**result.__dict__, "evicted": evicted})
+        if evicted or not ranked.reason:
+            break  # claims lost to concurrent schedulers, or an eviction already tried: give up
+        idle, counts, minimums = _eviction_candidates(requirement, nodes)
+        victim = choose_eviction(requirement, nodes, idle, replica_counts=counts, min_replicas=minimums)
+        if victim is None or not replica_evict(replica=victim):
+            break
+        evicted.append(victim.process_key)
+    raise NoCapacity(f"cannot place {model_name}: {reason}")
+
+
+# --- end of placement -------------------------------------------------------------------------------------
