@@ -1,0 +1,1 @@
+"""Backends the agent can launch as `<command...> --addr host:port` (LocalAI's backend protocol)."""

@@ -1,0 +1,1 @@
+"""The `echo` backend: a deterministic LocalAI-compatible backend for tests and demos."""

@@ -1,0 +1,399 @@
+"""The control plane's typed client for the worker agents (`WorkerControl`) and their backends (`Backend`).
+
+Plain Python (no Django). Every call has a deadline and presents `authorization: Bearer <token>`; every
+failure is raised as `WorkerError`. Channels are reused: sync ones per address, `grpc.aio` ones per
+(address, event loop), since an aio channel belongs to the loop it was made on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from worker_client._generated import backend_pb2, backend_pb2_grpc, worker_pb2, worker_pb2_grpc
+from worker_client.auth import bearer_metadata
+from worker_client.errors import WorkerError
+
+DEFAULT_TIMEOUT = 10.0
+DEFAULT_LOAD_TIMEOUT = 300.0
+DEFAULT_BACKEND_TIMEOUT = 300.0
+DEFAULT_HEALTH_TIMEOUT = 2.0
+
+# Short reconnect backoff: a replaced backend comes back on the same port within a second or two.
+_CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """A backend process that answers `Health` and has loaded its model."""
+
+    process_key: str
+    address: str
+    pid: int
+    load_seconds: float
+
+
+@dataclass(frozen=True)
+class ReplicaProcess:
+    """One backend process an agent runs; `state` is "loading" or "running"."""
+
+    process_key: str
+    model_name: str
+    replica_index: int
+    address: str
+    pid: int
+    state: str
+    started_at: float
+    backend: str
+    vram_bytes: int
+
+
+@dataclass(frozen=True)
+class LogLine:
+    """One line a backend wrote; `stream` is "stdout" or "stderr", `timestamp` Unix seconds."""
+
+    process_key: str
+    timestamp: float
+    stream: str
+    text: str
+    seq: int = 0
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A backend's answer (or, in a stream, one piece of it)."""
+
+    message: str
+    tokens: int
+    prompt_tokens: int
+
+
+# --- channels -------------------------------------------------------------------------------------------
+
+_sync_channels: dict[str, grpc.Channel] = {}
+_sync_channels_lock = threading.Lock()
+_aio_channels: dict[int, tuple[asyncio.AbstractEventLoop, dict[str, grpc.aio.Channel]]] = {}
+
+
+def _sync_channel(address: str) -> grpc.Channel:
+    with _sync_channels_lock:
+        channel = _sync_channels.get(address)
+        if channel is None:
+            channel = _sync_channels[address] = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        return channel
+
+
+def _aio_channel(address: str) -> grpc.aio.Channel:
+    """The channel to `address` on the running loop; forgets the channels of loops that have closed."""
+    loop = asyncio.get_running_loop()
+    for key, (other_loop, _) in list(_aio_channels.items()):
+        if other_loop.is_closed():
+            del _aio_channels[key]
+    _, channels = _aio_channels.setdefault(id(loop), (loop, {}))
+    channel = channels.get(address)
+    if channel is None:
+        channel = channels[address] = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+    return channel
+
+
+# --- messages -------------------------------------------------------------------------------------------
+
+
+def _load_request(
+    model_name: str,
+    replica_index: int,
+    backend: str,
+    model_options: Mapping[str, Any] | None,
+    vram_bytes: int,
+    load_timeout: float,
+) -> worker_pb2.LoadReplicaRequest:
+    return worker_pb2.LoadReplicaRequest(
+        model_name=model_name,
+        replica_index=replica_index,
+        backend=backend,
+        model_options=backend_pb2.ModelOptions(**(model_options or {})),
+        vram_bytes=vram_bytes,
+        load_timeout_seconds=load_timeout,
+    )
+
+
+def _load_result(reply: worker_pb2.LoadReplicaReply) -> LoadResult:
+    return LoadResult(reply.process_key, reply.address, reply.pid, reply.load_seconds)
+
+
+def _replicas(reply: worker_pb2.ListReplicasReply) -> list[ReplicaProcess]:
+    return [
+        ReplicaProcess(
+            process_key=r.process_key,
+            model_name=r.model_name,
+            replica_index=r.replica_index,
+            address=r.address,
+            pid=r.pid,
+            state=r.state,
+            started_at=r.started_at,
+            backend=r.backend,
+            vram_bytes=r.vram_bytes,
+        )
+        for r in reply.replicas
+    ]
+
+
+def log_line_from_message(line: worker_pb2.LogLine) -> LogLine:
+    """The dataclass of a `worker.LogLine` message."""
+    return LogLine(line.process_key, line.timestamp, line.stream, line.text, line.seq)
+
+
+def log_line_to_message(line: LogLine) -> worker_pb2.LogLine:
+    """The `worker.LogLine` message of a dataclass."""
+    return worker_pb2.LogLine(
+        process_key=line.process_key,
+        timestamp=line.timestamp,
+        stream=line.stream,
+        text=line.text,
+        seq=line.seq,
+    )
+
+
+def _predict_options(
+    options: Mapping[str, Any] | None, fields: Mapping[str, Any]
+) -> backend_pb2.PredictOptions:
+    """`PredictOptions` from field names, e.g. {"Messages": [{"role": "user", "content": "hi"}], "Tokens": 8}."""
+    return backend_pb2.PredictOptions(**{**(options or {}), **fields})
+
+
+def _reply(reply: backend_pb2.Reply) -> Reply:
+    return Reply(reply.message.decode("utf-8", errors="replace"), reply.tokens, reply.prompt_tokens)
+
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+
+# --- WorkerControl --------------------------------------------------------------------------------------
+
+
+class _Caller:
+    """Address, token and default deadline of one server; wraps gRPC failures in `WorkerError`."""
+
+    def __init__(self, address: str, token: str, timeout: float) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._metadata = bearer_metadata(token)
+
+    def _error(self, error: grpc.RpcError, method: str) -> WorkerError:
+        return WorkerError.from_rpc_error(error, address=self.address, method=method)
+
+    def _call(self, stub: Any, method: str, request: Any, timeout: float | None = None) -> Any:
+        try:
+            return getattr(stub, method)(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise self._error(error, method) from error
+
+    async def _acall(self, stub: Any, method: str, request: Any, timeout: float | None = None) -> Any:
+        try:
+            call: Awaitable[Any] = getattr(stub, method)(
+                request, timeout=timeout or self.timeout, metadata=self._metadata
+            )
+            return await call
+        except grpc.RpcError as error:
+            raise self._error(error, method) from error
+
+    async def _astream(
+        self, stub: Any, method: str, request: Any, convert: Callable[[Any], T], timeout: float | None
+    ) -> AsyncIterator[T]:
+        """Yields converted messages; an error after the first message is never `connect_failed`."""
+        call = getattr(stub, method)(request, timeout=timeout, metadata=self._metadata)
+        received = False
+        try:
+            async for message in call:
+                received = True
+                yield convert(message)
+        except grpc.RpcError as error:
+            failure = self._error(error, method)
+            failure.connect_failed = failure.connect_failed and not received
+            raise failure from error
+        finally:
+            call.cancel()
+
+
+class WorkerControlClient(_Caller):
+    """Blocking client of one agent's `WorkerControl` service."""
+
+    def __init__(self, address: str, token: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        super().__init__(address, token, timeout)
+        channel = _sync_channel(address)
+        self._stub = worker_pb2_grpc.WorkerControlStub(channel)
+        self._health = health_pb2_grpc.HealthStub(channel)
+
+    def load_replica(
+        self,
+        model_name: str,
+        replica_index: int,
+        backend: str,
+        model_options: Mapping[str, Any] | None = None,
+        vram_bytes: int = 0,
+        load_timeout: float = DEFAULT_LOAD_TIMEOUT,
+    ) -> LoadResult:
+        """Starts `<model_name>#<replica_index>` and loads it; waits up to `load_timeout` (+ the deadline)."""
+        request = _load_request(model_name, replica_index, backend, model_options, vram_bytes, load_timeout)
+        return _load_result(self._call(self._stub, "LoadReplica", request, load_timeout + self.timeout))
+
+    def stop_replica(self, id: str) -> list[str]:
+        """Stops `model#N`, or every replica of a bare model name; answers the keys stopped."""
+        return list(self._call(self._stub, "StopReplica", worker_pb2.StopReplicaRequest(id=id)).stopped)
+
+    def list_replicas(self) -> list[ReplicaProcess]:
+        """The backend processes the agent runs."""
+        return _replicas(self._call(self._stub, "ListReplicas", worker_pb2.ListReplicasRequest()))
+
+    def get_logs(self, id: str, tail: int = 0) -> list[LogLine]:
+        """Buffered lines of a key or of a bare model's replicas merged by time; `tail` > 0 keeps the last N."""
+        reply = self._call(self._stub, "GetLogs", worker_pb2.GetLogsRequest(id=id, tail=tail))
+        return [log_line_from_message(line) for line in reply.lines]
+
+    def log_keys(self) -> list[str]:
+        """Process keys with log buffers, stopped processes' included."""
+        return list(self._call(self._stub, "ListLogKeys", worker_pb2.ListLogKeysRequest()).keys)
+
+    def stream_logs(self, id: str, timeout: float | None = None) -> Iterator[LogLine]:
+        """Buffered lines, then live ones, until closed (or `timeout` seconds, when given)."""
+        call = self._stub.StreamLogs(
+            worker_pb2.StreamLogsRequest(id=id), timeout=timeout, metadata=self._metadata
+        )
+        try:
+            for line in call:
+                yield log_line_from_message(line)
+        except grpc.RpcError as error:
+            raise self._error(error, "StreamLogs") from error
+        finally:
+            call.cancel()
+
+    def health(self) -> bool:
+        """Whether the agent's standard gRPC health service answers SERVING."""
+        try:
+            reply = self._call(self._health, "Check", health_pb2.HealthCheckRequest())
+        except WorkerError:
+            return False
+        return bool(reply.status == _SERVING)
+
+
+class AsyncWorkerControlClient(_Caller):
+    """`grpc.aio` client of one agent's `WorkerControl` service (for async views and Channels consumers).
+
+    It may be made anywhere and used on any event loop: each call takes the channel of the running loop.
+    """
+
+    @property
+    def _stub(self) -> worker_pb2_grpc.WorkerControlStub:
+        return worker_pb2_grpc.WorkerControlStub(_aio_channel(self.address))
+
+    async def load_replica(
+        self,
+        model_name: str,
+        replica_index: int,
+        backend: str,
+        model_options: Mapping[str, Any] | None = None,
+        vram_bytes: int = 0,
+        load_timeout: float = DEFAULT_LOAD_TIMEOUT,
+    ) -> LoadResult:
+        """See `WorkerControlClient.load_replica`."""
+        request = _load_request(model_name, replica_index, backend, model_options, vram_bytes, load_timeout)
+        return _load_result(
+            await self._acall(self._stub, "LoadReplica", request, load_timeout + self.timeout)
+        )
+
+    async def stop_replica(self, id: str) -> list[str]:
+        """See `WorkerControlClient.stop_replica`."""
+        reply = await self._acall(self._stub, "StopReplica", worker_pb2.StopReplicaRequest(id=id))
+        return list(reply.stopped)
+
+    async def list_replicas(self) -> list[ReplicaProcess]:
+        """See `WorkerControlClient.list_replicas`."""
+        return _replicas(await self._acall(self._stub, "ListReplicas", worker_pb2.ListReplicasRequest()))
+
+    async def get_logs(self, id: str, tail: int = 0) -> list[LogLine]:
+        """See `WorkerControlClient.get_logs`."""
+        reply = await self._acall(self._stub, "GetLogs", worker_pb2.GetLogsRequest(id=id, tail=tail))
+        return [log_line_from_message(line) for line in reply.lines]
+
+    async def log_keys(self) -> list[str]:
+        """See `WorkerControlClient.log_keys`."""
+        return list((await self._acall(self._stub, "ListLogKeys", worker_pb2.ListLogKeysRequest())).keys)
+
+    def stream_logs(self, id: str, timeout: float | None = None) -> AsyncIterator[LogLine]:
+        """See `WorkerControlClient.stream_logs`: `async for line in client.stream_logs(key)`."""
+        request = worker_pb2.StreamLogsRequest(id=id)
+        return self._astream(self._stub, "StreamLogs", request, log_line_from_message, timeout)
+
+
+# --- Backend --------------------------------------------------------------------------------------------
+
+
+class BackendClient(_Caller):
+    """`grpc.aio` client of one backend process (LocalAI's `Backend` service), for the gateway and the agent.
+
+    Predict options are `PredictOptions` field names, given as a mapping, as keyword arguments, or both.
+    """
+
+    def __init__(self, address: str, token: str, timeout: float = DEFAULT_BACKEND_TIMEOUT) -> None:
+        super().__init__(address, token, timeout)
+
+    @property
+    def _stub(self) -> backend_pb2_grpc.BackendStub:
+        return backend_pb2_grpc.BackendStub(_aio_channel(self.address))
+
+    async def predict(
+        self, options: Mapping[str, Any] | None = None, /, *, timeout: float | None = None, **fields: Any
+    ) -> Reply:
+        """The whole answer."""
+        return _reply(await self._acall(self._stub, "Predict", _predict_options(options, fields), timeout))
+
+    def predict_stream(
+        self, options: Mapping[str, Any] | None = None, /, *, timeout: float | None = None, **fields: Any
+    ) -> AsyncIterator[Reply]:
+        """The answer piece by piece; `timeout` bounds the whole stream."""
+        request = _predict_options(options, fields)
+        return self._astream(self._stub, "PredictStream", request, _reply, timeout or self.timeout)
+
+    async def embedding(self, text: str, timeout: float | None = None) -> list[float]:
+        """The embedding vector of `text`."""
+        request = backend_pb2.PredictOptions(Embeddings=text, Prompt=text)
+        return list((await self._acall(self._stub, "Embedding", request, timeout)).embeddings)
+
+    async def load_model(
+        self, model_options: Mapping[str, Any] | backend_pb2.ModelOptions, timeout: float | None = None
+    ) -> tuple[bool, str]:
+        """`LoadModel` with `ModelOptions` (a message, or its fields by name): (success, message)."""
+        if not isinstance(model_options, backend_pb2.ModelOptions):
+            model_options = backend_pb2.ModelOptions(**model_options)
+        result = await self._acall(self._stub, "LoadModel", model_options, timeout)
+        return result.success, result.message
+
+    async def health(self, timeout: float = DEFAULT_HEALTH_TIMEOUT) -> bool:
+        """Whether `Health` answers OK within `timeout`."""
+        try:
+            reply = await self._acall(self._stub, "Health", backend_pb2.HealthMessage(), timeout)
+        except WorkerError:
+            return False
+        return bool(reply.message == b"OK")
+
+
+def backend_health(address: str, token: str, timeout: float = DEFAULT_HEALTH_TIMEOUT) -> bool:
+    """Blocking probe: whether the backend at `address` answers `Health` with OK within `timeout`."""
+    stub = backend_pb2_grpc.BackendStub(_sync_channel(address))
+    try:
+        reply = stub.Health(backend_pb2.HealthMessage(), timeout=timeout, metadata=bearer_metadata(token))
+    except grpc.RpcError:
+        return False
+    return bool(reply.message == b"OK")
