@@ -1,0 +1,190 @@
+"""The agent's life: serve WorkerControl, register, heartbeat, stop orphans, and shut down cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import signal
+from typing import Any
+
+import grpc
+
+from worker_client.agent.config import AgentConfig
+from worker_client.agent.controlplane import ControlPlane, ControlPlaneError, Registration, TokenRejected
+from worker_client.agent.host import detect_gpu, ram
+from worker_client.agent.logstore import LogStore
+from worker_client.agent.ports import PortAllocator, can_bind
+from worker_client.agent.service import WorkerControlService, start_server
+from worker_client.agent.supervisor import RUNNING, Supervisor
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HEARTBEAT_INTERVAL = 10.0
+FIRST_RETRY_DELAY = 0.5
+MAX_RETRY_DELAY = 10.0
+DRAIN_POLL_SECONDS = 0.5
+SERVER_STOP_GRACE = 1.0
+
+
+class Agent:
+    """One worker agent; `run()` returns the exit code once SIGTERM or SIGINT has been handled."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.logs = LogStore()
+        self.registration: Registration | None = None
+        self.supervisor = Supervisor(
+            backends=config.backends,
+            bind_host=config.bind_host,
+            advertise_host=config.advertise_host,
+            ports=PortAllocator(config.port, functools.partial(can_bind, config.bind_host)),
+            logs=self.logs,
+            models_path=config.models_path,
+            backend_token=lambda: self.registration.backend_token if self.registration else "",
+        )
+        self.control_plane = ControlPlane(config.register_to, config.registration_token)
+        self._has_gpu = detect_gpu() is not None
+        self._orphan_suspects: set[str] = set()
+
+    def node_token(self) -> str:
+        """The token WorkerControl calls must present; empty (refusing everything) until registered."""
+        return self.registration.node_token if self.registration else ""
+
+    async def run(self) -> int:
+        service = WorkerControlService(
+            self.supervisor, self.logs, hosts_models=self.config.node_type == "backend"
+        )
+        server = await start_server(f"{self.config.bind_host}:{self.config.port}", service, self.node_token)
+        log.info("WorkerControl listening on %s:%d", self.config.bind_host, self.config.port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        life = asyncio.create_task(self._register_and_heartbeat())
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({life, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (life, stopping):
+                task.cancel()
+            await self._shutdown(server)
+        if life.done() and not life.cancelled():
+            life.result()  # re-raises what ended the registration and heartbeat loop
+        return 0
+
+    # --- registration and heartbeat ---
+
+    async def _register_and_heartbeat(self) -> None:
+        await self._register()
+        while True:
+            await asyncio.sleep(self._heartbeat_interval())
+            await self._heartbeat()
+
+    def _heartbeat_interval(self) -> float:
+        from_server = self.registration.heartbeat_interval if self.registration else None
+        return self.config.heartbeat_interval or from_server or DEFAULT_HEARTBEAT_INTERVAL
+
+    async def _register(self) -> None:
+        """Registers, retrying with exponential backoff until the control plane answers 2xx."""
+        delay = FIRST_RETRY_DELAY
+        while True:
+            try:
+                self.registration = await self.control_plane.register(self._registration_body())
+            except ControlPlaneError as error:
+                log.warning("registration failed (%s); retrying in %.1f s", error, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_RETRY_DELAY)
+                continue
+            self._orphan_suspects = set()
+            log.info("registered as node %s (%s)", self.registration.id, self.registration.status)
+            return
+
+    async def _heartbeat(self) -> None:
+        assert self.registration is not None
+        try:
+            answer = await self.control_plane.heartbeat(self.registration, self._heartbeat_body())
+        except TokenRejected as error:
+            log.warning("heartbeat refused (%s); registering again", error)
+            await self._register()
+            return
+        except ControlPlaneError as error:
+            log.warning("heartbeat failed: %s", error)
+            return
+        for key in self._confirmed_orphans(answer.get("orphans") or []):
+            log.warning("%s: the control plane has no replica for it in two heartbeats; stopping it", key)
+            await self.supervisor.stop(key)
+
+    def _confirmed_orphans(self, listed: list[str]) -> list[str]:
+        """Running keys the control plane called orphans in this answer and the one before."""
+        confirmed = self._orphan_suspects.intersection(listed)
+        self._orphan_suspects = set(listed)
+        running = {replica.key for replica in self.supervisor.replicas() if replica.state == RUNNING}
+        return sorted(confirmed & running)
+
+    def _memory(self) -> dict[str, Any]:
+        gpu = detect_gpu() if self._has_gpu else None
+        total_ram, available_ram = ram()
+        if gpu is not None:
+            vram = {"total_vram": gpu.total, "available_vram": gpu.free, "gpu_vendor": gpu.vendor}
+        else:
+            total = self.config.vram or 0
+            vram = {
+                "total_vram": total,
+                "available_vram": max(0, total - self.supervisor.vram_in_use()),
+                "gpu_vendor": "",
+            }
+        return {**vram, "total_ram": total_ram, "available_ram": available_ram}
+
+    def _registration_body(self) -> dict[str, Any]:
+        return {
+            "name": self.config.node_name,
+            "node_type": self.config.node_type,
+            "address": self.config.advertise_addr,
+            **self._memory(),
+            "labels": self.config.labels,
+            "max_replicas_per_model": self.config.max_replicas_per_model,
+            "replicas": [replica.key for replica in self.supervisor.replicas()],
+        }
+
+    def _heartbeat_body(self) -> dict[str, Any]:
+        return {
+            **self._memory(),
+            "replicas": [
+                {"key": r.key, "address": r.address, "state": r.state} for r in self.supervisor.replicas()
+            ],
+        }
+
+    # --- shutdown ---
+
+    async def _shutdown(self, server: grpc.aio.Server) -> None:
+        """Drain (bounded), stop serving, stop every backend, deregister."""
+        if self.registration is not None:
+            await self._drain(self.registration)
+        await server.stop(SERVER_STOP_GRACE)
+        await self.supervisor.stop_all()
+        if self.registration is not None:
+            with contextlib.suppress(ControlPlaneError):
+                await self.control_plane.deregister(self.registration)
+                log.info("deregistered node %s", self.registration.id)
+        await self.control_plane.aclose()
+
+    async def _drain(self, node: Registration) -> None:
+        """Asks the control plane to drain this node and waits until its in-flight count is 0."""
+        try:
+            await self.control_plane.drain(node)
+        except ControlPlaneError as error:
+            log.warning("drain failed: %s", error)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.drain_timeout
+        while loop.time() < deadline:
+            try:
+                if await self.control_plane.in_flight(node) == 0:
+                    return
+            except ControlPlaneError as error:
+                log.warning("cannot read in-flight count: %s", error)
+            await asyncio.sleep(min(DRAIN_POLL_SECONDS, max(0.0, deadline - loop.time())))
+        log.warning(
+            "in-flight requests did not finish within %g s; stopping anyway", self.config.drain_timeout
+        )

@@ -1,0 +1,148 @@
+"""The agent's gRPC server: `WorkerControl` (behind the node token) and the standard health service."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from worker_client._generated import worker_pb2, worker_pb2_grpc
+from worker_client.agent.keys import SEPARATOR
+from worker_client.agent.logstore import LogStore
+from worker_client.agent.ports import NoFreePort
+from worker_client.agent.supervisor import LoadFailed, LoadRequest, Replica, Supervisor, UnknownBackend
+from worker_client.auth import BearerTokenInterceptor
+from worker_client.client import log_line_to_message
+
+DEFAULT_LOAD_TIMEOUT = 300.0
+_HEALTH_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
+
+
+def _replica_message(replica: Replica) -> worker_pb2.ReplicaProcess:
+    return worker_pb2.ReplicaProcess(
+        process_key=replica.key,
+        model_name=replica.model_name,
+        replica_index=replica.replica_index,
+        address=replica.address,
+        pid=replica.pid,
+        state=replica.state,
+        started_at=replica.started_at,
+        backend=replica.backend,
+        vram_bytes=replica.vram_bytes,
+    )
+
+
+class WorkerControlService(worker_pb2_grpc.WorkerControlServicer):
+    """Thin adapter from `WorkerControl` calls to the supervisor and the log store."""
+
+    def __init__(self, supervisor: Supervisor, logs: LogStore, *, hosts_models: bool = True) -> None:
+        self._supervisor = supervisor
+        self._logs = logs
+        self._hosts_models = hosts_models
+
+    async def LoadReplica(
+        self, request: worker_pb2.LoadReplicaRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.LoadReplicaReply:
+        if not self._hosts_models:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "this node's type is agent: it hosts no models"
+            )
+        if not request.model_name or SEPARATOR in request.model_name or request.replica_index < 0:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "model_name without '#' and replica_index >= 0"
+            )
+        load = LoadRequest(
+            model_name=request.model_name,
+            replica_index=request.replica_index,
+            backend=request.backend,
+            model_options=request.model_options,
+            vram_bytes=request.vram_bytes,
+            load_timeout=request.load_timeout_seconds or DEFAULT_LOAD_TIMEOUT,
+        )
+        try:
+            replica = await self._supervisor.load(load)
+        except UnknownBackend as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except NoFreePort as error:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        except LoadFailed as error:
+            code = (
+                grpc.StatusCode.DEADLINE_EXCEEDED if error.timed_out else grpc.StatusCode.FAILED_PRECONDITION
+            )
+            await context.abort(code, str(error))
+        return worker_pb2.LoadReplicaReply(
+            process_key=replica.key,
+            address=replica.address,
+            pid=replica.pid,
+            load_seconds=replica.load_seconds,
+        )
+
+    async def StopReplica(
+        self, request: worker_pb2.StopReplicaRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.StopReplicaReply:
+        return worker_pb2.StopReplicaReply(stopped=await self._supervisor.stop(request.id))
+
+    async def ListReplicas(
+        self, request: worker_pb2.ListReplicasRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.ListReplicasReply:
+        return worker_pb2.ListReplicasReply(
+            replicas=[_replica_message(r) for r in self._supervisor.replicas()]
+        )
+
+    async def GetLogs(
+        self, request: worker_pb2.GetLogsRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.GetLogsReply:
+        lines = self._logs.read(request.id, request.tail)
+        return worker_pb2.GetLogsReply(lines=[log_line_to_message(line) for line in lines])
+
+    async def StreamLogs(
+        self, request: worker_pb2.StreamLogsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.LogLine]:
+        """The buffered lines, then live ones: subscribed before the snapshot, de-duplicated by `seq`."""
+        subscription = self._logs.subscribe(request.id)
+        try:
+            last_seq = 0
+            for line in self._logs.read(request.id):
+                last_seq = max(last_seq, line.seq)
+                yield log_line_to_message(line)
+            while True:
+                if subscription.overflowed and subscription.queue.empty():
+                    await context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED, "log consumer fell too far behind"
+                    )
+                line = await subscription.queue.get()
+                if line.seq > last_seq:
+                    yield log_line_to_message(line)
+        finally:
+            self._logs.unsubscribe(subscription)
+
+    async def ListLogKeys(
+        self, request: worker_pb2.ListLogKeysRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.ListLogKeysReply:
+        return worker_pb2.ListLogKeysReply(keys=self._logs.keys())
+
+
+class CannotListen(Exception):
+    """The agent's address is taken or invalid."""
+
+
+async def start_server(
+    address: str, service: WorkerControlService, node_token: Callable[[], str]
+) -> grpc.aio.Server:
+    """The agent's running server: every `WorkerControl` call must present the current node token; health is open."""
+    server = grpc.aio.server(
+        interceptors=[BearerTokenInterceptor(node_token, open_methods=_HEALTH_METHODS)],
+        options=[("grpc.so_reuseport", 0)],
+    )
+    worker_pb2_grpc.add_WorkerControlServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", worker_pb2.DESCRIPTOR.services_by_name["WorkerControl"].full_name):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError as error:
+        raise CannotListen(f"cannot listen on {address}: {error}") from error
+    await server.start()
+    return server
