@@ -50,8 +50,16 @@ from django.conf import settings  # noqa: E402
 from django.db.models import Count, F, Q, Sum  # noqa: E402
 from django.db.models.functions import Coalesce, Least  # noqa: E402
 
+from localai_cluster import metrics  # noqa: E402
 from nodes.choices import NodeStatus, NodeType, ReplicaState  # noqa: E402
 from nodes.models import ModelReplica, Node  # noqa: E402
+from nodes.services import (  # noqa: E402
+    replica_claim_slot,
+    replica_mark_loaded,
+    replica_release_failed,
+    replica_remove,
+    replica_stop_on_agent,
+)
 from nodes.tokens import node_token_for  # noqa: E402
 from scheduling.models import ModelConfig  # noqa: E402
 from scheduling.placement import (  # noqa: E402
@@ -175,28 +183,18 @@ def _model_requirement(config: ModelConfig) -> tuple[ModelRequirement, dict[str,
     return ModelRequirement(config.name, config.vram_bytes, selector), selector
 
 
-def _stop_process(node: Node, process_key: str) -> None:
-    """Asks the node's agent to stop exactly `process_key`; failures are logged, never raised."""
-    try:
-        WorkerControlClient(node.address, node_token_for(node), CONTROL_CALL_TIMEOUT).stop_replica(
-            process_key
-        )
-    except WorkerError as error:
-        placement_logger.warning("could not stop %s on %s: %s", process_key, node.name, error)
-
-
 def replica_stop_on_node(*, node_id: Any, process_key: str) -> None:
     """Asks the agent of `node_id` to stop exactly `process_key` (errors logged). No transaction is open."""
     node = Node.objects.filter(pk=node_id).only("id", "name", "address", "token_salt").first()
-    if node is not None and node.address:
-        _stop_process(node, process_key)
+    if node is not None:
+        replica_stop_on_agent(node=node, process_key=process_key)
 
 
-def _load(replica: ModelReplica, config: ModelConfig) -> PlacementResult:
-    """LoadReplica outside any transaction; success → `loaded`, failure → row and reservation released and
-    the agent told to stop exactly that key."""
-    from nodes.services import replica_mark_loaded, replica_release_failed
-
+def replica_load(*, replica: ModelReplica, config: ModelConfig) -> PlacementResult:
+    """`LoadReplica` for a claimed `loading` row, outside any transaction, with the catalog entry's backend,
+    options and VRAM, bounded by `LOCALAI_LOAD_TIMEOUT`. Success → the same row `loaded` at the agent's
+    address. Failure or timeout → the row deleted, exactly its reservation released, the agent told to stop
+    exactly that key, and `LoadFailed` raised."""
     node = Node.objects.only("id", "name", "address", "token_salt").get(pk=replica.node_id)
     client = WorkerControlClient(node.address, node_token_for(node), CONTROL_CALL_TIMEOUT)
     process_key = f"{replica.model_name}#{replica.replica_index}"
@@ -211,16 +209,19 @@ def _load(replica: ModelReplica, config: ModelConfig) -> PlacementResult:
         )
     except WorkerError as error:
         replica_release_failed(replica_id=replica.id)
-        _stop_process(node, process_key)
+        replica_stop_on_agent(node=node, process_key=process_key)
         placement_logger.warning("loading %s on %s failed: %s", process_key, node.name, error)
+        metrics.PLACEMENT_FAILURES.labels(config.name, "load_failed").inc()
         raise LoadFailed(f"loading {config.name} on {node.name} failed: {error.details or error}") from error
     if not replica_mark_loaded(replica_id=replica.id, address=result.address):
         # The row went away during the load (node removed, heartbeat reconciliation): do not leave a process.
-        _stop_process(node, process_key)
+        replica_stop_on_agent(node=node, process_key=process_key)
+        metrics.PLACEMENT_FAILURES.labels(config.name, "load_failed").inc()
         raise LoadFailed(f"the replica {process_key} on {node.name} was removed while it loaded")
     placement_logger.info(
         "loaded %s on %s at %s in %.2fs", process_key, node.name, result.address, result.load_seconds
     )
+    metrics.PLACEMENTS.labels(config.name).inc()
     return PlacementResult(
         replica_id=replica.id,
         model_name=replica.model_name,
@@ -269,23 +270,24 @@ def _eviction_candidates(
 
 def replica_evict(*, replica: IdleReplica) -> bool:
     """Unloads exactly this idle replica: flips it `loaded` → `unloading` only while its in-flight is 0 (so
-    no request can claim it any more), asks its agent to stop exactly its key, removes the row and credits
-    its VRAM to the node until the next heartbeat reports the real figure. False when it was claimed
-    meanwhile (nothing done)."""
-    from nodes.services import replica_remove
-
+    no request can claim it any more), asks its agent to stop exactly its key, and removes the row. VRAM the
+    worker already counted as used (a replica a heartbeat listed) is credited to the node until the next
+    heartbeat reports the real figure, so a placement right after can use it. False when the replica was
+    claimed or removed meanwhile (nothing done)."""
     flipped = ModelReplica.objects.filter(pk=replica.id, state=ReplicaState.LOADED, in_flight=0).update(
         state=ReplicaState.UNLOADING
     )
     if not flipped:
         return False
+    row = ModelReplica.objects.filter(pk=replica.id).values_list("vram_bytes", "last_seen_at").first()
     node = Node.objects.filter(pk=replica.node_id).only("id", "name", "address", "token_salt").first()
-    if node is not None and node.address:
-        _stop_process(node, replica.process_key)
+    if node is not None:
+        replica_stop_on_agent(node=node, process_key=replica.process_key)
     replica_remove(replica_id=replica.id)
-    if replica.vram_bytes:
+    vram_bytes, last_seen_at = row or (0, None)
+    if vram_bytes and last_seen_at is not None:
         Node.objects.filter(pk=replica.node_id, total_vram__gt=0).update(
-            available_vram=Least(F("available_vram") + replica.vram_bytes, F("total_vram"))
+            available_vram=Least(F("available_vram") + vram_bytes, F("total_vram"))
         )
     placement_logger.info("evicted %s from %s", replica.process_key, node.name if node else replica.node_id)
     return True
@@ -300,12 +302,10 @@ def replica_place(*, model_name: str) -> PlacementResult:
     `NoCapacity(reason)` (nothing fits), or `LoadFailed` (the load failed; row, reservation and process gone).
     Call it from sync code; from async code run it in a thread. Must not be called inside a transaction.
     """
-    from nodes.services import replica_claim_slot
-
     config = ModelConfig.objects.filter(name=model_name).first()
     if config is None:
         raise UnknownModel(f"the model {model_name!r} is not in the catalog")
-    requirement, _ = _model_requirement(config)
+    requirement, selector = _model_requirement(config)
     evicted: list[str] = []
     reason = ""
     for _round in range(2):
@@ -314,10 +314,14 @@ def replica_place(*, model_name: str) -> PlacementResult:
         reason = ranked.reason or "no free slot"
         for node in ranked.candidates:
             replica = replica_claim_slot(
-                node_id=node.id, model_name=model_name, vram_bytes=config.vram_bytes, backend=config.backend
+                node_id=node.id,
+                model_name=model_name,
+                vram_bytes=config.vram_bytes,
+                backend=config.backend,
+                selector=selector,
             )
             if replica is not None:
-                result = _load(replica, config)
+                result = replica_load(replica=replica, config=config)
                 return PlacementResult(**{**result.__dict__, "evicted": evicted})
         if evicted or not ranked.reason:
             break  # claims lost to concurrent schedulers, or an eviction already tried: give up
@@ -326,6 +330,7 @@ def replica_place(*, model_name: str) -> PlacementResult:
         if victim is None or not replica_evict(replica=victim):
             break
         evicted.append(victim.process_key)
+    metrics.PLACEMENT_FAILURES.labels(model_name, "no_capacity").inc()
     raise NoCapacity(f"cannot place {model_name}: {reason}")
 
 
