@@ -1,0 +1,563 @@
+"""The OpenAI-compatible gateway (`/v1/*`, CONTRACT §3.4): async views that map OpenAI requests to LocalAI's
+`PredictOptions`, route them through the router and answer OpenAI JSON or Server-Sent Events.
+
+The hot path is one thread hop to authenticate and claim a replica, the gRPC call on the event loop, and one
+hop to release. Every claimed in-flight unit is released exactly once: after the answer, on a backend error,
+and when a streaming client disconnects (the stream's `finally`, with a finalizer as a last resort).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import struct
+import time
+import uuid
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_GET, require_POST
+
+from localai_cluster import metrics
+from scheduling import router
+from scheduling.models import ModelConfig
+from scheduling.placement import LoadFailed, NoCapacity, UnknownModel
+from worker_client.client import BackendClient, Reply
+from worker_client.errors import WorkerError
+
+logger = logging.getLogger(__name__)
+
+RETRY_AFTER_SECONDS = 5
+MAX_MODEL_NAME = 255
+OWNED_BY = "localai-cluster"
+
+
+# --- errors --------------------------------------------------------------------------------------------------
+
+
+class GatewayError(Exception):
+    """An answer in OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, *, type: str, code: str, retry_after: int | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.retry_after = retry_after
+
+    def payload(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": None}}
+
+    def response(self) -> JsonResponse:
+        response = JsonResponse(self.payload(), status=self.status)
+        if self.retry_after is not None:
+            response["Retry-After"] = str(self.retry_after)
+        return response
+
+
+def bad_request(message: str, code: str = "invalid_request") -> GatewayError:
+    return GatewayError(400, message, type="invalid_request_error", code=code)
+
+
+def _unauthorized() -> GatewayError:
+    return GatewayError(
+        401,
+        "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
+        type="invalid_request_error",
+        code="invalid_api_key",
+    )
+
+
+def _placement_error(error: Exception, model: str) -> GatewayError:
+    if isinstance(error, UnknownModel):
+        return GatewayError(
+            404, f"The model '{model}' does not exist.", type="invalid_request_error", code="model_not_found"
+        )
+    reason = getattr(error, "reason", str(error))
+    code = "load_failed" if isinstance(error, LoadFailed) else "no_capacity"
+    return GatewayError(503, reason, type="server_error", code=code, retry_after=RETRY_AFTER_SECONDS)
+
+
+def _backend_error(error: WorkerError) -> GatewayError:
+    return GatewayError(
+        502, f"The model backend failed: {error.details or error}", type="server_error", code="backend_error"
+    )
+
+
+# --- authentication ------------------------------------------------------------------------------------------
+
+
+def _bearer(request: HttpRequest) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
+def _authenticator(request: HttpRequest) -> Callable[[], None]:
+    """A sync check (run in the router's thread hop): open while no API key exists, else a valid key."""
+    raw = _bearer(request)
+
+    def authenticate() -> None:
+        from nodes.apikeys import api_key_authenticate, api_keys_exist
+
+        if raw is not None and api_key_authenticate(raw) is not None:
+            return
+        if api_keys_exist():
+            raise _unauthorized()
+
+    return authenticate
+
+
+# --- request parsing -----------------------------------------------------------------------------------------
+
+
+def _json_body(request: HttpRequest) -> dict[str, Any]:
+    try:
+        body = json.loads(request.body or b"")
+    except (ValueError, UnicodeDecodeError):
+        raise bad_request("The request body is not valid JSON.", "invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.")
+    return body
+
+
+def _model_name(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise bad_request("'model' is required and must be a non-empty string.", "missing_model")
+    if len(model) > MAX_MODEL_NAME:
+        raise bad_request(f"'model' must be at most {MAX_MODEL_NAME} characters.")
+    return model
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _sampling(body: dict[str, Any]) -> dict[str, Any]:
+    """`PredictOptions` fields of the sampling parameters OpenAI and LocalAI share."""
+    fields: dict[str, Any] = {}
+    max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+    if max_tokens is not None:
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 0 <= max_tokens < 2**31:
+            raise bad_request("'max_tokens' must be a non-negative integer.")
+        fields["Tokens"] = max_tokens
+    for name, field_name, low, high in (("temperature", "Temperature", 0, 2), ("top_p", "TopP", 0, 1)):
+        value = body.get(name)
+        if value is not None:
+            if not _is_number(value) or not low <= value <= high:
+                raise bad_request(f"'{name}' must be a number between {low} and {high}.")
+            fields[field_name] = float(value)
+    stop = body.get("stop")
+    if stop is not None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, list) or not all(isinstance(item, str) for item in stops) or len(stops) > 16:
+            raise bad_request("'stop' must be a string or a list of at most 16 strings.")
+        fields["StopPrompts"] = stops
+    seed = body.get("seed")
+    if seed is not None:
+        if not isinstance(seed, int) or isinstance(seed, bool) or not -(2**31) <= seed < 2**31:
+            raise bad_request("'seed' must be a 32-bit integer.")
+        fields["Seed"] = seed
+    return fields
+
+
+def _stream_flag(body: dict[str, Any]) -> tuple[bool, bool]:
+    stream = body.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise bad_request("'stream' must be a boolean.")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise bad_request("'stream_options' must be an object.")
+    return bool(stream), bool(options.get("include_usage"))
+
+
+def _message_content(content: Any, position: int) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                raise bad_request(f"messages[{position}].content: only text parts are supported.")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise bad_request(f"messages[{position}].content must be a string or a list of text parts.")
+
+
+@dataclass
+class Completion:
+    """A parsed chat or text completion request."""
+
+    model: str
+    fields: dict[str, Any]
+    stream: bool
+    include_usage: bool
+    max_tokens: int | None
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def parse_chat(body: dict[str, Any]) -> Completion:
+    """`POST /v1/chat/completions` body → `PredictOptions` (Messages, UseTokenizerTemplate, sampling)."""
+    model = _model_name(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' is required and must be a non-empty list.", "missing_messages")
+    mapped = []
+    for position, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not message["role"]:
+            raise bad_request(f"messages[{position}] must be an object with a string 'role'.")
+        mapped.append(
+            {"role": message["role"], "content": _message_content(message.get("content"), position)}
+        )
+    stream, include_usage = _stream_flag(body)
+    fields = {"Messages": mapped, "UseTokenizerTemplate": True, **_sampling(body)}
+    completion = Completion(model, fields, stream, include_usage, fields.get("Tokens"))
+    completion.fields["CorrelationId"] = completion.id
+    return completion
+
+
+def parse_completion(body: dict[str, Any]) -> Completion:
+    """`POST /v1/completions` body → `PredictOptions` (Prompt, sampling)."""
+    model = _model_name(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise bad_request(
+            "'prompt' is required and must be a string (or a list of one string).", "missing_prompt"
+        )
+    stream, include_usage = _stream_flag(body)
+    fields = {"Prompt": prompt, **_sampling(body)}
+    completion = Completion(model, fields, stream, include_usage, fields.get("Tokens"))
+    completion.fields["CorrelationId"] = completion.id
+    return completion
+
+
+def parse_embeddings(body: dict[str, Any]) -> tuple[str, list[str], str]:
+    """`POST /v1/embeddings` body → (model, texts, encoding format)."""
+    model = _model_name(body)
+    texts = body.get("input")
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, list) or not texts or not all(isinstance(text, str) for text in texts):
+        raise bad_request(
+            "'input' is required and must be a string or a non-empty list of strings.", "missing_input"
+        )
+    if len(texts) > 2048:
+        raise bad_request("'input' may hold at most 2048 strings.")
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise bad_request("'encoding_format' must be 'float' or 'base64'.")
+    return model, texts, encoding
+
+
+# --- calling a replica ---------------------------------------------------------------------------------------
+
+
+async def _with_replica(
+    model: str, authenticate: Callable[[], None], call: Callable[[router.Lease], Awaitable[Any]]
+) -> tuple[router.Lease, Any]:
+    """Claims a replica and runs `call` on it. A backend that cannot be reached before any byte was exchanged
+    loses its replica and the call is retried once elsewhere (or on a new placement); never a third time.
+    On success the caller owns the lease (and releases it); on failure it is already released."""
+    exclude: list[int] = []
+    for attempt in (0, 1):
+        try:
+            lease = await router.acquire(
+                model, exclude=exclude, prepare=authenticate if attempt == 0 else None
+            )
+        except (UnknownModel, NoCapacity, LoadFailed) as error:
+            raise _placement_error(error, model) from error
+        try:
+            return lease, await call(lease)
+        except WorkerError as error:
+            if error.connect_failed and attempt == 0:
+                await router.discard_unreachable(lease)
+                exclude.append(lease.replica_id)
+                continue
+            await lease.release()
+            raise _backend_error(error) from error
+        except BaseException:
+            await lease.release()
+            raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _backend(lease: router.Lease) -> BackendClient:
+    return BackendClient(lease.address, lease.backend_token)
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _finish_reason(completion: Completion, tokens: int) -> str:
+    return "length" if completion.max_tokens and tokens >= completion.max_tokens else "stop"
+
+
+def _chat_body(completion: Completion, reply: Reply) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-{completion.id}",
+        "object": "chat.completion",
+        "created": completion.created,
+        "model": completion.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": reply.message},
+                "finish_reason": _finish_reason(completion, reply.tokens),
+            }
+        ],
+        "usage": _usage(reply.prompt_tokens, reply.tokens),
+    }
+
+
+def _text_body(completion: Completion, reply: Reply) -> dict[str, Any]:
+    return {
+        "id": f"cmpl-{completion.id}",
+        "object": "text_completion",
+        "created": completion.created,
+        "model": completion.model,
+        "choices": [
+            {
+                "text": reply.message,
+                "index": 0,
+                "logprobs": None,
+                "finish_reason": _finish_reason(completion, reply.tokens),
+            }
+        ],
+        "usage": _usage(reply.prompt_tokens, reply.tokens),
+    }
+
+
+def _event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+class _Chunks:
+    """OpenAI's streaming chunk shapes for one completion."""
+
+    def __init__(self, completion: Completion, chat: bool) -> None:
+        self.completion = completion
+        self.chat = chat
+        self.first = True
+
+    def _base(self) -> dict[str, Any]:
+        prefix = "chatcmpl" if self.chat else "cmpl"
+        return {
+            "id": f"{prefix}-{self.completion.id}",
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": self.completion.created,
+            "model": self.completion.model,
+        }
+
+    def piece(self, text: str, finish_reason: str | None = None) -> bytes:
+        if self.chat:
+            delta: dict[str, Any] = {"content": text} if text or finish_reason is None else {}
+            if self.first:
+                delta["role"] = "assistant"
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+        else:
+            choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
+        self.first = False
+        return _event({**self._base(), "choices": [choice]})
+
+    def usage(self, prompt_tokens: int, tokens: int) -> bytes:
+        return _event({**self._base(), "choices": [], "usage": _usage(prompt_tokens, tokens)})
+
+
+def _release_if_leaked(lease: router.Lease) -> None:
+    """Last resort when a stream's generator was dropped without running (client gone before the first
+    body chunk): give the in-flight unit back from a pool thread."""
+    if not lease.released:
+        lease.released = True
+        router.release_in_background(lease.replica_id)
+
+
+async def _sse(
+    lease: router.Lease, first: Reply | None, stream: AsyncIterator[Reply], completion: Completion, chat: bool
+) -> AsyncIterator[bytes]:
+    chunks = _Chunks(completion, chat)
+    tokens = prompt_tokens = 0
+    try:
+        reply = first
+        try:
+            while reply is not None:
+                tokens += reply.tokens
+                prompt_tokens = max(prompt_tokens, reply.prompt_tokens)
+                yield chunks.piece(reply.message)
+                reply = await anext(stream, None)
+        except WorkerError as error:
+            logger.warning("stream of %s from %s broke: %s", completion.model, lease.process_key, error)
+            yield _event(_backend_error(error).payload())
+            return
+        yield chunks.piece("", _finish_reason(completion, tokens))
+        if completion.include_usage:
+            yield chunks.usage(prompt_tokens, tokens)
+        yield b"data: [DONE]\n\n"
+    finally:
+        try:
+            await stream.aclose()  # type: ignore[attr-defined]
+        finally:
+            await lease.release()
+
+
+# --- views ---------------------------------------------------------------------------------------------------
+
+
+def _observe(model: str, endpoint: str, status: int, started: float) -> None:
+    metrics.GATEWAY_REQUESTS.labels(model, endpoint, str(status)).inc()
+    metrics.GATEWAY_LATENCY.labels(model, endpoint).observe(time.perf_counter() - started)
+
+
+async def _bad_body(request: HttpRequest, error: GatewayError) -> HttpResponse:
+    """Answers a body error, after authentication (a client without a valid key learns nothing more)."""
+    try:
+        await router.run_db(_authenticator(request))
+    except GatewayError as auth_error:
+        return auth_error.response()
+    return error.response()
+
+
+async def _complete(
+    request: HttpRequest, parse: Callable[[dict[str, Any]], Completion], chat: bool
+) -> HttpResponse:
+    endpoint = "chat.completions" if chat else "completions"
+    started = time.perf_counter()
+    try:
+        completion = parse(_json_body(request))
+    except GatewayError as error:
+        return await _bad_body(request, error)
+    authenticate = _authenticator(request)
+    fields = completion.fields
+    try:
+        if not completion.stream:
+
+            async def predict(lease: router.Lease) -> Reply:
+                return await _backend(lease).predict(fields)
+
+            lease, reply = await _with_replica(completion.model, authenticate, predict)
+            await lease.release()
+            body = _chat_body(completion, reply) if chat else _text_body(completion, reply)
+            _observe(completion.model, endpoint, 200, started)
+            return JsonResponse(body)
+
+        async def open_stream(lease: router.Lease) -> tuple[Reply | None, AsyncIterator[Reply]]:
+            stream = _backend(lease).predict_stream(fields)
+            try:
+                return await anext(stream, None), stream
+            except BaseException:
+                await stream.aclose()  # type: ignore[attr-defined]
+                raise
+
+        lease, (first, stream) = await _with_replica(completion.model, authenticate, open_stream)
+    except GatewayError as error:
+        _observe(completion.model, endpoint, error.status, started)
+        return error.response()
+    events = _sse(lease, first, stream, completion, chat)
+    weakref.finalize(events, _release_if_leaked, lease)
+    response = StreamingHttpResponse(events, content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
+    _observe(completion.model, endpoint, 200, started)
+    return response
+
+
+@csrf_exempt
+@require_POST
+async def chat_completions(request: HttpRequest) -> HttpResponse:
+    """`POST /v1/chat/completions`."""
+    return await _complete(request, parse_chat, chat=True)
+
+
+@csrf_exempt
+@require_POST
+async def completions(request: HttpRequest) -> HttpResponse:
+    """`POST /v1/completions`."""
+    return await _complete(request, parse_completion, chat=False)
+
+
+def _encode_embedding(vector: list[float], encoding: str) -> list[float] | str:
+    if encoding == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    return vector
+
+
+@csrf_exempt
+@require_POST
+async def embeddings(request: HttpRequest) -> HttpResponse:
+    """`POST /v1/embeddings`: one `Embedding` call per input string, on one replica."""
+    started = time.perf_counter()
+    try:
+        model, texts, encoding = parse_embeddings(_json_body(request))
+    except GatewayError as error:
+        return await _bad_body(request, error)
+
+    async def embed(lease: router.Lease) -> list[list[float]]:
+        client = _backend(lease)
+        return list(await asyncio.gather(*(client.embedding(text) for text in texts)))
+
+    try:
+        lease, vectors = await _with_replica(model, _authenticator(request), embed)
+    except GatewayError as error:
+        _observe(model, "embeddings", error.status, started)
+        return error.response()
+    await lease.release()
+    prompt_tokens = sum(len(text.split()) for text in texts)
+    body = {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": index, "embedding": _encode_embedding(vector, encoding)}
+            for index, vector in enumerate(vectors)
+        ],
+        "model": model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }
+    _observe(model, "embeddings", 200, started)
+    return JsonResponse(body)
+
+
+def _catalog(authenticate: Callable[[], None]) -> list[dict[str, Any]]:
+    authenticate()
+    return [
+        {"id": name, "object": "model", "created": int(created_at.timestamp()), "owned_by": OWNED_BY}
+        for name, created_at in ModelConfig.objects.order_by("name").values_list("name", "created_at")
+    ]
+
+
+@require_GET
+async def list_models(request: HttpRequest) -> HttpResponse:
+    """`GET /v1/models`: the catalog in OpenAI's list shape."""
+    try:
+        data = await router.run_db(_catalog, _authenticator(request))
+    except GatewayError as error:
+        return error.response()
+    return JsonResponse({"object": "list", "data": data})
+
+
+@csrf_exempt
+async def not_found(request: HttpRequest, path: str = "") -> HttpResponse:
+    """Any other `/v1/` path, in OpenAI's error shape."""
+    return GatewayError(
+        404,
+        f"Unknown endpoint: {request.method} /v1/{path}",
+        type="invalid_request_error",
+        code="unknown_url",
+    ).response()

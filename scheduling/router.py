@@ -1,0 +1,289 @@
+"""The router: pick a loaded replica for a request and claim it, or place one under the per-model load lock
+(BEHAVIOUR §3).
+
+Sync functions do the database work; the async API (`acquire`, `Lease.release`, `discard_unreachable`) runs
+them on small thread pools so the event loop never blocks and the hot path costs one thread hop to claim and
+one to release. Every request is routed anew: nothing is remembered per process except which cold loads this
+process is already waiting for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, TypeVar
+
+from django.conf import settings
+from django.db import connection
+
+from localai_cluster import locks
+from nodes.models import ModelReplica, Node, NodeLabel
+from nodes.tokens import backend_token_for
+from scheduling.models import ModelConfig, SchedulingRule
+from scheduling.placement import NoCapacity, UnknownModel
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# How many ranked replicas one pick fetches: a lost claim moves to the next without another query.
+PICK_LIMIT = 4
+# Polling of the per-model load lock by a process that does not hold it.
+LOCK_POLL_START = 0.02
+LOCK_POLL_MAX = 0.25
+
+# Database work of the hot path (claim, release) and of the cold path (placement: waits on a lock and on
+# LoadReplica) run on separate pools, so slow loads never starve routing of threads.
+_hot_executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="router-db")
+_load_executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="router-load")
+
+_PICK_SQL = f"""
+SELECT r.id, r.replica_index, r.address, n.id, n.name, n.address
+FROM {ModelReplica._meta.db_table} r
+JOIN {Node._meta.db_table} n ON n.id = r.node_id
+WHERE r.model_name = %(model)s
+  AND r.state = 'loaded'
+  AND n.status = 'healthy'
+  AND n.node_type = 'backend'
+  AND n.approved_at IS NOT NULL
+  AND NOT (r.id = ANY(%(exclude)s))
+  AND NOT EXISTS (
+    SELECT 1
+    FROM {SchedulingRule._meta.db_table} s
+    CROSS JOIN LATERAL jsonb_each(CASE WHEN jsonb_typeof(s.node_selector) = 'object'
+                                       THEN s.node_selector ELSE '{{}}'::jsonb END) AS sel
+    WHERE s.model_name = %(model)s
+      AND NOT EXISTS (
+        SELECT 1 FROM {NodeLabel._meta.db_table} l
+        WHERE l.node_id = n.id AND l.key = sel.key AND to_jsonb(l.value) = sel.value
+      )
+  )
+ORDER BY r.in_flight, (n.available_vram - n.reserved_vram) DESC, r.last_used ASC NULLS FIRST, r.id
+LIMIT {PICK_LIMIT}
+"""
+
+
+@dataclass
+class Lease:
+    """One in-flight unit claimed on a loaded replica. Release it exactly once (`release`), or drop the
+    replica when its backend could not be reached (`discard_unreachable`)."""
+
+    replica_id: int
+    model_name: str
+    replica_index: int
+    address: str
+    node_id: Any
+    node_name: str
+    node_address: str
+    backend_token: str
+    released: bool = field(default=False, repr=False)
+
+    @property
+    def process_key(self) -> str:
+        return f"{self.model_name}#{self.replica_index}"
+
+    async def release(self) -> None:
+        """Gives the in-flight unit back; later calls do nothing. Survives cancellation of the caller."""
+        if self.released:
+            return
+        self.released = True
+        await _shielded(_hot_executor, replica_release, self.replica_id)
+
+
+# --- sync: database work -----------------------------------------------------------------------------------
+
+
+def _candidates(model_name: str, exclude: Sequence[int]) -> list[tuple]:
+    with connection.cursor() as cursor:
+        cursor.execute(_PICK_SQL, {"model": model_name, "exclude": list(exclude)})
+        return cursor.fetchall()
+
+
+def replica_pick_and_claim(*, model_name: str, exclude: Sequence[int] = ()) -> Lease | None:
+    """The loaded replica of `model_name` with the fewest in-flight on a healthy, backend node matching the
+    model's rule's selector now (ties: most effective free VRAM on its node, then least recently used),
+    claimed with the registry's guarded `in_flight + 1`. A lost claim (the replica left `loaded`) moves to
+    the next candidate. None when no candidate is left. Two queries in the usual case."""
+    from nodes.services import replica_in_flight_claim
+
+    for replica_id, index, address, node_id, node_name, node_address in _candidates(model_name, exclude):
+        if replica_in_flight_claim(replica_id=replica_id):
+            return Lease(
+                replica_id=replica_id,
+                model_name=model_name,
+                replica_index=index,
+                address=address,
+                node_id=node_id,
+                node_name=node_name,
+                node_address=node_address,
+                backend_token=backend_token_for(Node(id=node_id)),
+            )
+    return None
+
+
+def replica_release(replica_id: int) -> None:
+    """Gives back one in-flight unit (never below 0)."""
+    from nodes.services import replica_in_flight_release
+
+    replica_in_flight_release(replica_id=replica_id)
+
+
+def model_has_routable_replica(*, model_name: str) -> bool:
+    return bool(_candidates(model_name, ()))
+
+
+def replica_ensure_loaded(*, model_name: str, timeout: float) -> None:
+    """Makes sure `model_name` has a routable replica: takes the per-model load lock shared by every web
+    process (a PostgreSQL advisory lock, polled so the wait is bounded by `timeout`), re-checks, and places
+    one when there is still none. Raises `UnknownModel`, `NoCapacity` or `LoadFailed` from placement, or
+    `NoCapacity` when the wait for another process's load times out."""
+    from scheduling.services import replica_place
+
+    key = locks.model_key(model_name)
+    deadline = time.monotonic() + timeout
+    delay = LOCK_POLL_START
+    while True:
+        if model_has_routable_replica(model_name=model_name):
+            return
+        if locks.try_advisory_lock(locks.NAMESPACE_MODEL_LOAD, key):
+            try:
+                if model_has_routable_replica(model_name=model_name):
+                    return
+                try:
+                    replica_place(model_name=model_name)
+                except UnknownModel:
+                    if ModelReplica.objects.filter(model_name=model_name).exists():
+                        raise NoCapacity(
+                            f"no replica of {model_name} is available, and it is not in the catalog to load "
+                            "another"
+                        ) from None
+                    raise
+                return
+            finally:
+                locks.advisory_unlock(locks.NAMESPACE_MODEL_LOAD, key)
+        if time.monotonic() + delay > deadline:
+            raise NoCapacity(f"timed out after {timeout:g}s waiting for {model_name} to load")
+        time.sleep(delay)
+        delay = min(delay * 1.5, LOCK_POLL_MAX)
+
+
+def model_is_known(*, model_name: str) -> bool:
+    """In the catalog, or has a replica row somewhere."""
+    return (
+        ModelConfig.objects.filter(name=model_name).exists()
+        or ModelReplica.objects.filter(model_name=model_name).exists()
+    )
+
+
+# --- async API ---------------------------------------------------------------------------------------------
+
+
+def _in_thread(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Runs database work in a pool thread and hands its connection back to the pool afterwards, so threads
+    do not pin connections."""
+    try:
+        return func(*args, **kwargs)
+    finally:
+        connection.close()
+
+
+async def run_db(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`func(*args, **kwargs)` on the hot-path pool (one thread hop)."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_hot_executor, partial(_in_thread, func, *args, **kwargs))
+
+
+async def _shielded(executor: ThreadPoolExecutor, func: Callable[..., T], *args: Any) -> T:
+    """Runs `func` in `executor`; a cancelled caller still lets it finish (releases must happen)."""
+    loop = asyncio.get_running_loop()
+    future = loop.run_in_executor(executor, partial(_in_thread, func, *args))
+    return await asyncio.shield(future)
+
+
+# Cold loads this process is waiting for: (loop id, model) → the future of `replica_ensure_loaded`.
+_cold_loads: dict[tuple[int, str], asyncio.Future[None]] = {}
+
+
+async def _ensure_loaded(model_name: str) -> None:
+    """Waits until the model has a routable replica, placing one when needed. Concurrent callers in this
+    process share one wait (and one load); the wait is bounded by `LOCALAI_LOAD_TIMEOUT`."""
+    loop = asyncio.get_running_loop()
+    key = (id(loop), model_name)
+    future = _cold_loads.get(key)
+    if future is None:
+        timeout = float(settings.LOCALAI_LOAD_TIMEOUT)
+        work = partial(_in_thread, replica_ensure_loaded, model_name=model_name, timeout=timeout)
+        future = _cold_loads[key] = loop.run_in_executor(_load_executor, work)
+        future.add_done_callback(lambda _done: _cold_loads.pop(key, None))
+    await asyncio.shield(future)
+
+
+async def acquire(
+    model_name: str, *, exclude: Sequence[int] = (), prepare: Callable[[], None] | None = None
+) -> Lease:
+    """A claimed in-flight unit on a replica of `model_name`, loading one first when the model is cold.
+
+    `prepare` (sync, e.g. authentication) runs in the same thread hop before the pick, so a warm request
+    costs one hop. Raises `UnknownModel` (not in the catalog and no replica), `NoCapacity(reason)` or
+    `LoadFailed`."""
+
+    def first_try() -> Lease | None:
+        if prepare is not None:
+            prepare()
+        return replica_pick_and_claim(model_name=model_name, exclude=exclude)
+
+    lease = await run_db(first_try)
+    if lease is not None:
+        return lease
+    for _round in range(2):
+        await _ensure_loaded(model_name)
+        lease = await run_db(replica_pick_and_claim, model_name=model_name, exclude=exclude)
+        if lease is not None:
+            return lease
+    raise NoCapacity(f"no replica of {model_name} could be claimed")
+
+
+async def discard_unreachable(lease: Lease) -> None:
+    """The lease's backend refused the connection before any byte was exchanged: remove that one replica row
+    (so a retry cannot pick it again) and stop its process in the background. The lease counts as released."""
+    lease.released = True
+    logger.warning(
+        "backend %s of %s on %s is unreachable: removing that replica",
+        lease.address,
+        lease.process_key,
+        lease.node_name,
+    )
+    node = await _shielded(_hot_executor, _remove_row, lease.replica_id)
+    if node is None:
+        return
+    loop = asyncio.get_running_loop()
+    stop = partial(_in_thread, _stop_key, node, lease.process_key)
+    task = loop.run_in_executor(_load_executor, stop)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+def _remove_row(replica_id: int) -> Any:
+    from nodes.services import replica_remove
+
+    replica = replica_remove(replica_id=replica_id)
+    return None if replica is None else replica.node_id
+
+
+def _stop_key(node_id: Any, process_key: str) -> None:
+    from scheduling.services import replica_stop_on_node
+
+    replica_stop_on_node(node_id=node_id, process_key=process_key)
+
+
+_background: set[asyncio.Future[Any]] = set()
+
+
+def release_in_background(replica_id: int) -> None:
+    """Gives back one in-flight unit from a pool thread, without an event loop (finalizers)."""
+    _hot_executor.submit(_in_thread, replica_release, replica_id)
