@@ -1,17 +1,21 @@
-"""`./dev up`: bring up a local cluster on the embedded engines and supervise its processes.
+"""`./dev up`: bring up a whole local cluster on the embedded engines and supervise its processes.
 
 This process owns the embedded PostgreSQL and Redis (unless DATABASE_URL / REDIS_URL are set) and passes their
-URLs to every child, so all of them share the same servers. Ctrl-C stops every child, then the engines.
+URLs to every child, so they all share the same servers. It starts the web process, a Celery worker, Celery
+beat and two worker agents running the `echo` backend. Each child's output goes to `.state/logs/<name>.log`.
+Ctrl-C stops every child (each in its own process group, so their own children go too), then the engines.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,11 +34,10 @@ def _say(message: str) -> None:
     print(f"==> {message}", flush=True)
 
 
-def _engines() -> dict[str, str]:
+def _engines(state_dir: Path) -> dict[str, str]:
     from localai_cluster import embedded
 
-    state_dir = embedded.default_state_dir(BASE_DIR)
-    env = {"LOCALAI_STATE_DIR": str(state_dir)}
+    env = {}
     if not os.environ.get("DATABASE_URL"):
         _say(f"starting embedded PostgreSQL (data in {state_dir / 'pg'})")
         env["DATABASE_URL"] = embedded.ensure_postgres(state_dir)
@@ -44,11 +47,22 @@ def _engines() -> dict[str, str]:
     return env
 
 
+def _secret_key(state_dir: Path) -> str:
+    """A secret kept in the state folder, so node tokens and sessions survive a restart."""
+    path = state_dir / "secret-key"
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(48))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
 def _manage(*args: str) -> None:
     subprocess.run([PYTHON, "manage.py", *args], cwd=BASE_DIR, check=True)
 
 
-def _children(host: str, port: int) -> list[Child]:
+def _children(host: str, port: int, state_dir: Path) -> list[Child]:
+    url = f"http://{host}:{port}"
+    agent = [PYTHON, "-m", "worker_client.agent", "--register-to", url, "--heartbeat-interval", "5s"]
     return [
         Child(
             "web",
@@ -65,13 +79,100 @@ def _children(host: str, port: int) -> list[Child]:
                 "warning",
             ],
         ),
+        Child(
+            "celery-worker",
+            [
+                PYTHON,
+                "-m",
+                "celery",
+                "-A",
+                "localai_cluster",
+                "worker",
+                "--loglevel",
+                "info",
+                "--concurrency",
+                "2",
+            ],
+        ),
+        Child(
+            "celery-beat",
+            [
+                PYTHON,
+                "-m",
+                "celery",
+                "-A",
+                "localai_cluster",
+                "beat",
+                "--loglevel",
+                "info",
+                "--schedule",
+                str(state_dir / "celerybeat-schedule"),
+            ],
+        ),
+        Child("agent-1", [*agent, "--node-name", "local-1", "--addr", "127.0.0.1:50051", "--vram", "24GiB"]),
+        Child(
+            "agent-2",
+            [
+                *agent,
+                "--node-name",
+                "local-2",
+                "--addr",
+                "127.0.0.1:50151",
+                "--vram",
+                "24GiB",
+                "--max-replicas-per-model",
+                "2",
+            ],
+        ),
     ]
 
 
-def _supervise(children: list[Child]) -> int:
-    for child in children:
-        child.process = subprocess.Popen(child.argv, cwd=BASE_DIR, start_new_session=True)
-        _say(f"started {child.name} (pid {child.process.pid})")
+def _wait_ready(url: str, timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as answer:
+                if answer.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.3)
+    return False
+
+
+def _start(child: Child, log_dir: Path) -> None:
+    log = open(log_dir / f"{child.name}.log", "ab")  # noqa: SIM115 - the child writes to it for its lifetime
+    child.process = subprocess.Popen(
+        child.argv,
+        cwd=BASE_DIR,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    _say(f"started {child.name:<14} pid {child.process.pid:<7} log {log_dir / (child.name + '.log')}")
+
+
+def _stop_all(children: list[Child]) -> None:
+    for child in reversed(children):
+        if child.process and child.process.poll() is None:
+            os.killpg(child.process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 40  # agents drain (bounded at 30 s) before they exit
+    for child in reversed(children):
+        if not child.process:
+            continue
+        try:
+            child.process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            _say(f"{child.name} did not stop in time; killing it")
+        # Whatever is left in the group (a backend of an agent, a Celery child) goes too.
+        try:
+            os.killpg(child.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _supervise(children: list[Child], log_dir: Path) -> int:
     stopping = False
 
     def _stop(signum, frame):
@@ -84,40 +185,70 @@ def _supervise(children: list[Child]) -> int:
     while not stopping:
         for child in children:
             if child.process and child.process.poll() is not None:
-                _say(f"{child.name} exited with code {child.process.returncode}; stopping everything")
+                _say(
+                    f"{child.name} exited with code {child.process.returncode}; see {log_dir / child.name}.log"
+                )
                 exit_code = 1
                 stopping = True
         time.sleep(0.2)
-    _say("stopping…")
-    for child in children:
-        if child.process and child.process.poll() is None:
-            os.killpg(child.process.pid, signal.SIGTERM)
-    for child in children:
-        if child.process:
-            try:
-                child.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(child.process.pid, signal.SIGKILL)
+    _say("stopping every process…")
+    _stop_all(children)
     _say("stopped")
     return exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
+    from localai_cluster import embedded
+
     parser = argparse.ArgumentParser(prog="./dev up", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
 
-    os.environ.update(_engines())
+    state_dir = embedded.default_state_dir(BASE_DIR)
+    log_dir = state_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.update(_engines(state_dir))
+    os.environ["LOCALAI_STATE_DIR"] = str(state_dir)
     os.environ.setdefault("DJANGO_DEBUG", "true")
+    os.environ.setdefault("DJANGO_SECRET_KEY", _secret_key(state_dir))
     os.environ.setdefault("LOCALAI_AUTO_APPROVE_NODES", "true")
     _say("applying migrations")
     _manage("migrate", "--no-input", "-v", "0")
-    children = _children(args.host, args.port)
-    base = f"http://{args.host}:{args.port}"
-    _say(f"control plane: {base}   (worker registration: {base}/api/node/register)")
-    _say("press Ctrl-C to stop everything")
-    return _supervise(children)
+    _manage("bootstrap_demo")
+
+    url = f"http://{args.host}:{args.port}"
+    children = _children(args.host, args.port, state_dir)
+    try:
+        _start(children[0], log_dir)
+        if not _wait_ready(url):
+            _say(f"the web process did not become ready; see {log_dir / 'web.log'}")
+            _stop_all(children)
+            return 1
+        for child in children[1:]:
+            _start(child, log_dir)
+    except BaseException:
+        _stop_all(children)
+        raise
+    print(
+        f"""
+  LocalAI Cluster is up.
+    OpenAI endpoint   {url}/v1
+    nodes             {url}/ui/nodes/
+    scheduling        {url}/ui/scheduling/
+    admin             {url}/admin/
+    API docs          {url}/api/docs/
+    metrics           {url}/metrics
+
+  Try it:
+    curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' \\
+      -d '{{"model": "echo-1", "messages": [{{"role": "user", "content": "hello cluster"}}]}}'
+
+  Press Ctrl-C to stop everything.
+""",
+        flush=True,
+    )
+    return _supervise(children, log_dir)
 
 
 if __name__ == "__main__":
