@@ -1,0 +1,660 @@
+"""Writes of the registry (BEHAVIOUR §2). Every service is keyword-only, owns its transaction, and sends
+`cluster_capacity_changed` on commit when it changes where models can go. Network calls to agents happen
+only after commit, and their failures are logged, never raised.
+
+Reservation bookkeeping: a replica row holds a VRAM reservation of `vram_bytes` from its claim until a
+worker heartbeat (or registration) lists its process key, which sets `last_seen_at`; from then on the
+worker's own free-VRAM figure accounts for it. So `last_seen_at IS NULL` means "still reserved", and removing
+such a row gives back exactly its `vram_bytes` (never taking `reserved_vram` below 0).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import psycopg.errors
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.db.models.functions import Greatest
+from django.utils import timezone
+
+from nodes.choices import (
+    AUTO_LABELS,
+    LABEL_GPU_VENDOR,
+    LABEL_GPU_VRAM,
+    LABEL_NODE_NAME,
+    LABEL_REPLICA_SLOTS,
+    NodeStatus,
+    NodeType,
+    ReplicaState,
+)
+from nodes.exceptions import InvalidTransition, InvalidValue
+from nodes.models import ModelReplica, Node, NodeLabel
+from nodes.selectors import free_replica_indexes, node_filter_selector, node_labels
+from nodes.signals import cluster_capacity_changed
+from nodes.tokens import new_token_salt, node_token_for, token_hash
+
+logger = logging.getLogger(__name__)
+
+GiB = 1024**3
+MAX_BIGINT = 2**63 - 1
+MAX_INT = 2**31 - 1
+LABEL_MAX_LENGTH = 255
+# Deadline of each StopReplica call made after an admin deletes a node.
+STOP_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class RegisterResult:
+    """What a registration did: the node, whether it is new, and its new token (shown to the worker only)."""
+
+    node: Node
+    created: bool
+    node_token: str
+
+
+@dataclass(frozen=True)
+class HeartbeatResult:
+    """The answer to a heartbeat: the node's status, its effective cap, and the process keys the worker runs
+    that have no replica row (orphans the agent stops after a second confirmation)."""
+
+    status: str
+    max_replicas_per_model: int
+    orphans: list[str] = field(default_factory=list)
+
+
+# --- helpers ---------------------------------------------------------------------------------------------
+
+
+def gpu_vram_bucket(total_vram: int) -> str:
+    """The `gpu.vram` label for a total VRAM in bytes: `80GB+`, `48GB`, `24GB`, `16GB`, `8GB`, else `<n>GB`
+    (whole GiB, rounded down)."""
+    gib = total_vram / GiB
+    for floor, label in ((80, "80GB+"), (48, "48GB"), (24, "24GB"), (16, "16GB"), (8, "8GB")):
+        if gib >= floor:
+            return label
+    return f"{int(gib)}GB"
+
+
+def _capacity_changed(reason: str) -> None:
+    """Send `cluster_capacity_changed` once the current transaction commits (at once outside one)."""
+
+    def send() -> None:
+        for receiver, response in cluster_capacity_changed.send_robust(sender=Node, reason=reason):
+            if isinstance(response, Exception):
+                logger.error(
+                    "receiver %r of cluster_capacity_changed failed: %s",
+                    receiver,
+                    response,
+                    exc_info=response,
+                )
+
+    transaction.on_commit(send)
+
+
+def _lock_node(node_id: Any) -> Node:
+    """The node row, locked until the transaction ends; raises `Node.DoesNotExist` when it is gone."""
+    return Node.objects.select_for_update().get(pk=node_id)
+
+
+def _validate_labels(labels: Mapping[str, str] | None, *, field_name: str = "labels") -> dict[str, str]:
+    if labels is None:
+        return {}
+    if not isinstance(labels, Mapping):
+        raise InvalidValue("Expected a map of string keys to string values.", field=field_name)
+    for key, value in labels.items():
+        if not isinstance(key, str) or not key or len(key) > LABEL_MAX_LENGTH:
+            raise InvalidValue(f"Label keys must be 1 to {LABEL_MAX_LENGTH} characters.", field=field_name)
+        if not isinstance(value, str) or len(value) > LABEL_MAX_LENGTH:
+            raise InvalidValue(
+                f"Label {key!r}: values must be strings of at most {LABEL_MAX_LENGTH} characters.",
+                field=field_name,
+            )
+    return dict(labels)
+
+
+def _without_auto_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    """Auto-labels belong to the control plane: a worker or admin value for one is ignored."""
+    return {key: value for key, value in labels.items() if key not in AUTO_LABELS}
+
+
+def _upsert_labels(node: Node, labels: Mapping[str, str]) -> None:
+    """Insert or update the given labels in one statement; other labels are untouched."""
+    if not labels:
+        return
+    NodeLabel.objects.bulk_create(
+        [NodeLabel(node=node, key=key, value=value) for key, value in labels.items()],
+        update_conflicts=True,
+        unique_fields=["node", "key"],
+        update_fields=["value"],
+    )
+
+
+def _refresh_auto_labels(node: Node) -> None:
+    """Write `node.replica-slots` (= effective cap), `node.name`, `gpu.vendor` and `gpu.vram` from the node's
+    fields. `gpu.vendor` is absent when the worker reports no vendor, `gpu.vram` when it reports no VRAM."""
+    present = {LABEL_REPLICA_SLOTS: str(node.effective_max_replicas), LABEL_NODE_NAME: node.name}
+    absent = []
+    if node.gpu_vendor:
+        present[LABEL_GPU_VENDOR] = node.gpu_vendor
+    else:
+        absent.append(LABEL_GPU_VENDOR)
+    if node.total_vram > 0:
+        present[LABEL_GPU_VRAM] = gpu_vram_bucket(node.total_vram)
+    else:
+        absent.append(LABEL_GPU_VRAM)
+    _upsert_labels(node, present)
+    if absent:
+        NodeLabel.objects.filter(node=node, key__in=absent).delete()
+
+
+def _check_size(name: str, value: int | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_BIGINT:
+        raise InvalidValue("Must be a whole number of bytes, at least 0.", field=name)
+
+
+def _check_cap(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_INT:
+        raise InvalidValue("Must be a whole number, at least 1.", field=name)
+
+
+def _is_schedulable(node: Node) -> bool:
+    return node.is_approved and node.status == NodeStatus.HEALTHY and node.node_type == NodeType.BACKEND
+
+
+def _reported_key(replica: Mapping[str, Any] | str) -> str:
+    return replica if isinstance(replica, str) else str(replica.get("key", ""))
+
+
+# --- registration and heartbeat -----------------------------------------------------------------------------
+
+
+def node_register(
+    *,
+    name: str,
+    node_type: str = NodeType.BACKEND,
+    address: str = "",
+    total_vram: int = 0,
+    available_vram: int = 0,
+    total_ram: int = 0,
+    available_ram: int = 0,
+    gpu_vendor: str = "",
+    labels: Mapping[str, str] | None = None,
+    max_replicas_per_model: int = 1,
+    replicas: Iterable[str] = (),
+) -> RegisterResult:
+    """Register a worker by name: a new name makes a node (`pending`, or `healthy` and approved when
+    `LOCALAI_AUTO_APPROVE_NODES`), a known one keeps its id (`healthy` if ever approved, else `pending`).
+
+    Guarantees: concurrent registrations of one new name make exactly one node (one gets `created=True`);
+    the worker's labels are upserted and other labels (an admin's) kept; an admin override is kept and the
+    worker's value stored; auto-labels refreshed; replica rows whose process key is not in `replicas` are
+    deleted and the listed ones kept; `reserved_vram` is 0; a new token revokes the previous one.
+    """
+    if not name or len(name) > 255:
+        raise InvalidValue("Must be 1 to 255 characters.", field="name")
+    if node_type not in NodeType.values:
+        raise InvalidValue(f"Must be one of {', '.join(NodeType.values)}.", field="node_type")
+    _check_cap("max_replicas_per_model", max_replicas_per_model)
+    for size_name, size in (
+        ("total_vram", total_vram),
+        ("available_vram", available_vram),
+        ("total_ram", total_ram),
+        ("available_ram", available_ram),
+    ):
+        _check_size(size_name, size)
+    worker_labels = _without_auto_labels(_validate_labels(labels))
+    reported = {str(key) for key in replicas}
+    now = timezone.now()
+
+    with transaction.atomic():
+        # INSERT ... ON CONFLICT DO NOTHING: a concurrent registration of the same new name waits for ours
+        # to commit and then finds the row, instead of failing on the unique name.
+        candidate = Node(id=uuid.uuid4(), name=name, status=NodeStatus.PENDING)
+        Node.objects.bulk_create([candidate], ignore_conflicts=True)
+        node = Node.objects.select_for_update().get(name=name)
+        created = node.pk == candidate.pk
+
+        if settings.LOCALAI_AUTO_APPROVE_NODES and node.approved_at is None:
+            node.approved_at = now
+        node.status = NodeStatus.HEALTHY if node.approved_at is not None else NodeStatus.PENDING
+        node.node_type = node_type
+        node.address = address
+        node.total_vram = total_vram
+        node.available_vram = available_vram
+        node.reserved_vram = 0
+        node.total_ram = total_ram
+        node.available_ram = available_ram
+        node.gpu_vendor = gpu_vendor
+        node.worker_max_replicas_per_model = max_replicas_per_model
+        node.last_heartbeat = now
+        node.token_salt = new_token_salt()
+        node_token = node_token_for(node)
+        node.token_hash = token_hash(node_token)
+        node.save()
+
+        _upsert_labels(node, worker_labels)
+        _refresh_auto_labels(node)
+
+        rows = ModelReplica.objects.filter(node=node).values_list("pk", "model_name", "replica_index")
+        gone, kept = [], []
+        for pk, model_name, replica_index in rows:
+            (kept if f"{model_name}#{replica_index}" in reported else gone).append(pk)
+        if gone:
+            ModelReplica.objects.filter(pk__in=gone).delete()
+        if kept:
+            ModelReplica.objects.filter(pk__in=kept).update(last_seen_at=now)
+        _capacity_changed(f"node {name} registered")
+
+    logger.info("node %s %s (%s)", name, "registered" if created else "registered again", node.status)
+    return RegisterResult(node=node, created=created, node_token=node_token)
+
+
+def node_heartbeat(
+    *,
+    node: Node,
+    replicas: Iterable[Mapping[str, Any] | str] = (),
+    available_vram: int | None = None,
+    total_vram: int | None = None,
+    available_ram: int | None = None,
+    total_ram: int | None = None,
+    gpu_vendor: str | None = None,
+) -> HeartbeatResult:
+    """Record a heartbeat: resources (a figure left None is kept), `last_heartbeat`, and the replica rows.
+
+    Guarantees: never approves (an approved `unhealthy`/`offline` node becomes `healthy`, an unapproved one
+    `pending`; `draining` and `pending` stay); rows the worker lists get `last_seen_at`; a row it does not
+    list is removed, except a `loading` one younger than `LOCALAI_LOAD_TIMEOUT`; `reserved_vram` becomes the
+    sum of `vram_bytes` of the `loading` rows it does not list yet (0 when it lists them all). A bounded
+    number of queries whatever the number of replicas. Raises `Node.DoesNotExist` if the node was deleted.
+    """
+    for size_name, size in (
+        ("total_vram", total_vram),
+        ("available_vram", available_vram),
+        ("total_ram", total_ram),
+        ("available_ram", available_ram),
+    ):
+        _check_size(size_name, size)
+    listed = {key for key in (_reported_key(replica) for replica in replicas) if key}
+    now = timezone.now()
+    load_deadline = now - timedelta(seconds=settings.LOCALAI_LOAD_TIMEOUT)
+
+    with transaction.atomic():
+        locked = _lock_node(node.pk)
+        rows = ModelReplica.objects.filter(node=locked).values_list(
+            "pk", "model_name", "replica_index", "state", "load_started_at", "vram_bytes"
+        )
+        known: set[str] = set()
+        seen: list[int] = []
+        gone: list[int] = []
+        reserved = 0
+        for pk, model_name, replica_index, state, load_started_at, vram_bytes in rows:
+            key = f"{model_name}#{replica_index}"
+            known.add(key)
+            if key in listed:
+                seen.append(pk)
+            elif state == ReplicaState.LOADING and (
+                load_started_at is None or load_started_at > load_deadline
+            ):
+                reserved += vram_bytes  # a load still on its way: keep its slot and its reservation
+            else:
+                gone.append(pk)
+        if gone:
+            ModelReplica.objects.filter(pk__in=gone).delete()
+        if seen:
+            ModelReplica.objects.filter(pk__in=seen).update(last_seen_at=now)
+
+        previous_status = locked.status
+        if locked.status in (NodeStatus.OFFLINE, NodeStatus.UNHEALTHY):
+            locked.status = NodeStatus.HEALTHY if locked.is_approved else NodeStatus.PENDING
+        old_gpu_labels = (locked.gpu_vendor, locked.total_vram and gpu_vram_bucket(locked.total_vram))
+        if available_vram is not None:
+            locked.available_vram = available_vram
+        if total_vram is not None:
+            locked.total_vram = total_vram
+        if available_ram is not None:
+            locked.available_ram = available_ram
+        if total_ram is not None:
+            locked.total_ram = total_ram
+        if gpu_vendor is not None:
+            locked.gpu_vendor = gpu_vendor[:64]
+        locked.reserved_vram = reserved
+        locked.last_heartbeat = now
+        locked.save(
+            update_fields=[
+                "status",
+                "available_vram",
+                "total_vram",
+                "available_ram",
+                "total_ram",
+                "gpu_vendor",
+                "reserved_vram",
+                "last_heartbeat",
+                "updated_at",
+            ]
+        )
+        if old_gpu_labels != (locked.gpu_vendor, locked.total_vram and gpu_vram_bucket(locked.total_vram)):
+            _refresh_auto_labels(locked)
+        if locked.status == NodeStatus.HEALTHY and previous_status != NodeStatus.HEALTHY:
+            _capacity_changed(f"node {locked.name} is back")
+
+    if gone:
+        logger.info("node %s: removed %d replica row(s) whose process is gone", locked.name, len(gone))
+    return HeartbeatResult(
+        status=locked.status,
+        max_replicas_per_model=locked.effective_max_replicas,
+        orphans=sorted(listed - known),
+    )
+
+
+# --- node actions -------------------------------------------------------------------------------------------
+
+
+def node_approve(*, node: Node) -> Node:
+    """`pending` → `healthy` with `approved_at` set. Raises `InvalidTransition` from any other status."""
+    now = timezone.now()
+    with transaction.atomic():
+        locked = _lock_node(node.pk)
+        if locked.status != NodeStatus.PENDING:
+            raise InvalidTransition(node=locked, action="approve", status=locked.status)
+        locked.status = NodeStatus.HEALTHY
+        locked.approved_at = now
+        locked.save(update_fields=["status", "approved_at", "updated_at"])
+        _capacity_changed(f"node {locked.name} approved")
+    return locked
+
+
+def node_drain(*, node: Node) -> Node:
+    """Mark an approved node `draining` at once: no new placements, no new requests to its replicas; work in
+    flight finishes. Draining a draining node changes nothing. Raises `InvalidTransition` for a node never
+    approved (resuming it would otherwise approve it)."""
+    with transaction.atomic():
+        locked = _lock_node(node.pk)
+        if locked.status == NodeStatus.DRAINING:
+            return locked
+        if not locked.is_approved:
+            raise InvalidTransition(node=locked, action="drain", status=locked.status)
+        locked.status = NodeStatus.DRAINING
+        locked.save(update_fields=["status", "updated_at"])
+        _capacity_changed(f"node {locked.name} draining")
+    return locked
+
+
+def node_resume(*, node: Node) -> Node:
+    """`draining` → `healthy` (schedulable again). Raises `InvalidTransition` from any other status."""
+    with transaction.atomic():
+        locked = _lock_node(node.pk)
+        if locked.status != NodeStatus.DRAINING:
+            raise InvalidTransition(node=locked, action="resume", status=locked.status)
+        locked.status = NodeStatus.HEALTHY
+        locked.save(update_fields=["status", "updated_at"])
+        _capacity_changed(f"node {locked.name} resumed")
+    return locked
+
+
+def node_deregister(*, node: Node) -> Node:
+    """The worker's own graceful shutdown: the node goes `offline` and loses its replica rows (and any
+    reservation) but keeps its id, approval, labels and override, so a restart comes back as the same node."""
+    with transaction.atomic():
+        locked = _lock_node(node.pk)
+        ModelReplica.objects.filter(node=locked).delete()
+        locked.status = NodeStatus.OFFLINE
+        locked.reserved_vram = 0
+        locked.save(update_fields=["status", "reserved_vram", "updated_at"])
+        _capacity_changed(f"node {locked.name} deregistered")
+    return locked
+
+
+def node_delete(*, node: Node) -> list[str]:
+    """An admin removes the node with its labels and replica rows. Returns the process keys it hosted; after
+    commit its agent is asked to stop each of them (errors are logged, never raised)."""
+    with transaction.atomic():
+        locked = _lock_node(node.pk)
+        keys = [
+            f"{model_name}#{replica_index}"
+            for model_name, replica_index in ModelReplica.objects.filter(node=locked)
+            .order_by("model_name", "replica_index")
+            .values_list("model_name", "replica_index")
+        ]
+        address, name, token = locked.address, locked.name, node_token_for(locked)
+        locked.delete()
+        if keys and address:
+            transaction.on_commit(
+                lambda: _stop_on_agent(address=address, token=token, keys=keys, node_name=name)
+            )
+        _capacity_changed(f"node {name} deleted")
+    logger.info("node %s deleted (%d replica(s))", name, len(keys))
+    return keys
+
+
+def _stop_on_agent(*, address: str, token: str, keys: list[str], node_name: str) -> list[str]:
+    """Ask an agent to stop exact process keys; returns the keys it stopped. Never raises: an agent that
+    cannot be reached is logged and the remaining keys are skipped."""
+    stopped: list[str] = []
+    try:
+        from worker_client.client import WorkerControlClient
+        from worker_client.errors import WorkerError
+    except ImportError:  # pragma: no cover - the client ships with the project
+        logger.exception("cannot stop %s on %s: worker_client is unavailable", keys, node_name)
+        return stopped
+    try:
+        client = WorkerControlClient(address, token, timeout=STOP_TIMEOUT)
+    except Exception:
+        logger.exception("cannot reach the agent of %s at %s to stop %s", node_name, address, keys)
+        return stopped
+    for key in keys:
+        try:
+            stopped.extend(client.stop_replica(key))
+        except WorkerError as error:
+            logger.warning("agent of %s did not stop %s: %s", node_name, key, error)
+            if error.connect_failed:
+                logger.warning(
+                    "agent of %s unreachable: not stopping %s", node_name, keys[keys.index(key) + 1 :]
+                )
+                break
+        except Exception:
+            logger.exception("agent of %s did not stop %s", node_name, key)
+    return stopped
+
+
+def replica_stop_on_agent(*, node: Node, process_key: str) -> list[str]:
+    """Ask the node's agent to stop exactly `process_key` (network call: use outside transactions). Returns
+    the keys stopped; failures are logged and answer []."""
+    if not node.address:
+        return []
+    return _stop_on_agent(
+        address=node.address, token=node_token_for(node), keys=[process_key], node_name=node.name
+    )
+
+
+# --- labels and override ------------------------------------------------------------------------------------
+
+
+def node_labels_replace(*, node: Node, labels: Mapping[str, str]) -> dict[str, str]:
+    """Replace every label with `labels`; auto-labels are the control plane's (values given for them are
+    ignored) and stay current, so `node.replica-slots` still equals the effective cap. Returns all labels."""
+    wanted = _without_auto_labels(_validate_labels(labels))
+    with transaction.atomic():
+        locked = _lock_node(node.pk)
+        NodeLabel.objects.filter(node=locked).exclude(key__in=AUTO_LABELS).exclude(key__in=wanted).delete()
+        _upsert_labels(locked, wanted)
+        _refresh_auto_labels(locked)
+        _capacity_changed(f"labels of node {locked.name} replaced")
+    return node_labels(node=locked)
+
+
+def node_labels_merge(*, node: Node, labels: Mapping[str, str]) -> dict[str, str]:
+    """Set the given labels (insert or update), keeping every other one. Auto-label keys are ignored.
+    Returns all labels."""
+    wanted = _without_auto_labels(_validate_labels(labels))
+    with transaction.atomic():
+        locked = _lock_node(node.pk)
+        _upsert_labels(locked, wanted)
+        _refresh_auto_labels(locked)
+        _capacity_changed(f"labels of node {locked.name} changed")
+    return node_labels(node=locked)
+
+
+def node_label_remove(*, node: Node, key: str) -> bool:
+    """Remove one label; True when it existed. Raises `InvalidValue` for an auto-label key."""
+    if key in AUTO_LABELS:
+        raise InvalidValue(f"{key} is managed by the control plane.", field="key")
+    with transaction.atomic():
+        locked = _lock_node(node.pk)
+        deleted, _ = NodeLabel.objects.filter(node=locked, key=key).delete()
+        if deleted:
+            _capacity_changed(f"label {key} removed from node {locked.name}")
+    return bool(deleted)
+
+
+def node_override_set(*, node: Node, value: int) -> Node:
+    """Set the admin cap override (≥ 1); it survives re-registration. `node.replica-slots` follows at once.
+    Lowering it evicts nothing (free slots clamp at 0)."""
+    _check_cap("value", value)
+    with transaction.atomic():
+        locked = _lock_node(node.pk)
+        locked.max_replicas_override = value
+        locked.save(update_fields=["max_replicas_override", "updated_at"])
+        _refresh_auto_labels(locked)
+        _capacity_changed(f"override of node {locked.name} set to {value}")
+    return locked
+
+
+def node_override_reset(*, node: Node) -> Node:
+    """Drop the override: the worker's own value is the effective cap at once, and `node.replica-slots`
+    follows."""
+    with transaction.atomic():
+        locked = _lock_node(node.pk)
+        locked.max_replicas_override = None
+        locked.save(update_fields=["max_replicas_override", "updated_at"])
+        _refresh_auto_labels(locked)
+        _capacity_changed(f"override of node {locked.name} reset")
+    return locked
+
+
+# --- replicas -----------------------------------------------------------------------------------------------
+
+
+def _is_unique_violation(error: IntegrityError) -> bool:
+    return isinstance(error.__cause__, psycopg.errors.UniqueViolation)
+
+
+def replica_claim_slot(
+    *,
+    node_id: Any,
+    model_name: str,
+    vram_bytes: int = 0,
+    backend: str = "",
+    selector: Mapping[str, str] | None = None,
+) -> ModelReplica | None:
+    """Claim a slot for one replica of the model on the node, in one short transaction: lock the node row,
+    re-check it is schedulable (and matches `selector` when given), has a free slot and — when the node
+    reports VRAM — `available − reserved ≥ vram_bytes`; insert a `loading` row at the lowest free index (a
+    unique violation means another scheduler took it: try the next one); add the reservation.
+
+    Returns the row (with `node` set), or None when it does not fit; never raises for a lost race. A node
+    reporting 0 total VRAM is placed on by slots alone and nothing is reserved on it.
+    """
+    _check_size("vram_bytes", vram_bytes)
+    now = timezone.now()
+    with transaction.atomic():
+        node = Node.objects.select_for_update().filter(pk=node_id).first()
+        if node is None or not _is_schedulable(node):
+            return None
+        if selector and not node_filter_selector(Node.objects.filter(pk=node.pk), selector).exists():
+            return None
+        reserve = vram_bytes if node.total_vram > 0 else 0
+        if reserve and node.available_vram - node.reserved_vram < reserve:
+            return None
+        cap = node.effective_max_replicas
+        taken = list(
+            ModelReplica.objects.filter(node=node, model_name=model_name).values_list(
+                "replica_index", flat=True
+            )
+        )
+        if len(taken) >= cap:
+            return None
+        replica = None
+        for index in free_replica_indexes(cap=cap, taken=taken):
+            try:
+                with transaction.atomic():
+                    replica = ModelReplica.objects.create(
+                        node=node,
+                        model_name=model_name,
+                        replica_index=index,
+                        state=ReplicaState.LOADING,
+                        load_started_at=now,
+                        vram_bytes=reserve,
+                        backend=backend,
+                    )
+                break
+            except IntegrityError as error:
+                if not _is_unique_violation(error):
+                    raise
+                logger.info("slot %s#%d on %s was taken meanwhile; trying the next", model_name, index, node)
+        if replica is None:
+            return None
+        if reserve:
+            Node.objects.filter(pk=node.pk).update(reserved_vram=F("reserved_vram") + reserve)
+            node.reserved_vram += reserve
+    return replica
+
+
+def replica_mark_loaded(*, replica_id: Any, address: str) -> bool:
+    """`loading` → `loaded` on the same row, with the agent's address and `loaded_at`. False when the row is
+    gone or not loading (it was removed meanwhile: the caller should stop the process)."""
+    updated = ModelReplica.objects.filter(pk=replica_id, state=ReplicaState.LOADING).update(
+        state=ReplicaState.LOADED, address=address, loaded_at=timezone.now()
+    )
+    return updated == 1
+
+
+def replica_remove(*, replica_id: Any) -> ModelReplica | None:
+    """Delete one replica row (its siblings are untouched) and give back the reservation it still holds
+    (never taking `reserved_vram` below 0). Returns the deleted row, or None when it was already gone."""
+    replica = ModelReplica.objects.select_related("node").filter(pk=replica_id).first()
+    if replica is None:
+        return None
+    with transaction.atomic():
+        # Node row first, as every writer of a node's replicas does, so no two of them deadlock.
+        list(Node.objects.select_for_update().filter(pk=replica.node_id).values_list("pk", flat=True))
+        current = ModelReplica.objects.filter(pk=replica_id).values_list("vram_bytes", "last_seen_at").first()
+        if current is None:
+            return None
+        vram_bytes, last_seen_at = current
+        ModelReplica.objects.filter(pk=replica_id).delete()
+        release = vram_bytes if last_seen_at is None else 0
+        if release:
+            Node.objects.filter(pk=replica.node_id).update(
+                reserved_vram=Greatest(F("reserved_vram") - release, 0)
+            )
+    return replica
+
+
+def replica_release_failed(*, replica_id: Any) -> None:
+    """A load failed: delete the row and release exactly its reservation (never below 0)."""
+    replica_remove(replica_id=replica_id)
+
+
+def replica_in_flight_claim(*, replica_id: Any) -> bool:
+    """One request starts on a `loaded` replica: `in_flight + 1` and `last_used = now` in one guarded UPDATE.
+    True when the replica was still loaded."""
+    return (
+        ModelReplica.objects.filter(pk=replica_id, state=ReplicaState.LOADED).update(
+            in_flight=F("in_flight") + 1, last_used=timezone.now()
+        )
+        == 1
+    )
+
+
+def replica_in_flight_release(*, replica_id: Any) -> None:
+    """One request ended: `in_flight − 1`, never below 0."""
+    ModelReplica.objects.filter(pk=replica_id, in_flight__gt=0).update(in_flight=F("in_flight") - 1)
