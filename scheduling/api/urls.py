@@ -1,3 +1,15 @@
-from django.urls import path  # noqa: F401
+"""`/api/nodes/scheduling*` (included before `nodes.api.admin_urls`, so `scheduling` is never a node id) and
+`/api/models*`. Model names may contain `/`: the `path` converter takes the rest of the URL."""
 
-urlpatterns: list = []
+from django.urls import path
+
+from scheduling.api import views
+
+urlpatterns = [
+    path("api/nodes/scheduling", views.RuleListView.as_view(), name="api-scheduling-rules"),
+    path(
+        "api/nodes/scheduling/<path:model_name>", views.RuleDetailView.as_view(), name="api-scheduling-rule"
+    ),
+    path("api/models", views.ModelListView.as_view(), name="api-models"),
+    path("api/models/<path:name>", views.ModelDetailView.as_view(), name="api-model"),
+]

@@ -1,0 +1,118 @@
+"""Serializers of `/api/nodes/scheduling*` and `/api/models*`."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from nodes.api.admin_serializers import (
+    MAX_REPLICAS_LIMIT,
+    CleanCharField,
+    ModelNameField,
+    StringMapField,
+    has_bad_text,
+)
+from scheduling.models import ModelConfig, SchedulingRule
+
+MAX_OPTIONS_BYTES = 64 * 1024
+MAX_BIGINT = 2**63 - 1
+MAX_INT = 2**31 - 1
+
+
+# --- scheduling rules -----------------------------------------------------------------------------------
+
+
+class RuleWriteSerializer(serializers.Serializer):
+    """`POST /api/nodes/scheduling`: creates the rule of `model_name` or updates it (same id)."""
+
+    model_name = ModelNameField()
+    node_selector = StringMapField(
+        required=False, default=dict, help_text="Labels a node must all have (exact strings)."
+    )
+    min_replicas = serializers.IntegerField(
+        required=False, default=0, min_value=0, max_value=MAX_REPLICAS_LIMIT
+    )
+    max_replicas = serializers.IntegerField(
+        required=False, default=0, min_value=0, max_value=MAX_REPLICAS_LIMIT, help_text="0 = no limit."
+    )
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if attrs["max_replicas"] > 0 and attrs["min_replicas"] > attrs["max_replicas"]:
+            raise serializers.ValidationError(
+                {"min_replicas": ["Must not exceed max_replicas when max_replicas is above 0."]}
+            )
+        return attrs
+
+
+class RuleSerializer(serializers.ModelSerializer):
+    """A rule with its current replica count (`loading` + `loaded` rows of the model, cluster-wide)."""
+
+    node_selector = serializers.DictField(child=serializers.CharField())
+    current_replicas = serializers.IntegerField(read_only=True)
+
+    class Meta:
+        model = SchedulingRule
+        fields = [
+            "id",
+            "model_name",
+            "node_selector",
+            "min_replicas",
+            "max_replicas",
+            "unsatisfiable_until",
+            "unsatisfiable_ticks",
+            "current_replicas",
+        ]
+        read_only_fields = fields
+
+
+# --- model catalog --------------------------------------------------------------------------------------
+
+
+@extend_schema_field(OpenApiTypes.OBJECT)
+class OptionsField(serializers.JSONField):
+    """`ModelOptions` fields as a JSON object (at most 64 KiB)."""
+
+    def to_internal_value(self, data: Any) -> dict[str, Any]:
+        if not isinstance(data, dict):
+            raise serializers.ValidationError("Expected a JSON object.")
+        if has_bad_text(data):
+            raise serializers.ValidationError("NUL characters and unpaired surrogates are not allowed.")
+        if len(json.dumps(data)) > MAX_OPTIONS_BYTES:
+            raise serializers.ValidationError(f"At most {MAX_OPTIONS_BYTES} bytes of JSON are allowed.")
+        return data
+
+
+class ModelConfigSerializer(serializers.ModelSerializer):
+    """A catalog entry. On `PUT`/`PATCH /api/models/{name}` the name comes from the URL; a `name` in the body
+    must be the same."""
+
+    name = ModelNameField()
+    backend = CleanCharField(max_length=64, required=False, default="echo")
+    model = CleanCharField(
+        max_length=1024,
+        required=False,
+        allow_blank=True,
+        default="",
+        help_text="File, path or URI given to the backend.",
+    )
+    options = OptionsField(required=False, default=dict, help_text="ModelOptions fields.")
+    vram_bytes = serializers.IntegerField(
+        required=False, default=0, min_value=0, max_value=MAX_BIGINT, help_text="Estimate; 0 = unknown."
+    )
+    context_size = serializers.IntegerField(
+        required=False, allow_null=True, default=None, min_value=0, max_value=MAX_INT
+    )
+
+    class Meta:
+        model = ModelConfig
+        fields = ["name", "backend", "model", "options", "vram_bytes", "context_size"]
+
+
+class ModelConfigUpdateSerializer(ModelConfigSerializer):
+    """`PUT`/`PATCH /api/models/{name}`: the name comes from the URL; when given it must be the same."""
+
+    name = ModelNameField(required=False, help_text="Optional; must equal the name in the URL.")

@@ -1,0 +1,215 @@
+"""Admin API views of the scheduling app: rules (`/api/nodes/scheduling*`) and the catalog (`/api/models*`).
+Thin: parse, call a service, render."""
+
+from __future__ import annotations
+
+from django.db.models import Count, IntegerField, OuterRef, QuerySet, Subquery, Value
+from django.db.models.functions import Coalesce
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import exceptions, status
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from nodes.api.admin_serializers import AUTH_ERRORS, error_responses, model_name_problem
+from nodes.api.permissions import AdminAPIView
+from nodes.choices import ReplicaState
+from nodes.models import ModelReplica
+from scheduling.api.serializers import (
+    ModelConfigSerializer,
+    ModelConfigUpdateSerializer,
+    RuleSerializer,
+    RuleWriteSerializer,
+)
+from scheduling.catalog import model_config_delete, model_config_upsert
+from scheduling.models import ModelConfig, SchedulingRule
+from scheduling.services import rule_delete, rule_upsert
+
+MODEL_PATH_PARAM = OpenApiParameter(
+    "model_name",
+    OpenApiTypes.STR,
+    OpenApiParameter.PATH,
+    description="Model name; may contain `/`, `:`, `.` and unicode (percent-encoded as needed).",
+)
+NAME_PATH_PARAM = OpenApiParameter(
+    "name",
+    OpenApiTypes.STR,
+    OpenApiParameter.PATH,
+    description="Model name; may contain `/`, `:`, `.` and unicode (percent-encoded as needed).",
+)
+
+
+def _checked_name(name: str, what: str) -> str:
+    """A model name taken from the URL; one that could never be stored is simply unknown (404)."""
+    if model_name_problem(name):
+        raise exceptions.NotFound(f"No {what} for this model name.")
+    return name
+
+
+# --- scheduling rules -----------------------------------------------------------------------------------
+
+
+def rules_with_current_replicas() -> QuerySet[SchedulingRule]:
+    """Rules annotated with `current_replicas` (loading + loaded rows of the model), in one query."""
+    current = (
+        ModelReplica.objects.filter(
+            model_name=OuterRef("model_name"), state__in=[ReplicaState.LOADING, ReplicaState.LOADED]
+        )
+        .order_by()
+        .values("model_name")
+        .annotate(n=Count("id"))
+        .values("n")
+    )
+    return SchedulingRule.objects.annotate(
+        current_replicas=Coalesce(Subquery(current, output_field=IntegerField()), Value(0))
+    ).order_by("model_name")
+
+
+class RuleListView(AdminAPIView):
+    @extend_schema(
+        operation_id="scheduling_rules_list",
+        responses={200: RuleSerializer(many=True), **error_responses(*AUTH_ERRORS)},
+        tags=["scheduling"],
+    )
+    def get(self, request: Request) -> Response:
+        return Response(RuleSerializer(rules_with_current_replicas(), many=True).data)
+
+    @extend_schema(
+        operation_id="scheduling_rules_upsert",
+        request=RuleWriteSerializer,
+        responses={200: RuleSerializer, **error_responses(400, *AUTH_ERRORS)},
+        description="Creates the rule of `model_name`, or updates it in place (same id); resets its breaker.",
+        tags=["scheduling"],
+    )
+    def post(self, request: Request) -> Response:
+        serializer = RuleWriteSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        rule = rule_upsert(**serializer.validated_data)
+        return Response(RuleSerializer(rules_with_current_replicas().get(pk=rule.pk)).data)
+
+
+class RuleDetailView(AdminAPIView):
+    def _rule(self, model_name: str) -> SchedulingRule:
+        rule = rules_with_current_replicas().filter(model_name=_checked_name(model_name, "rule")).first()
+        if rule is None:
+            raise exceptions.NotFound("No scheduling rule for this model.")
+        return rule
+
+    @extend_schema(
+        operation_id="scheduling_rules_retrieve",
+        parameters=[MODEL_PATH_PARAM],
+        responses={200: RuleSerializer, **error_responses(*AUTH_ERRORS, 404)},
+        tags=["scheduling"],
+    )
+    def get(self, request: Request, model_name: str) -> Response:
+        return Response(RuleSerializer(self._rule(model_name)).data)
+
+    @extend_schema(
+        operation_id="scheduling_rules_destroy",
+        parameters=[MODEL_PATH_PARAM],
+        responses={204: OpenApiResponse(description="Deleted."), **error_responses(*AUTH_ERRORS, 404)},
+        tags=["scheduling"],
+    )
+    def delete(self, request: Request, model_name: str) -> Response:
+        if not rule_delete(model_name=_checked_name(model_name, "rule")):
+            raise exceptions.NotFound("No scheduling rule for this model.")
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+# --- model catalog --------------------------------------------------------------------------------------
+
+
+class ModelListView(AdminAPIView):
+    @extend_schema(
+        operation_id="models_list",
+        responses={200: ModelConfigSerializer(many=True), **error_responses(*AUTH_ERRORS)},
+        tags=["models"],
+    )
+    def get(self, request: Request) -> Response:
+        return Response(ModelConfigSerializer(ModelConfig.objects.all(), many=True).data)
+
+    @extend_schema(
+        operation_id="models_create",
+        request=ModelConfigSerializer,
+        responses={201: ModelConfigSerializer, **error_responses(400, *AUTH_ERRORS)},
+        description="Adds a model to the catalog (400 when the name is taken: use PUT to replace).",
+        tags=["models"],
+    )
+    def post(self, request: Request) -> Response:
+        serializer = ModelConfigSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        if ModelConfig.objects.filter(name=serializer.validated_data["name"]).exists():
+            raise exceptions.ValidationError({"name": ["A model with this name already exists."]})
+        config, _ = model_config_upsert(**serializer.validated_data)
+        return Response(ModelConfigSerializer(config).data, status=status.HTTP_201_CREATED)
+
+
+class ModelDetailView(AdminAPIView):
+    def _config(self, name: str) -> ModelConfig:
+        config = ModelConfig.objects.filter(name=_checked_name(name, "model")).first()
+        if config is None:
+            raise exceptions.NotFound("No model with this name in the catalog.")
+        return config
+
+    def _write(self, request: Request, name: str, *, partial: bool) -> Response:
+        existing = None if not partial else self._config(name)
+        data = request.data
+        if not isinstance(data, dict):
+            raise exceptions.ValidationError({"non_field_errors": ["Expected a JSON object."]})
+        if "name" in data and data["name"] != name:
+            raise exceptions.ValidationError(
+                {"name": ["Must be the name in the URL (renaming is not supported)."]}
+            )
+        serializer = ModelConfigUpdateSerializer(existing, data={**data, "name": name}, partial=partial)
+        serializer.is_valid(raise_exception=True)
+        fields = {**(ModelConfigSerializer(existing).data if existing else {}), **serializer.validated_data}
+        config, created = model_config_upsert(**fields)
+        code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
+        return Response(ModelConfigSerializer(config).data, status=code)
+
+    @extend_schema(
+        operation_id="models_retrieve",
+        parameters=[NAME_PATH_PARAM],
+        responses={200: ModelConfigSerializer, **error_responses(*AUTH_ERRORS, 404)},
+        tags=["models"],
+    )
+    def get(self, request: Request, name: str) -> Response:
+        return Response(ModelConfigSerializer(self._config(name)).data)
+
+    @extend_schema(
+        operation_id="models_replace",
+        parameters=[NAME_PATH_PARAM],
+        request=ModelConfigUpdateSerializer,
+        responses={
+            200: ModelConfigSerializer,
+            201: ModelConfigSerializer,
+            **error_responses(400, *AUTH_ERRORS),
+        },
+        description="Replaces the model (fields not given take their defaults), or creates it (201).",
+        tags=["models"],
+    )
+    def put(self, request: Request, name: str) -> Response:
+        if model_name_problem(name):
+            raise exceptions.ValidationError({"name": [model_name_problem(name)]})
+        return self._write(request, name, partial=False)
+
+    @extend_schema(
+        operation_id="models_partial_update",
+        parameters=[NAME_PATH_PARAM],
+        request=ModelConfigUpdateSerializer(partial=True),
+        responses={200: ModelConfigSerializer, **error_responses(400, *AUTH_ERRORS, 404)},
+        tags=["models"],
+    )
+    def patch(self, request: Request, name: str) -> Response:
+        return self._write(request, name, partial=True)
+
+    @extend_schema(
+        operation_id="models_destroy",
+        parameters=[NAME_PATH_PARAM],
+        responses={204: OpenApiResponse(description="Deleted."), **error_responses(*AUTH_ERRORS, 404)},
+        tags=["models"],
+    )
+    def delete(self, request: Request, name: str) -> Response:
+        if not model_config_delete(name=_checked_name(name, "model")):
+            raise exceptions.NotFound("No model with this name in the catalog.")
+        return Response(status=status.HTTP_204_NO_CONTENT)
