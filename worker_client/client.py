@@ -8,6 +8,7 @@ failure is raised as `WorkerError`. Channels are reused: sync ones per address, 
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -186,7 +187,7 @@ _SERVING = health_pb2.HealthCheckResponse.SERVING
 class _Caller:
     """Address, token and default deadline of one server; wraps gRPC failures in `WorkerError`."""
 
-    def __init__(self, address: str, token: str, timeout: float) -> None:
+    def __init__(self, address: str, token: str, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.address = address
         self.timeout = timeout
         self._metadata = bearer_metadata(token)
@@ -225,6 +226,39 @@ class _Caller:
             raise failure from error
         finally:
             call.cancel()
+
+
+class LogStream:
+    """The lines of a `StreamLogs` call; `cancel()`, from any thread, ends the iteration quietly.
+
+    Use as `with client.stream_logs(key) as lines: for line in lines: ...`.
+    """
+
+    def __init__(self, call: Any, error: Callable[[grpc.RpcError], WorkerError]) -> None:
+        self._call = call
+        self._error = error
+        self._cancelled = False
+
+    def __iter__(self) -> Iterator[LogLine]:
+        return self
+
+    def __next__(self) -> LogLine:
+        try:
+            return log_line_from_message(next(self._call))
+        except grpc.RpcError as error:
+            if self._cancelled:
+                raise StopIteration from None
+            raise self._error(error) from error
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._call.cancel()
+
+    def __enter__(self) -> LogStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.cancel()
 
 
 class WorkerControlClient(_Caller):
@@ -266,18 +300,12 @@ class WorkerControlClient(_Caller):
         """Process keys with log buffers, stopped processes' included."""
         return list(self._call(self._stub, "ListLogKeys", worker_pb2.ListLogKeysRequest()).keys)
 
-    def stream_logs(self, id: str, timeout: float | None = None) -> Iterator[LogLine]:
-        """Buffered lines, then live ones, until closed (or `timeout` seconds, when given)."""
+    def stream_logs(self, id: str, timeout: float | None = None) -> LogStream:
+        """Buffered lines, then live ones, until cancelled (or `timeout` seconds, when given)."""
         call = self._stub.StreamLogs(
             worker_pb2.StreamLogsRequest(id=id), timeout=timeout, metadata=self._metadata
         )
-        try:
-            for line in call:
-                yield log_line_from_message(line)
-        except grpc.RpcError as error:
-            raise self._error(error, "StreamLogs") from error
-        finally:
-            call.cancel()
+        return LogStream(call, functools.partial(self._error, method="StreamLogs"))
 
     def health(self) -> bool:
         """Whether the agent's standard gRPC health service answers SERVING."""

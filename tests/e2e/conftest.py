@@ -55,8 +55,9 @@ class Call:
 class FakeControlPlane:
     """`/api/node/*` in a thread: issues a new node token per registration, records every call.
 
-    Knobs: `heartbeat_statuses` (statuses for the next heartbeats, then 200), `orphans` (answered by every
-    heartbeat), `in_flight` (summed by `GET /api/node/{id}/models`), `heartbeat_interval` (registration answer).
+    Knobs: `heartbeat_statuses` (statuses for the next heartbeats, then 200), `heartbeat_orphans` (`orphans`
+    for the next heartbeats, then `orphans`), `in_flight` (summed by `GET /api/node/{id}/models`),
+    `heartbeat_interval` (registration answer), `on_call` (path suffix → function called on such a call).
     """
 
     node_id = "7"
@@ -65,22 +66,26 @@ class FakeControlPlane:
         self.calls: list[Call] = []
         self.node_tokens: list[str] = []
         self.heartbeat_statuses: list[int] = []
+        self.heartbeat_orphans: list[list[str]] = []
         self.orphans: list[str] = []
         self.in_flight = 0
         self.heartbeat_interval: float | None = None
+        self.on_call: dict[str, Callable[[], None]] = {}
         self.lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler(), bind_and_activate=False)
         self._server.daemon_threads = True
         self._server.server_bind()  # reserves the port; connections are refused until `start`
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     def start(self) -> FakeControlPlane:
         self._server.server_activate()
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._thread.start()
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
+        if self._thread.is_alive():
+            self._server.shutdown()
         self._server.server_close()
 
     @property
@@ -94,6 +99,9 @@ class FakeControlPlane:
 
     def answer(self, call: Call) -> tuple[int, Any]:
         """The status and JSON body for one call."""
+        for suffix, hook in self.on_call.items():
+            if call.path.endswith(suffix):
+                hook()
         with self.lock:
             self.calls.append(call)
             if call.path == "/api/node/register":
@@ -177,7 +185,7 @@ class AgentProcess:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "worker_client.agent", "--register-to", control_plane.url]
-        command += ["--addr", self.address, "--heartbeat-interval", "0.5s", "--drain-timeout", "10s", *args]
+        command += ["--addr", self.address, "--drain-timeout", "10s", *args]
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
@@ -232,13 +240,20 @@ def backends_config(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def start_agent(tmp_path: Path, backends_config: Path) -> Iterator[Callable[..., AgentProcess]]:
-    """Starts agents (`start_agent(control_plane, *flags)`) and, afterwards, stops them and their backends."""
+    """Starts agents (`start_agent(control_plane, *flags)`), by default with `--vram 24GiB`, heartbeats every
+    0.5 s and the misbehaving test backends; afterwards stops them and checks no backend outlived them."""
     agents: list[AgentProcess] = []
 
     def start(
-        control_plane: FakeControlPlane, *args: str, env: dict[str, str] | None = None, wait: bool = True
+        control_plane: FakeControlPlane,
+        *args: str,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+        heartbeat_interval: str | None = "0.5s",
     ) -> AgentProcess:
         flags = ["--vram", "24GiB", "--backends-config", str(backends_config), *args]
+        if heartbeat_interval:
+            flags += ["--heartbeat-interval", heartbeat_interval]
         agent = AgentProcess(control_plane, flags, tmp_path / f"agent-{len(agents)}.log", env or {})
         agents.append(agent)
         if wait:
