@@ -1,0 +1,172 @@
+"""Worker self-service API (`/api/node/*`, CONTRACT §3.1): thin views over `nodes.services`."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import exceptions, status
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from localai_cluster.api import Conflict
+from nodes import services
+from nodes.api.auth import NodeTokenAuthentication, RegistrationTokenAuthentication
+from nodes.api.serializers import (
+    ErrorSerializer,
+    HeartbeatResponseSerializer,
+    HeartbeatSerializer,
+    NodeStatusSerializer,
+    RegisterResponseSerializer,
+    RegisterSerializer,
+    ReplicaSerializer,
+)
+from nodes.exceptions import InvalidTransition, InvalidValue
+from nodes.models import Node
+from nodes.selectors import node_replica_list
+from nodes.tokens import backend_token_for
+
+TAG = "worker"
+NODE_ID = OpenApiParameter("node_id", OpenApiTypes.UUID, OpenApiParameter.PATH, description="The node's id.")
+ERR_400 = OpenApiResponse(ErrorSerializer, description="Invalid input; `details` names each field.")
+ERR_401 = OpenApiResponse(ErrorSerializer, description="No credential, or a wrong or revoked token.")
+ERR_403 = OpenApiResponse(ErrorSerializer, description="A token of another node.")
+ERR_404 = OpenApiResponse(ErrorSerializer, description="Unknown node (deleted by an admin: register again).")
+ERR_409 = OpenApiResponse(ErrorSerializer, description="The node's status does not allow this.")
+
+
+def _api_errors(error: Exception) -> exceptions.APIException:
+    if isinstance(error, InvalidTransition):
+        return Conflict(str(error))
+    if isinstance(error, InvalidValue):
+        return exceptions.ValidationError(error.details)
+    if isinstance(error, Node.DoesNotExist):
+        return exceptions.NotFound("Unknown node: register again.")
+    raise error
+
+
+class WorkerAPIView(APIView):
+    """Base of the worker routes: the registry's errors become 400/404/409 in the API's error shape."""
+
+    permission_classes: list = []
+
+    def handle_exception(self, exc: Exception) -> Response:
+        if isinstance(exc, InvalidTransition | InvalidValue | Node.DoesNotExist):
+            exc = _api_errors(exc)
+        return super().handle_exception(exc)
+
+
+class NodeAPIView(WorkerAPIView):
+    """A route of one node, called with that node's token; `request.auth` is the node."""
+
+    authentication_classes = [NodeTokenAuthentication]
+
+
+class RegisterView(WorkerAPIView):
+    """A new name answers 201 with a new node; a known name 200 with the same id. Every registration issues a
+    new node token (the previous one stops working) and refreshes labels, resources and replica rows."""
+
+    authentication_classes = [RegistrationTokenAuthentication]
+
+    @extend_schema(
+        tags=[TAG],
+        operation_id="node_register",
+        summary="Register a worker (by name)",
+        request=RegisterSerializer,
+        responses={
+            201: OpenApiResponse(RegisterResponseSerializer, description="A new node."),
+            200: OpenApiResponse(RegisterResponseSerializer, description="A known name: the same node."),
+            400: ERR_400,
+            401: ERR_401,
+        },
+    )
+    def post(self, request: Request) -> Response:
+        serializer = RegisterSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        result = services.node_register(**serializer.validated_data)
+        node = result.node
+        body = {
+            "id": node.id,
+            "name": node.name,
+            "status": node.status,
+            "node_token": result.node_token,
+            "max_replicas_per_model": node.effective_max_replicas,
+            "heartbeat_interval": float(settings.LOCALAI_HEARTBEAT_INTERVAL),
+            "backend_token": backend_token_for(node),
+        }
+        return Response(
+            RegisterResponseSerializer(body).data,
+            status=status.HTTP_201_CREATED if result.created else status.HTTP_200_OK,
+        )
+
+
+class HeartbeatView(NodeAPIView):
+    """Refreshes resources and `last_heartbeat`, reconciles replica rows with the processes listed, never
+    approves. `orphans`: listed processes with no replica row (the agent stops them after two answers)."""
+
+    @extend_schema(
+        tags=[TAG],
+        operation_id="node_heartbeat",
+        summary="Report resources and running replicas",
+        parameters=[NODE_ID],
+        request=HeartbeatSerializer,
+        responses={200: HeartbeatResponseSerializer, 400: ERR_400, 401: ERR_401, 403: ERR_403, 404: ERR_404},
+    )
+    def post(self, request: Request, node_id: str) -> Response:
+        serializer = HeartbeatSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        result = services.node_heartbeat(node=request.auth, **serializer.validated_data)
+        body = {
+            "status": result.status,
+            "max_replicas_per_model": result.max_replicas_per_model,
+            "orphans": result.orphans,
+        }
+        return Response(HeartbeatResponseSerializer(body).data)
+
+
+class DrainView(NodeAPIView):
+    """No new placements or requests for this node; requests in flight finish. 409 for a node never approved."""
+
+    @extend_schema(
+        tags=[TAG],
+        operation_id="node_self_drain",
+        summary="Drain this node (before shutdown)",
+        parameters=[NODE_ID],
+        request=None,
+        responses={200: NodeStatusSerializer, 401: ERR_401, 403: ERR_403, 404: ERR_404, 409: ERR_409},
+    )
+    def post(self, request: Request, node_id: str) -> Response:
+        node = services.node_drain(node=request.auth)
+        return Response(NodeStatusSerializer({"id": node.id, "status": node.status}).data)
+
+
+class DeregisterView(NodeAPIView):
+    """Graceful shutdown: the node goes offline and loses its replica rows; id, approval, labels and
+    override are kept for its next registration."""
+
+    @extend_schema(
+        tags=[TAG],
+        operation_id="node_self_deregister",
+        summary="Go offline (graceful shutdown); the node, its approval and labels are kept",
+        parameters=[NODE_ID],
+        request=None,
+        responses={200: NodeStatusSerializer, 401: ERR_401, 403: ERR_403, 404: ERR_404},
+    )
+    def post(self, request: Request, node_id: str) -> Response:
+        node = services.node_deregister(node=request.auth)
+        return Response(NodeStatusSerializer({"id": node.id, "status": node.status}).data)
+
+
+class ModelsView(NodeAPIView):
+    """This node's replicas with their in-flight counts (a draining agent waits for them to reach 0)."""
+
+    @extend_schema(
+        tags=[TAG],
+        operation_id="node_self_models",
+        summary="This node's replicas, with their in-flight counts",
+        parameters=[NODE_ID],
+        responses={200: ReplicaSerializer(many=True), 401: ERR_401, 403: ERR_403, 404: ERR_404},
+    )
+    def get(self, request: Request, node_id: str) -> Response:
+        return Response(ReplicaSerializer(node_replica_list(node=request.auth), many=True).data)
