@@ -1,0 +1,137 @@
+"""Routing choices and in-flight claims on the real database (SCENARIOS 87–95)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from django.utils import timezone
+
+from nodes.models import ModelReplica
+from scheduling import router
+from scheduling.router import replica_pick_and_claim, replica_release
+from tests.factories import GiB, NodeFactory, NodeLabelFactory, ReplicaFactory, RuleFactory
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def node(name, free_gib=10, **extra):
+    return NodeFactory(name=name, total_vram=free_gib * GiB, available_vram=free_gib * GiB, **extra)
+
+
+def flights(model="m"):
+    return dict(ModelReplica.objects.filter(model_name=model).values_list("node__name", "in_flight"))
+
+
+def test_claim_updates_last_used_and_in_flight():  # 87
+    replica = ReplicaFactory(node=node("n1"), model_name="m")
+    lease = replica_pick_and_claim(model_name="m")
+    replica.refresh_from_db()
+    assert lease.replica_id == replica.id
+    assert replica.in_flight == 1
+    assert replica.last_used is not None
+    replica_release(replica.id)
+    replica.refresh_from_db()
+    assert replica.in_flight == 0
+
+
+def test_fewest_in_flight_wins():  # 88
+    ReplicaFactory(node=node("n1"), model_name="m", in_flight=2)
+    ReplicaFactory(node=node("n2"), model_name="m", in_flight=0)
+    assert replica_pick_and_claim(model_name="m").node_name == "n2"
+
+
+def test_ties_go_to_more_free_vram_then_least_recently_used():  # 89
+    ReplicaFactory(node=node("small", 4), model_name="m")
+    ReplicaFactory(node=node("big", 16), model_name="m")
+    assert replica_pick_and_claim(model_name="m").node_name == "big"
+    ModelReplica.objects.update(in_flight=0)
+    now = timezone.now()
+    ModelReplica.objects.filter(node__name="big").update(last_used=now)
+    ModelReplica.objects.filter(node__name="small").update(last_used=now - timezone.timedelta(minutes=1))
+    ModelReplica.objects.filter(node__name="small").update(node=node("big2", 16))
+    assert replica_pick_and_claim(model_name="m").node_name == "big2"
+
+
+def test_draining_node_skipped_for_a_busier_healthy_one():  # 90
+    ReplicaFactory(node=node("draining", status="draining"), model_name="m")
+    ReplicaFactory(node=node("healthy"), model_name="m", in_flight=3)
+    assert replica_pick_and_claim(model_name="m").node_name == "healthy"
+
+
+@pytest.mark.parametrize(
+    ("state", "status"),
+    [("failed", "healthy"), ("unloading", "healthy"), ("loading", "healthy"), ("loaded", "unhealthy")],
+)
+def test_unusable_replicas_are_not_routed(state, status):  # 91
+    ReplicaFactory(node=node("n1", status=status), model_name="m", state=state)
+    assert replica_pick_and_claim(model_name="m") is None
+    assert flights() == {"n1": 0}
+
+
+def test_pending_and_agent_nodes_are_not_routed():
+    ReplicaFactory(node=node("pending", status="pending", approved_at=None), model_name="m")
+    ReplicaFactory(node=node("agent", node_type="agent"), model_name="m")
+    assert replica_pick_and_claim(model_name="m") is None
+
+
+def test_selector_is_checked_now():  # 92
+    matching = node("matching")
+    other = node("other")
+    NodeLabelFactory(node=matching, key="tier", value="fast")
+    NodeLabelFactory(node=other, key="tier", value="slow")
+    ReplicaFactory(node=other, model_name="m")
+    RuleFactory(model_name="m", node_selector={"tier": "fast"})
+    assert replica_pick_and_claim(model_name="m") is None
+    assert flights() == {"other": 0}
+    ReplicaFactory(node=matching, model_name="m")
+    assert replica_pick_and_claim(model_name="m").node_name == "matching"
+
+
+def test_lost_claim_takes_the_next_candidate(monkeypatch):  # 94
+    first = ReplicaFactory(node=node("first", 20), model_name="m")
+    ReplicaFactory(node=node("second", 10), model_name="m")
+    candidates = router._candidates
+
+    def stale(model_name, exclude):
+        rows = candidates(model_name, exclude)
+        ModelReplica.objects.filter(pk=first.pk).update(state="unloading")  # leaves `loaded` meanwhile
+        return rows
+
+    monkeypatch.setattr(router, "_candidates", stale)
+    assert replica_pick_and_claim(model_name="m").node_name == "second"
+    assert flights() == {"first": 0, "second": 1}
+
+
+def test_release_never_goes_below_zero():  # 95
+    replica = ReplicaFactory(node=node("n1"), model_name="m")
+    replica_pick_and_claim(model_name="m")
+    replica_pick_and_claim(model_name="m")
+    assert flights() == {"n1": 2}
+    for expected in (1, 0, 0):
+        replica_release(replica.id)
+        assert flights() == {"n1": expected}
+
+
+def test_no_stickiness_between_requests():  # 93
+    ReplicaFactory(node=node("a"), model_name="m")
+    assert replica_pick_and_claim(model_name="m").node_name == "a"  # a is now busy
+    ReplicaFactory(node=node("b", 5), model_name="m")
+    assert replica_pick_and_claim(model_name="m").node_name == "b"
+
+
+async def test_lease_release_is_exactly_once():
+    from asgiref.sync import sync_to_async
+
+    await sync_to_async(ReplicaFactory)(node=await sync_to_async(node)("n1"), model_name="m")
+    lease = await router.acquire("m")
+    await asyncio.gather(lease.release(), lease.release())
+    await lease.release()
+    assert await sync_to_async(flights)() == {"n1": 0}
+
+
+async def test_unknown_model_raises_without_loading():
+    from scheduling.placement import UnknownModel
+
+    with pytest.raises(UnknownModel):
+        await router.acquire("never-heard-of")
