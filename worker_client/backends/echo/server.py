@@ -150,11 +150,17 @@ class EchoBackend(backend_pb2_grpc.BackendServicer):
         return backend_pb2.Result(success=True, message="freed")
 
 
-async def serve(address: str, token: str) -> None:
-    """Serves the echo backend on `address` until the process is stopped."""
+def create_server(token: str) -> grpc.aio.Server:
+    """An unbound, unstarted server of the echo backend; `token` empty means no authentication."""
     interceptors = [BearerTokenInterceptor(lambda: token)] if token else []
     server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
     backend_pb2_grpc.add_BackendServicer_to_server(EchoBackend(), server)
+    return server
+
+
+async def serve(address: str, token: str) -> None:
+    """Serves the echo backend on `address` until the process is stopped."""
+    server = create_server(token)
     try:
         server.add_insecure_port(address)
     except RuntimeError as error:

@@ -1,0 +1,111 @@
+"""The agent's flags and environment: sizes, durations, validation (SCENARIO 167, CONTRACT §4)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from worker_client.agent.config import ECHO_BACKEND, parse_config, parse_duration, parse_size
+
+GiB = 1024**3
+BASE = ["--register-to", "http://127.0.0.1:8000"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("24GiB", 24 * GiB),
+        ("512MiB", 512 * 1024**2),
+        ("8GB", 8 * 10**9),
+        ("1000", 1000),
+        ("1.5gib", 3 * GiB // 2),
+    ],
+)
+def test_sizes(text: str, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [("10s", 10), ("500ms", 0.5), ("2m", 120), ("7", 7), ("1h", 3600)]
+)
+def test_durations(text: str, expected: float) -> None:
+    assert parse_duration(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "-1GiB", "24 bananas", "1e9"])
+def test_bad_sizes(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+def test_defaults() -> None:
+    config = parse_config(BASE, {})
+    assert config.max_replicas_per_model == 1
+    assert config.labels == {"node.replica-slots": "1"}
+    assert (config.bind_host, config.port, config.node_type) == ("0.0.0.0", 50051, "backend")
+    assert config.heartbeat_interval is None and config.vram is None and config.drain_timeout == 30
+    assert ECHO_BACKEND in config.backends
+    assert config.models_path == Path("models").resolve()
+
+
+def test_environment_applies_and_flags_win() -> None:
+    env = {"LOCALAI_MAX_REPLICAS_PER_MODEL": "3", "LOCALAI_VRAM": "24GiB", "LOCALAI_NODE_LABELS": "tier=fast"}
+    config = parse_config([*BASE, "--max-replicas-per-model", "4", "--addr", "127.0.0.1:6000"], env)
+    assert config.max_replicas_per_model == 4 and config.vram == 24 * GiB
+    assert config.labels == {"tier": "fast", "node.replica-slots": "4"}
+    assert config.advertise_addr == "127.0.0.1:6000"
+
+
+def test_advertise_host_alone_keeps_the_port_of_addr() -> None:
+    config = parse_config([*BASE, "--addr", "0.0.0.0:7000", "--advertise-addr", "gpu-1.lan"], {})
+    assert config.advertise_addr == "gpu-1.lan:7000"
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "named"),
+    [
+        (["--max-replicas-per-model", "0"], {}, "--max-replicas-per-model"),
+        (["--max-replicas-per-model", "abc"], {}, "--max-replicas-per-model"),
+        ([], {"LOCALAI_MAX_REPLICAS_PER_MODEL": "-2"}, "LOCALAI_MAX_REPLICAS_PER_MODEL"),
+        (["--vram", "lots"], {}, "--vram"),
+        (["--heartbeat-interval", "0s"], {}, "--heartbeat-interval"),
+        (["--addr", "nohost"], {}, "--addr"),
+        (["--node-labels", "tier"], {}, "--node-labels"),
+        (["--node-type", "gpu"], {}, "--node-type"),
+        (["--backends-config", "/nonexistent.yaml"], {}, "--backends-config"),
+    ],
+)
+def test_bad_values_exit_2_with_one_line_naming_the_flag(
+    args: list[str], env: dict[str, str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        parse_config([*BASE, *args], env)
+    assert exit_.value.code == 2
+    message = capsys.readouterr().err
+    assert len(message.strip().splitlines()) == 1 and named in message
+
+
+def test_register_to_is_required(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_config([], {})
+    assert "--register-to" in capsys.readouterr().err
+
+
+def test_backends_config_adds_backends_and_keeps_echo(tmp_path: Path) -> None:
+    path = tmp_path / "backends.yaml"
+    path.write_text(
+        "llama-cpp:\n  command: [/opt/llama/grpc-server, --threads, 8]\n  env: {CUDA_VISIBLE_DEVICES: 0}\n"
+    )
+    backends = parse_config([*BASE, "--backends-config", str(path)], {}).backends
+    assert backends["llama-cpp"].argv == ("/opt/llama/grpc-server", "--threads", "8")
+    assert backends["llama-cpp"].env == {"CUDA_VISIBLE_DEVICES": "0"}
+    assert ECHO_BACKEND in backends
+
+
+@pytest.mark.parametrize("document", ["- a list", "x: {command: []}", "x: {command: [a], env: [b]}", ": ["])
+def test_malformed_backends_config_is_rejected(tmp_path: Path, document: str) -> None:
+    path = tmp_path / "backends.yaml"
+    path.write_text(document)
+    with pytest.raises(SystemExit):
+        parse_config([*BASE, "--backends-config", str(path)], {})
