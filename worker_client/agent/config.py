@@ -38,10 +38,9 @@ _QUANTITY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 def _quantity(text: str, units: Mapping[str, float], what: str) -> float:
     match = _QUANTITY.match(text)
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in units:
+    if match is None or match.group(2).lower() not in units:
         raise ValueError(f"expected a {what}")
-    return float(match.group(1)) * units[unit]
+    return float(match.group(1)) * units[match.group(2).lower()]
 
 
 def parse_size(text: str) -> int:

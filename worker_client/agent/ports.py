@@ -43,7 +43,3 @@ class PortAllocator:
     def release(self, port: int) -> None:
         """Gives a port back; releasing a port twice is harmless."""
         self._taken.discard(port)
-
-    @property
-    def taken(self) -> frozenset[int]:
-        return frozenset(self._taken)

@@ -30,7 +30,6 @@ STDERR_LINE_CHARS = 300  # keeps a failure's status message well under gRPC's me
 LINE_LIMIT = 1024 * 1024
 HEALTH_POLL_SECONDS = 0.1
 HEALTH_CALL_TIMEOUT = 1.0
-ALIVE_CHECK_TIMEOUT = 2.0
 OUTPUT_DRAIN_SECONDS = 2.0
 
 # Runs in the backend's process before it execs the backend (same pid): has the kernel SIGKILL the backend
@@ -51,6 +50,14 @@ except OSError as error:
 def _launch_argv(argv: Sequence[str]) -> list[str]:
     """`argv` behind the wrapper that ties the backend's life to the agent's (Linux)."""
     return [sys.executable, "-I", "-S", "-c", _DIE_WITH_AGENT, str(os.getpid()), *argv]
+
+
+def _pid_has_exited(pid: int) -> bool:
+    """Whether `pid` is gone or a zombie: true at once after a SIGKILL, before the agent reaps it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _signal_group(pid: int, signum: int) -> None:
@@ -92,6 +99,12 @@ class Replica:
     @property
     def pid(self) -> int:
         return int(self.process.pid)
+
+    @property
+    def has_exited(self) -> bool:
+        """Exited, or killed and not reaped yet."""
+        assert self.exited is not None
+        return self.exited.done() or _pid_has_exited(self.pid)
 
     def backend_client(self) -> BackendClient:
         return BackendClient(self.dial_address, self.token)
@@ -179,17 +192,13 @@ class Supervisor:
         async with self._key_locks[key]:
             existing = self._replicas.get(key)
             if existing is not None:
-                if await self._answers_health(existing):
+                if not existing.has_exited:
                     return existing
-                log.warning("%s (pid %d) is dead or unresponsive; replacing it", key, existing.pid)
+                log.warning("%s (pid %d) has died; replacing it", key, existing.pid)
                 await self._terminate(existing)
             replica = await self._spawn(key, request, command)
             await self._bring_up_or_clean_up(replica, request)
             return replica
-
-    async def _answers_health(self, replica: Replica) -> bool:
-        assert replica.exited is not None
-        return not replica.exited.done() and await replica.backend_client().health(ALIVE_CHECK_TIMEOUT)
 
     async def _spawn(self, key: str, request: LoadRequest, command: BackendCommand) -> Replica:
         port = self._ports.acquire()
