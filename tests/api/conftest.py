@@ -71,3 +71,7 @@ def give_token(node: Node) -> str:
 @pytest.fixture
 def node_token_client(db) -> APIClient:
     return bearer_client(give_token(NodeFactory()))
+
+
+# Agent-spawning fixtures (`start_agent`, `control_plane`, ...) for the logs tests against a real agent.
+from tests.e2e.conftest import backends_config, control_plane, start_agent  # noqa: E402, F401
