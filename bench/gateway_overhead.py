@@ -1,0 +1,284 @@
+"""Gateway overhead: the same chat request sent directly to an echo replica over gRPC and through
+`/v1/chat/completions` on a control plane with 2 uvicorn web processes (QUALITY.md targets: median added
+latency <= 2 ms at concurrency 1; gateway throughput >= 50 % of direct at concurrency 32; streaming first token
+<= 3 ms added and per-token gap within 10 %).
+
+    .venv/bin/python bench/gateway_overhead.py [--requests 2000] [--stream-requests 200] [--workers 2]
+
+Uses the embedded PostgreSQL and Redis unless DATABASE_URL / REDIS_URL are set, like the control plane.
+HTTP requests reuse keep-alive connections (one pool per run, as an OpenAI SDK client does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "localai_cluster.settings")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _setup_django() -> None:
+    import django
+
+    django.setup()  # starts the embedded engines when no URLs are set, and exports their URLs
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+
+
+class Cluster:
+    """A control plane (uvicorn with N workers) and agents with echo backends, all on loopback."""
+
+    def __init__(self, *, workers: int = 2, log_dir: Path | None = None) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_dir = log_dir or Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-{os.getpid()}"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.env = {**os.environ, "LOCALAI_AUTO_APPROVE_NODES": "true", "LOG_LEVEL": "WARNING"}
+        self.processes: list[subprocess.Popen] = []
+        self.agents: list[tuple[str, str]] = []  # (node name, WorkerControl address)
+        command = [sys.executable, "-m", "uvicorn", "localai_cluster.asgi:application", "--host", "127.0.0.1"]
+        command += [
+            "--port",
+            str(self.port),
+            "--workers",
+            str(workers),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ]
+        self._spawn(command, "web.log")
+        self._wait_http()
+
+    def _spawn(self, command: list[str], log_name: str) -> subprocess.Popen:
+        log = (self.log_dir / log_name).open("wb")
+        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        self.processes.append(process)
+        return process
+
+    def _wait_http(self, timeout: float = 60) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise SystemExit(f"the control plane did not start; see {self.log_dir}/web.log")
+
+    def add_agent(self, name: str, *, slots: int = 1, vram: str = "24GiB") -> None:
+        address = f"127.0.0.1:{_free_port()}"
+        command = [sys.executable, "-m", "worker_client.agent", "--register-to", self.url, "--addr", address]
+        command += ["--node-name", name, "--max-replicas-per-model", str(slots), "--vram", vram]
+        command += ["--drain-timeout", "2s"]
+        self._spawn(command, f"{name}.log")
+        self.agents.append((name, address))
+
+    def wait_agents(self, timeout: float = 120) -> None:
+        from nodes.models import Node
+
+        names = [name for name, _ in self.agents]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if Node.objects.filter(name__in=names, status="healthy").count() == len(names):
+                return
+            time.sleep(0.2)
+        raise SystemExit(f"agents did not register; see {self.log_dir}")
+
+    def load_count(self, model: str) -> int:
+        """LoadModel lines in every agent's logs of `model` (one per LoadReplica that reached a backend)."""
+        from nodes.models import Node
+        from nodes.tokens import node_token_for
+        from worker_client.client import WorkerControlClient
+
+        total = 0
+        for node in Node.objects.filter(name__in=[name for name, _ in self.agents]):
+            lines = WorkerControlClient(node.address, node_token_for(node), 30).get_logs(model)
+            total += sum(1 for line in lines if line.text.startswith("LoadModel"))
+        return total
+
+    def stop(self) -> None:
+        from nodes.models import Node
+
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        Node.objects.filter(name__in=[name for name, _ in self.agents]).delete()
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def run_load(call, requests: int, concurrency: int) -> tuple[list[float], float]:
+    """Latencies (s) of `requests` calls made by `concurrency` workers, and the wall time."""
+    latencies: list[float] = []
+    counter = iter(range(requests))
+
+    async def worker() -> None:
+        for _ in counter:
+            started = time.perf_counter()
+            await call()
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, time.perf_counter() - started
+
+
+def summary(latencies: list[float], wall: float) -> tuple[float, float, float]:
+    return statistics.median(latencies) * 1000, percentile(latencies, 0.99) * 1000, len(latencies) / wall
+
+
+async def stream_timings(stream_factory, requests: int) -> tuple[list[float], list[float]]:
+    """(first-token latencies, per-token gaps) in seconds, sequentially."""
+    firsts: list[float] = []
+    gaps: list[float] = []
+    for _ in range(requests):
+        started = time.perf_counter()
+        previous = None
+        async for _piece in stream_factory():
+            now = time.perf_counter()
+            if previous is None:
+                firsts.append(now - started)
+            else:
+                gaps.append(now - previous)
+            previous = now
+    return firsts, gaps
+
+
+async def bench(cluster: Cluster, args: argparse.Namespace) -> None:
+    import httpx
+    from asgiref.sync import sync_to_async
+
+    from nodes.models import ModelReplica
+    from nodes.tokens import backend_token_for
+    from worker_client.client import BackendClient
+
+    def replica_of(model: str):
+        replica = ModelReplica.objects.select_related("node").get(model_name=model, state="loaded")
+        return replica.address, backend_token_for(replica.node)
+
+    messages = [{"role": "user", "content": "the quick brown fox jumps over the lazy dog"}]
+    body = {"model": args.model, "messages": messages}
+    async with httpx.AsyncClient(
+        base_url=cluster.url, timeout=60, limits=httpx.Limits(max_connections=64)
+    ) as http:
+        warm = await http.post("/v1/chat/completions", json=body)  # loads the model (cold path)
+        warm.raise_for_status()
+        address, token = await sync_to_async(replica_of)(args.model)
+        backend = BackendClient(address, token)
+
+        async def direct() -> None:
+            await backend.predict(Messages=messages, UseTokenizerTemplate=True)
+
+        async def gateway() -> None:
+            response = await http.post("/v1/chat/completions", json=body)
+            response.raise_for_status()
+
+        for _ in range(50):  # warm both paths
+            await direct()
+            await gateway()
+        print(f"{'':14}{'direct gRPC':>36}  {'through the gateway':>36}  added median / throughput ratio")
+        print(f"{'':14}{'median   p99      req/s':>36}  {'median   p99      req/s':>36}")
+        for concurrency in (1, 32):
+            d_lat, d_wall = await run_load(direct, args.requests, concurrency)
+            g_lat, g_wall = await run_load(gateway, args.requests, concurrency)
+            dm, dp, dt = summary(d_lat, d_wall)
+            gm, gp, gt = summary(g_lat, g_wall)
+            print(
+                f"concurrency {concurrency:<2}{dm:>12.2f}ms{dp:>8.2f}ms{dt:>9.0f}  "
+                f"{gm:>12.2f}ms{gp:>8.2f}ms{gt:>9.0f}  +{gm - dm:.2f} ms / {gt / dt:.0%}"
+            )
+
+        stream_body = {"model": args.stream_model, "messages": messages, "stream": True}
+        warm = await http.post("/v1/chat/completions", json=stream_body)
+        warm.raise_for_status()
+        s_address, s_token = await sync_to_async(replica_of)(args.stream_model)
+        s_backend = BackendClient(s_address, s_token)
+
+        def direct_stream():
+            return s_backend.predict_stream(Messages=messages, UseTokenizerTemplate=True)
+
+        async def gateway_stream():
+            async with http.stream("POST", "/v1/chat/completions", json=stream_body) as response:
+                async for line in response.aiter_lines():
+                    if line.startswith("data: {") and '"content"' in line:
+                        yield line
+
+        d_first, d_gaps = await stream_timings(direct_stream, args.stream_requests)
+        g_first, g_gaps = await stream_timings(gateway_stream, args.stream_requests)
+        df, gf = statistics.median(d_first) * 1000, statistics.median(g_first) * 1000
+        dg, gg = statistics.median(d_gaps) * 1000, statistics.median(g_gaps) * 1000
+        print(
+            f"streaming ({args.stream_requests} sequential, delay_ms:{args.token_delay_ms}): "
+            f"first token {df:.2f} ms direct vs {gf:.2f} ms gateway (+{gf - df:.2f} ms); "
+            f"per-token gap {dg:.2f} ms vs {gg:.2f} ms ({gg / dg - 1:+.1%})"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000, help="requests per concurrency level and path")
+    parser.add_argument("--stream-requests", type=int, default=200)
+    parser.add_argument("--token-delay-ms", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=2, help="uvicorn web processes")
+    args = parser.parse_args()
+    print("reproduce: .venv/bin/python bench/gateway_overhead.py " + shlex.join(sys.argv[1:]))
+    _setup_django()
+    import logging
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    from scheduling.catalog import model_config_upsert
+
+    suffix = os.getpid()
+    args.model = f"bench-echo-{suffix}"
+    args.stream_model = f"bench-stream-{suffix}"
+    model_config_upsert(name=args.model, backend="echo")
+    model_config_upsert(
+        name=args.stream_model, backend="echo", options={"options": [f"delay_ms:{args.token_delay_ms}"]}
+    )
+    cluster = Cluster(workers=args.workers)
+    try:
+        cluster.add_agent(f"bench-agent-{suffix}", slots=2)
+        cluster.wait_agents()
+        print(
+            f"control plane {cluster.url} ({args.workers} uvicorn workers), 1 agent, echo backend; logs in {cluster.log_dir}"
+        )
+        asyncio.run(bench(cluster, args))
+    finally:
+        cluster.stop()
+        from scheduling.models import ModelConfig
+
+        ModelConfig.objects.filter(name__in=[args.model, args.stream_model]).delete()
+
+
+if __name__ == "__main__":
+    main()
