@@ -3,12 +3,25 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
 from collections.abc import Iterator
 
 import pytest
+
+
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(request: pytest.FixtureRequest) -> None:
+    """Test databases named per test run (and per xdist worker), so two runs on one machine sharing the
+    embedded PostgreSQL never drop each other's databases."""
+    from pytest_django.fixtures import _set_suffix_to_test_databases
+
+    workerinput = getattr(request.config, "workerinput", {})
+    run = (workerinput.get("testrunuid") or str(os.getpid()))[:8]
+    worker = workerinput.get("workerid", "main")
+    _set_suffix_to_test_databases(suffix=f"{run}_{worker}")
 
 
 def free_port() -> int:
