@@ -24,6 +24,20 @@ def django_db_modify_db_settings(request: pytest.FixtureRequest) -> None:
     _set_suffix_to_test_databases(suffix=f"{run}_{worker}")
 
 
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup, django_db_blocker):
+    """Before the test databases are dropped, end the connections that other threads (the gateway's hot-path
+    pool, placement threads) or finished subprocesses left open to them, so the drop cannot fail."""
+    yield
+    from django.db import connection
+
+    with django_db_blocker.unblock(), connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
