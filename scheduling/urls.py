@@ -1,3 +1,15 @@
-from django.urls import path  # noqa: F401
+"""Operator page of the scheduling rules: `/ui/scheduling/` (CONTRACT §3.6). Model names, which may contain
+`/`, travel as query or form parameters."""
 
-urlpatterns: list = []
+from django.urls import path
+
+from scheduling import views
+
+app_name = "scheduling"
+
+urlpatterns = [
+    path("ui/scheduling/", views.rule_list, name="rules"),
+    path("ui/scheduling/form", views.rule_form, name="form"),
+    path("ui/scheduling/save", views.rule_save, name="save"),
+    path("ui/scheduling/delete", views.rule_delete, name="delete"),
+]

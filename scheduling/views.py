@@ -1,0 +1,102 @@
+"""The scheduling rules page (`/ui/scheduling/`): the rules table and the rule form. Thin views: the form
+validates with the API's serializer, `rule_upsert` / `rule_delete` write."""
+
+from __future__ import annotations
+
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.views.decorators.http import require_GET, require_POST
+
+from localai_cluster.htmx import is_htmx, outcome, staff_required, toast
+from scheduling import services
+from scheduling.forms import MODE_AUTOSCALE, MODE_PIN, RuleForm
+from scheduling.models import SchedulingRule
+from scheduling.page_selectors import catalog_model_names, rule_rows
+
+PAGE = "scheduling/rules.html"
+
+
+def _form_for(model_name: str | None) -> RuleForm:
+    """A blank form, or one filled with the rule of `model_name` (an unknown name starts a new rule for it)."""
+    rule = SchedulingRule.objects.filter(model_name=model_name).first() if model_name else None
+    if rule is None:
+        return RuleForm(initial={"model_name": model_name or "", "mode": MODE_AUTOSCALE, "min_replicas": "1"})
+    selector = rule.node_selector if isinstance(rule.node_selector, dict) else {}
+    autoscale = rule.min_replicas > 0 or rule.max_replicas > 0 or not selector
+    return RuleForm(
+        initial={
+            "model_name": rule.model_name,
+            "mode": MODE_AUTOSCALE if autoscale else MODE_PIN,
+            "min_replicas": str(rule.min_replicas),
+            "max_replicas": str(rule.max_replicas),
+            "selector": [f"{key}={value}" for key, value in sorted(selector.items())],
+            "editing": True,
+        }
+    )
+
+
+def _page(request: HttpRequest, form: RuleForm | None = None) -> HttpResponse:
+    context = {"rules": rule_rows(), "form": form, "catalog": catalog_model_names(), "nav": "scheduling"}
+    return render(request, PAGE, context)
+
+
+@require_GET
+@staff_required
+def rule_list(request: HttpRequest) -> HttpResponse:
+    """The page; for HTMX only the rules table (it refreshes itself)."""
+    if is_htmx(request):
+        return render(request, f"{PAGE}#rules", {"rules": rule_rows()})
+    return _page(request)
+
+
+@require_GET
+@staff_required
+def rule_form(request: HttpRequest) -> HttpResponse:
+    """The rule form, blank (`?model=` absent) or filled for editing the rule of `?model=`."""
+    form = _form_for(request.GET.get("model"))
+    if is_htmx(request):
+        return render(request, f"{PAGE}#rule_form", {"form": form, "catalog": catalog_model_names()})
+    return _page(request, form)
+
+
+@require_POST
+@staff_required
+def rule_save(request: HttpRequest) -> HttpResponse:
+    """Creates or updates a rule; a form with errors comes back (422) with each error by its field."""
+    form = RuleForm(request.POST)
+    if not form.is_valid():
+        message = "Rule not saved: " + " ".join(
+            message for errors in form.errors.values() for message in errors
+        )
+        if not is_htmx(request):
+            return _page(request, form)
+        response = render(
+            request, f"{PAGE}#rule_form", {"form": form, "catalog": catalog_model_names()}, status=422
+        )
+        return toast(response, message, level="error")
+    rule = services.rule_upsert(
+        model_name=form.validated["model_name"],
+        node_selector=form.validated["node_selector"],
+        min_replicas=form.validated["min_replicas"],
+        max_replicas=form.validated["max_replicas"],
+    )
+    message = f"Rule for {rule.model_name} saved."
+    if not is_htmx(request):
+        return outcome(request, redirect(reverse("scheduling:rules")), message)
+    return toast(render(request, f"{PAGE}#rule_saved", {"rules": rule_rows()}), message)
+
+
+@require_POST
+@staff_required
+def rule_delete(request: HttpRequest) -> HttpResponse:
+    model_name = request.POST.get("model_name", "")
+    deleted = services.rule_delete(model_name=model_name) if model_name else False
+    message = (
+        f"Rule for {model_name} deleted." if deleted else f"There was no rule for {model_name or '(none)'}."
+    )
+    level = "success" if deleted else "error"
+    if not is_htmx(request):
+        return outcome(request, redirect(reverse("scheduling:rules")), message, level=level)
+    response = render(request, f"{PAGE}#rules", {"rules": rule_rows()}, status=200 if deleted else 404)
+    return toast(response, message, level=level)
