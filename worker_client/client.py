@@ -32,6 +32,7 @@ _CHANNEL_OPTIONS = (
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_metadata_size", 64 * 1024),  # room for a failed load's stderr lines in the status message
 )
 
 T = TypeVar("T")

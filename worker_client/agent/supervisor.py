@@ -26,11 +26,13 @@ log = logging.getLogger(__name__)
 AUTH_TOKEN_ENV = "LOCALAI_GRPC_AUTH_TOKEN"
 LOADING, RUNNING = "loading", "running"
 STDERR_LINES_IN_ERRORS = 20
-STDERR_LINE_CHARS = 300  # keeps a failure's status message well under gRPC's metadata limit
+STDERR_LINE_CHARS = 200  # keeps a failure's status message well under gRPC's metadata limit
 LINE_LIMIT = 1024 * 1024
 HEALTH_POLL_SECONDS = 0.1
 HEALTH_CALL_TIMEOUT = 1.0
 OUTPUT_DRAIN_SECONDS = 2.0
+ALIVE_CHECK_TIMEOUT = 2.0
+DYING_GRACE_SECONDS = 1.0
 
 # Runs in the backend's process before it execs the backend (same pid): has the kernel SIGKILL the backend
 # when the agent dies, even by SIGKILL. A wrapper rather than `preexec_fn`, because running Python code in a
@@ -192,13 +194,26 @@ class Supervisor:
         async with self._key_locks[key]:
             existing = self._replicas.get(key)
             if existing is not None:
-                if not existing.has_exited:
+                if await self._is_live(existing):
                     return existing
                 log.warning("%s (pid %d) has died; replacing it", key, existing.pid)
                 await self._terminate(existing)
             replica = await self._spawn(key, request, command)
             await self._bring_up_or_clean_up(replica, request)
             return replica
+
+    @staticmethod
+    async def _is_live(replica: Replica) -> bool:
+        """Not exited. One that does not answer Health gets a second to show it is dying (just killed);
+        one that is merely busy counts as live, so a slow backend is never replaced."""
+        assert replica.exited is not None
+        if replica.has_exited:
+            return False
+        if await replica.backend_client().health(ALIVE_CHECK_TIMEOUT):
+            return True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(replica.exited), DYING_GRACE_SECONDS)
+        return not replica.has_exited
 
     async def _spawn(self, key: str, request: LoadRequest, command: BackendCommand) -> Replica:
         port = self._ports.acquire()
