@@ -50,6 +50,10 @@ LABEL_MAX_LENGTH = 255
 STOP_TIMEOUT = 5.0
 
 
+# Heartbeat intervals a freshly loaded replica may go unlisted (its load raced the heartbeat).
+LOADED_GRACE_HEARTBEATS = 3
+
+
 @dataclass(frozen=True)
 class RegisterResult:
     """What a registration did: the node, whether it is new, and its new token (shown to the worker only)."""
@@ -272,7 +276,8 @@ def node_heartbeat(
 
     Guarantees: never approves (an approved `unhealthy`/`offline` node becomes `healthy`, an unapproved one
     `pending`; `draining` and `pending` stay); rows the worker lists get `last_seen_at`; a row it does not
-    list is removed, except a `loading` one younger than `LOCALAI_LOAD_TIMEOUT`; `reserved_vram` becomes the
+    list is removed, except a `loading` one younger than `LOCALAI_LOAD_TIMEOUT` and a `loaded` one loaded within
+    the last `LOADED_GRACE_HEARTBEATS` heartbeat intervals; `reserved_vram` becomes the
     sum of `vram_bytes` of the `loading` rows it does not list yet (0 when it lists them all). A bounded
     number of queries whatever the number of replicas. Raises `Node.DoesNotExist` if the node was deleted.
     """
@@ -286,17 +291,20 @@ def node_heartbeat(
     listed = {key for key in (_reported_key(replica) for replica in replicas) if key}
     now = timezone.now()
     load_deadline = now - timedelta(seconds=settings.LOCALAI_LOAD_TIMEOUT)
+    # A heartbeat the agent built just before a load reached it does not list that replica yet; a row that
+    # became `loaded` within the last few heartbeat intervals is kept until a later heartbeat speaks for it.
+    loaded_deadline = now - timedelta(seconds=LOADED_GRACE_HEARTBEATS * settings.LOCALAI_HEARTBEAT_INTERVAL)
 
     with transaction.atomic():
         locked = _lock_node(node.pk)
         rows = ModelReplica.objects.filter(node=locked).values_list(
-            "pk", "model_name", "replica_index", "state", "load_started_at", "vram_bytes"
+            "pk", "model_name", "replica_index", "state", "load_started_at", "loaded_at", "vram_bytes"
         )
         known: set[str] = set()
         seen: list[int] = []
         gone: list[int] = []
         reserved = 0
-        for pk, model_name, replica_index, state, load_started_at, vram_bytes in rows:
+        for pk, model_name, replica_index, state, load_started_at, loaded_at, vram_bytes in rows:
             key = f"{model_name}#{replica_index}"
             known.add(key)
             if key in listed:
@@ -305,6 +313,8 @@ def node_heartbeat(
                 load_started_at is None or load_started_at > load_deadline
             ):
                 reserved += vram_bytes  # a load still on its way: keep its slot and its reservation
+            elif state == ReplicaState.LOADED and loaded_at is not None and loaded_at > loaded_deadline:
+                continue  # loaded after this heartbeat was built
             else:
                 gone.append(pk)
         if gone:

@@ -85,11 +85,25 @@ def test_heartbeat_answers_effective_cap():
 
 def test_heartbeat_removes_loaded_row_the_worker_no_longer_lists():
     node = NodeFactory(worker_max_replicas_per_model=2)
-    gone = ReplicaFactory(node=node, model_name="m", replica_index=0)
-    kept = ReplicaFactory(node=node, model_name="m", replica_index=1)
+    loaded_at = timezone.now() - timedelta(minutes=5)
+    gone = ReplicaFactory(node=node, model_name="m", replica_index=0, loaded_at=loaded_at)
+    kept = ReplicaFactory(node=node, model_name="m", replica_index=1, loaded_at=loaded_at)
     services.node_heartbeat(node=node, replicas=listed("m#1"))
     assert not ModelReplica.objects.filter(pk=gone.pk).exists()
     assert ModelReplica.objects.filter(pk=kept.pk).exists()
+
+
+def test_heartbeat_keeps_a_row_loaded_after_the_heartbeat_was_built(settings):
+    """The agent built this heartbeat just before the load reached it: the fresh row is not removed, and a
+    heartbeat after the grace period that still does not list it removes it."""
+    settings.LOCALAI_HEARTBEAT_INTERVAL = 10
+    node = NodeFactory()
+    fresh = ReplicaFactory(node=node, model_name="m", replica_index=0, loaded_at=timezone.now())
+    services.node_heartbeat(node=node, replicas=listed())
+    assert ModelReplica.objects.filter(pk=fresh.pk).exists()
+    ModelReplica.objects.filter(pk=fresh.pk).update(loaded_at=timezone.now() - timedelta(seconds=31))
+    services.node_heartbeat(node=node, replicas=listed())
+    assert not ModelReplica.objects.filter(pk=fresh.pk).exists()
 
 
 def test_heartbeat_keeps_loading_row_until_load_timeout(settings):
