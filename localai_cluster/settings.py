@@ -127,6 +127,20 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_TIMEZONE = TIME_ZONE
+# The control loops. Each tick expires after one interval, so ticks that could not run never pile up; each is
+# a singleton cluster-wide under an advisory lock, so several beats or workers side by side are harmless.
+CELERY_BEAT_SCHEDULE = {
+    "reconcile": {
+        "task": "scheduling.tasks.reconcile_tick",
+        "schedule": LOCALAI_RECONCILE_INTERVAL,
+        "options": {"expires": LOCALAI_RECONCILE_INTERVAL},
+    },
+    "health": {
+        "task": "scheduling.tasks.health_tick",
+        "schedule": LOCALAI_HEALTH_CHECK_INTERVAL,
+        "options": {"expires": LOCALAI_HEALTH_CHECK_INTERVAL},
+    },
+}
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
