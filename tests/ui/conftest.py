@@ -6,6 +6,8 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.test import Client
 
+from tests.ui.agents import start_agent_node  # noqa: F401  (a fixture: a node row with a real agent)
+
 HTMX = {"HTTP_HX_REQUEST": "true"}
 
 
