@@ -11,7 +11,7 @@ from django.db.models import Count, Q, QuerySet, Sum, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from nodes.choices import LABEL_REPLICA_SLOTS, NodeStatus, NodeType, ReplicaState
+from nodes.choices import AUTO_LABELS, LABEL_REPLICA_SLOTS, NodeStatus, NodeType, ReplicaState
 from nodes.models import ModelReplica, Node
 
 # Labels shown in a row's strip before `+N more`.
@@ -92,9 +92,11 @@ def cluster_stats() -> ClusterStats:
 
 def decorate_node(node: Node, now: datetime | None = None) -> Node:
     """Sets what a row shows on the node: `visible_labels` (without `node.replica-slots`), `label_strip` (the
-    first five), `more_labels` (how many more), `vram_used`, `vram_used_percent`, `heartbeat_ago`, `is_agent`.
+    first five), `more_labels` (how many more), `is_auto` on each label, `vram_used`, `vram_used_percent`, `heartbeat_ago`, `is_agent`.
     Uses the prefetched labels when there are some."""
     labels = [label for label in node.labels.all() if label.key != LABEL_REPLICA_SLOTS]
+    for label in labels:
+        label.is_auto = label.key in AUTO_LABELS  # the control plane's: shown, not removable
     node.visible_labels = labels
     node.label_strip = labels[:LABEL_STRIP_SIZE]
     node.more_labels = max(0, len(labels) - LABEL_STRIP_SIZE)

@@ -366,3 +366,12 @@ def test_logs_page_of_a_single_replica_has_no_scope_switch(staff_client: Client)
     html = staff_client.get(f"/ui/nodes/{node.pk}/logs/m%230").content.decode()
     assert "replica 0</span>" in html and 'aria-label="Scope"' not in html
     assert staff_client.get(f"/ui/nodes/{node.pk}/logs/m%23x").status_code == 404
+
+
+def test_auto_labels_are_shown_but_not_removable_in_the_editor(staff_client: Client) -> None:
+    node = NodeFactory()
+    NodeLabelFactory(node=node, key="gpu.vendor", value="nvidia")
+    NodeLabelFactory(node=node, key="zone", value="a")
+    html = staff_client.get(f"/ui/nodes/{node.pk}/", **HTMX).content.decode()
+    assert "gpu.vendor=nvidia" in html and 'aria-label="Remove label gpu.vendor"' not in html
+    assert 'aria-label="Remove label zone"' in html
