@@ -24,6 +24,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from localai_cluster import locks
+from localai_cluster.metrics import TICK_DURATION
 from nodes.choices import NodeStatus, NodeType, ReplicaState
 from nodes.models import ModelReplica, Node
 
@@ -71,6 +72,7 @@ def health_tick(*, now: datetime | None = None) -> HealthReport:
         report.recovered = recover_fresh_nodes(now=now)
         report.probed, report.removed = probe_unheard_replicas(now=now)
     report.duration = time.monotonic() - started
+    TICK_DURATION.labels("health").observe(report.duration)
     return report
 
 

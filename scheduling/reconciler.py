@@ -22,6 +22,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from localai_cluster import locks
+from localai_cluster.metrics import BREAKER_TRIPS, TICK_DURATION
 from nodes.choices import NodeStatus, NodeType, ReplicaState
 from nodes.models import ModelReplica, Node, NodeLabel
 from scheduling import placement
@@ -168,13 +169,16 @@ def plan_rule(
         return plan
     live = [r for r in replicas if r.id not in already_trimmed]
     current = len(live)
-    rows_per_node: dict[Any, int] = defaultdict(int)
-    for replica in replicas:
-        rows_per_node[replica.node_id] += 1
-    capacity, matched = cluster_capacity(rule.model_name, rule.selector, nodes, rows_per_node)
+
+    def capacity() -> tuple[int, bool]:  # only computed when a decision needs it: most ticks do not
+        rows_per_node: dict[Any, int] = defaultdict(int)
+        for replica in replicas:
+            rows_per_node[replica.node_id] += 1
+        return cluster_capacity(rule.model_name, rule.selector, nodes, rows_per_node)
 
     if current < rule.min_replicas:
-        if capacity == 0:
+        free, matched = capacity()
+        if free == 0:
             ticks = rule.unsatisfiable_ticks + 1
             plan.reason = placement.REASON_NO_MATCHING_NODE if not matched else placement.REASON_NO_FREE_SLOT
             until = None
@@ -183,7 +187,7 @@ def plan_rule(
                 plan.tripped = True
             plan.breaker = (ticks, until, plan.reason)
             return plan
-        plan.place = min(rule.min_replicas - current, capacity)
+        plan.place = min(rule.min_replicas - current, free)
         if rule.unsatisfiable_ticks or rule.unsatisfiable_until:
             plan.breaker = (0, None, "")
         return plan
@@ -194,7 +198,7 @@ def plan_rule(
     all_busy = current > 0 and all(r.state == ReplicaState.LOADED and r.in_flight > 0 for r in live)
     if all_busy and below_max:
         # Burst load: capacity 0 here is not a misconfiguration, so no breaker.
-        plan.place = 1 if capacity > 0 else 0
+        plan.place = 1 if capacity()[0] > 0 else 0
         plan.reason = "all replicas busy"
         return plan
 
@@ -323,6 +327,7 @@ def reconcile_tick(*, now: datetime | None = None) -> TickReport:
             return TickReport(skipped=True)
         report = _tick(now or timezone.now(), Settings.from_django())
     report.duration = time.monotonic() - started
+    TICK_DURATION.labels("reconcile").observe(report.duration)
     return report
 
 
@@ -373,6 +378,7 @@ def _apply_breakers(plans: Iterable[RulePlan], rules: Mapping[str, RuleView], re
             unsatisfiable_ticks=ticks, unsatisfiable_until=until, unsatisfiable_reason=reason
         )
         if plan.tripped:
+            BREAKER_TRIPS.labels(plan.model_name).inc()
             report.tripped.append(f"{plan.model_name}: {reason}")
             logger.warning(
                 "model %s cannot reach its minimum replicas (%s) for %d ticks: pausing it until %s",

@@ -1,0 +1,201 @@
+"""Reconciler tick at scale: 1,000 nodes, 5,000 replicas, 300 rules in PostgreSQL (QUALITY.md target: steady
+tick <= 300 ms with a fixed number of queries). No agents: only the agent's `LoadReplica`/`StopReplica` calls
+are replaced by instant answers, at the client boundary, so the figures are the control plane's own work.
+
+    .venv/bin/python bench/reconcile_scale.py [--nodes 1000] [--replicas 5000] [--rules 300] [--runs 7]
+
+Uses its own database `bench_reconcile` on the embedded PostgreSQL (or on DATABASE_URL's server).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "localai_cluster.settings")
+os.environ.setdefault("LOG_LEVEL", "WARNING")
+DATABASE = "bench_reconcile"
+
+
+def _use_bench_database() -> None:
+    """Point DATABASE_URL at a fresh `bench_reconcile` database on the same server."""
+    import psycopg
+
+    from localai_cluster import embedded
+
+    url = os.environ.get("DATABASE_URL") or embedded.ensure_postgres(embedded.default_state_dir(REPO_ROOT))
+    parts = urlsplit(url)
+    with psycopg.connect(_conninfo(parts), autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {DATABASE}")
+    os.environ["DATABASE_URL"] = urlunsplit(parts._replace(path=f"/{DATABASE}"))
+
+
+def _conninfo(parts) -> str:
+    import dj_database_url
+
+    db = dj_database_url.parse(urlunsplit(parts._replace(path="/postgres")))
+    fields = {
+        "dbname": "postgres",
+        "user": db["USER"],
+        "host": db["HOST"],
+        "port": db["PORT"],
+        "password": db["PASSWORD"],
+    }
+    return " ".join(f"{key}='{value}'" for key, value in fields.items() if value)
+
+
+def _populate(nodes: int, replicas: int, rules: int) -> None:
+    from django.utils import timezone
+
+    from nodes.choices import NodeStatus, ReplicaState
+    from nodes.models import ModelReplica, Node, NodeLabel
+    from scheduling.models import ModelConfig, SchedulingRule
+
+    now = timezone.now()
+    node_rows = Node.objects.bulk_create(
+        Node(
+            name=f"node-{i:04d}",
+            address=f"127.0.0.1:{20000 + i}",
+            status=NodeStatus.HEALTHY,
+            approved_at=now,
+            last_heartbeat=now,
+            worker_max_replicas_per_model=8,
+            total_vram=80 * 2**30,
+            available_vram=80 * 2**30,
+        )
+        for i in range(nodes)
+    )
+    NodeLabel.objects.bulk_create(
+        NodeLabel(node=node, key=key, value=value)
+        for i, node in enumerate(node_rows)
+        for key, value in (("zone", f"z{i % 4}"), ("gpu.vendor", "nvidia"), ("node.replica-slots", "8"))
+    )
+    models = [f"model-{i:03d}" for i in range(rules)]
+    ModelConfig.objects.bulk_create(ModelConfig(name=name, backend="echo") for name in models)
+    counts = dict.fromkeys(models, 0)
+    rows = []
+    for i in range(replicas):
+        model = models[i % rules]
+        node = node_rows[(i * 7 + i // rules) % nodes]
+        rows.append(
+            ModelReplica(
+                node=node,
+                model_name=model,
+                replica_index=counts[model] // nodes,
+                state=ReplicaState.LOADED,
+                address=f"127.0.0.1:{30000 + i}",
+                loaded_at=now,
+                last_used=now,
+                last_seen_at=now,
+            )
+        )
+        counts[model] += 1
+    ModelReplica.objects.bulk_create(rows, batch_size=2000)
+    SchedulingRule.objects.bulk_create(
+        SchedulingRule(
+            model_name=name, min_replicas=counts[name], max_replicas=0, node_selector={"gpu.vendor": "nvidia"}
+        )
+        for name in models
+    )
+
+
+def _fake_agent_calls() -> None:
+    """Instant LoadReplica/StopReplica answers at the client boundary (this bench has no agents)."""
+    from worker_client import client
+
+    def load_replica(
+        self, model_name, replica_index, backend, model_options=None, vram_bytes=0, load_timeout=300.0
+    ):
+        return client.LoadResult(f"{model_name}#{replica_index}", "127.0.0.1:1", 1, 0.0)
+
+    client.WorkerControlClient.load_replica = load_replica
+    client.WorkerControlClient.stop_replica = lambda self, id: [id]
+
+
+def _timed_tick():
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from scheduling.reconciler import reconcile_tick
+
+    with CaptureQueriesContext(connection) as captured:
+        started = time.perf_counter()
+        report = reconcile_tick()
+        elapsed = time.perf_counter() - started
+    return elapsed, len(captured.captured_queries), report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--nodes", type=int, default=1000)
+    parser.add_argument("--replicas", type=int, default=5000)
+    parser.add_argument("--rules", type=int, default=300)
+    parser.add_argument("--runs", type=int, default=7)
+    args = parser.parse_args()
+    print("reproduce:", shlex.join([sys.executable, *sys.argv]), flush=True)
+
+    _use_bench_database()
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+    _fake_agent_calls()
+    _populate(args.nodes, args.replicas, args.rules)
+    from nodes.models import ModelReplica
+    from scheduling.models import SchedulingRule
+
+    print(
+        f"cluster: {args.nodes} nodes, {ModelReplica.objects.count()} replicas, "
+        f"{SchedulingRule.objects.count()} rules",
+        flush=True,
+    )
+    _timed_tick()  # warm-up: connections, caches
+
+    steady = [_timed_tick() for _ in range(args.runs)]
+    assert all(not r.placed and not r.trimmed for _, _, r in steady), "the steady cluster was not steady"
+
+    below = max(args.rules // 10, 1)
+    below_runs = []
+    for _ in range(args.runs):
+        chosen = list(SchedulingRule.objects.order_by("model_name")[:below])
+        before = set(ModelReplica.objects.values_list("id", flat=True))
+        SchedulingRule.objects.filter(pk__in=[r.pk for r in chosen]).update(
+            min_replicas=django.db.models.F("min_replicas") + 1
+        )
+        below_runs.append(_timed_tick())
+        # Back to the steady state (not timed).
+        ModelReplica.objects.exclude(id__in=before).delete()
+        SchedulingRule.objects.filter(pk__in=[r.pk for r in chosen]).update(
+            min_replicas=django.db.models.F("min_replicas") - 1
+        )
+    placed = [len(r.placed) for _, _, r in below_runs]
+
+    def row(name, runs):
+        times = [t * 1000 for t, _, _ in runs]
+        queries = sorted({q for _, q, _ in runs})
+        print(
+            f"{name:<34} median {statistics.median(times):7.1f} ms   min {min(times):7.1f} ms   "
+            f"max {max(times):7.1f} ms   queries {queries}"
+        )
+
+    print(f"runs: {args.runs} each")
+    row("steady tick (nothing to do)", steady)
+    row(f"tick with {below} rules below min", below_runs)
+    print(f"placed per below-min tick: {sorted(set(placed))}")
+
+
+if __name__ == "__main__":
+    main()
