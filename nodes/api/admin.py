@@ -68,10 +68,14 @@ class AgentUnavailable(exceptions.APIException):
 def node_queryset() -> QuerySet[Node]:
     """Nodes with `model_count` (replica rows, any state), `in_flight_count` and their labels: two queries for
     any number of nodes."""
-    return Node.objects.annotate(
-        model_count=Count("replicas"),
-        in_flight_count=Coalesce(Sum("replicas__in_flight"), Value(0)),
-    ).prefetch_related("labels").order_by("name")
+    return (
+        Node.objects.annotate(
+            model_count=Count("replicas"),
+            in_flight_count=Coalesce(Sum("replicas__in_flight"), Value(0)),
+        )
+        .prefetch_related("labels")
+        .order_by("name")
+    )
 
 
 def _node(node_id: str) -> Node:
