@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -36,6 +37,21 @@ def django_db_setup(django_db_setup, django_db_blocker):
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
             "WHERE datname = current_database() AND pid <> pg_backend_pid()"
         )
+
+
+@contextlib.contextmanager
+def another_session_holding(namespace: int, key: int) -> Iterator[None]:
+    """An advisory lock held by a separate database session (a plain psycopg connection: a pooled Django
+    connection would go back to the pool on close still holding the lock)."""
+    import psycopg
+    from django.db import connection
+
+    params = connection.get_connection_params()
+    params.pop("cursor_factory", None)
+    params.pop("context", None)
+    with psycopg.connect(**params, autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(%s, %s)", [namespace, key])
+        yield
 
 
 def free_port() -> int:

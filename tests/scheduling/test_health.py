@@ -6,7 +6,6 @@ from datetime import timedelta
 
 import pytest
 from django.core.management import call_command
-from django.db import connections
 from django.utils import timezone
 
 from localai_cluster import locks
@@ -14,6 +13,7 @@ from nodes.choices import NodeStatus
 from nodes.models import ModelReplica, Node
 from nodes.tokens import backend_token_for
 from scheduling.health import health_tick
+from tests.conftest import another_session_holding
 from tests.factories import NodeFactory, ReplicaFactory
 
 pytestmark = pytest.mark.django_db
@@ -138,13 +138,8 @@ def test_only_unheard_replicas_are_probed_and_a_good_probe_counts_as_heard(echo_
 @pytest.mark.django_db(transaction=True)
 def test_tick_does_nothing_while_another_process_holds_the_lock():
     NodeFactory(last_heartbeat=_ago(120))
-    other = connections.create_connection("default")
-    try:
-        with other.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_lock(%s, %s)", [locks.NAMESPACE_LOOPS, locks.HEALTH_MONITOR])
+    with another_session_holding(locks.NAMESPACE_LOOPS, locks.HEALTH_MONITOR):
         report = health_tick()
-    finally:
-        other.close()
     assert report.skipped
     assert Node.objects.get().status == NodeStatus.HEALTHY
 

@@ -9,7 +9,6 @@ from datetime import timedelta
 
 import pytest
 from django.core.management import call_command
-from django.db import connections
 from django.utils import timezone
 
 from localai_cluster import locks
@@ -18,6 +17,7 @@ from nodes.choices import ReplicaState
 from nodes.models import ModelReplica
 from scheduling.models import SchedulingRule
 from scheduling.reconciler import reconcile_tick
+from tests.conftest import another_session_holding
 from tests.factories import ModelConfigFactory, NodeFactory, NodeLabelFactory, ReplicaFactory, RuleFactory
 from tests.scheduling.fake_agent import FakeAgent, FakeAgentServer
 
@@ -263,14 +263,9 @@ def test_tick_skips_while_another_process_holds_the_lock(agent):  # 135
     ModelConfigFactory(name="m")
     nodes(agent, 1)
     RuleFactory(model_name="m", min_replicas=1)
-    other = connections.create_connection("default")
-    try:
-        with other.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_lock(%s, %s)", [locks.NAMESPACE_LOOPS, locks.RECONCILER])
+    with another_session_holding(locks.NAMESPACE_LOOPS, locks.RECONCILER):
         started = time.monotonic()
         report = reconcile_tick()
-    finally:
-        other.close()
     assert report.skipped and time.monotonic() - started < 1 and live().count() == 0
 
 
