@@ -18,11 +18,16 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
+from localai_cluster.lean_asgi import LeanASGIHandler, lean_paths_router  # noqa: E402
 from localai_cluster.routing import websocket_urlpatterns  # noqa: E402
+
+# The OpenAI gateway and the probes skip Django's middleware stack (see lean_asgi); everything else gets it.
+LEAN_PATHS = ("/v1/", "/healthz", "/readyz", "/metrics")
+http_app = lean_paths_router(LeanASGIHandler(), ASGIStaticFilesHandler(django_asgi_app), LEAN_PATHS)
 
 application = ProtocolTypeRouter(
     {
-        "http": ASGIStaticFilesHandler(django_asgi_app),
+        "http": http_app,
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )

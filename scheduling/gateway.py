@@ -454,7 +454,7 @@ async def _complete(
                 return await _backend(lease).predict(fields)
 
             lease, reply = await _with_replica(completion.model, authenticate, predict)
-            await lease.release()
+            lease.release_soon()
             body = _chat_body(completion, reply) if chat else _text_body(completion, reply)
             _observe(completion.model, endpoint, 200, started)
             return JsonResponse(body)
@@ -519,7 +519,7 @@ async def embeddings(request: HttpRequest) -> HttpResponse:
     except GatewayError as error:
         _observe(model, "embeddings", error.status, started)
         return error.response()
-    await lease.release()
+    lease.release_soon()
     prompt_tokens = sum(len(text.split()) for text in texts)
     body = {
         "object": "list",

@@ -31,8 +31,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# How many ranked replicas one pick fetches: a lost claim moves to the next without another query.
-PICK_LIMIT = 4
 # Polling of the per-model load lock by a process that does not hold it.
 LOCK_POLL_START = 0.02
 LOCK_POLL_MAX = 0.25
@@ -44,8 +42,7 @@ LOCK_POLL_MAX = 0.25
 _hot_executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="router-db")
 _load_executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="router-load")
 
-_PICK_SQL = f"""
-SELECT r.id, r.replica_index, r.address, n.id, n.name, n.address
+_ROUTABLE = f"""
 FROM {ModelReplica._meta.db_table} r
 JOIN {Node._meta.db_table} n ON n.id = r.node_id
 WHERE r.model_name = %(model)s
@@ -65,9 +62,31 @@ WHERE r.model_name = %(model)s
         WHERE l.node_id = n.id AND l.key = sel.key AND to_jsonb(l.value) = sel.value
       )
   )
-ORDER BY r.in_flight, (n.available_vram - n.reserved_vram) DESC, r.last_used ASC NULLS FIRST, r.id
-LIMIT {PICK_LIMIT}
 """
+
+# Pick and claim in one statement (one round trip, one commit): the best routable replica — fewest in-flight,
+# then most effective free VRAM on its node, then least recently used — gets `in_flight + 1`. `FOR UPDATE`
+# makes a claim that raced another change wait for it and re-check the row: a replica that left `loaded` (or
+# whose node stopped being routable) meanwhile is passed over for the next candidate, never claimed.
+_CLAIM_SQL = f"""
+UPDATE {ModelReplica._meta.db_table} AS claimed
+SET in_flight = claimed.in_flight + 1, last_used = now()
+FROM {Node._meta.db_table} AS node
+WHERE claimed.id = (
+    SELECT r.id {_ROUTABLE}
+    ORDER BY r.in_flight, (n.available_vram - n.reserved_vram) DESC, r.last_used ASC NULLS FIRST, r.id
+    LIMIT 1
+    FOR UPDATE OF r
+  )
+  AND node.id = claimed.node_id
+RETURNING claimed.id, claimed.replica_index, claimed.address, node.id, node.name, node.address
+"""
+
+_RELEASE_SQL = f"""
+UPDATE {ModelReplica._meta.db_table} SET in_flight = GREATEST(in_flight - 1, 0) WHERE id = %s
+"""
+
+_ROUTABLE_EXISTS_SQL = f"SELECT EXISTS (SELECT 1 {_ROUTABLE})"
 
 
 @dataclass
@@ -96,47 +115,50 @@ class Lease:
         self.released = True
         await _shielded(_hot_executor, replica_release, self.replica_id)
 
+    def release_soon(self) -> None:
+        """Gives the in-flight unit back without waiting for it (the answer is complete and need not wait
+        for the counter); later calls, and `release`, do nothing."""
+        if self.released:
+            return
+        self.released = True
+        release_in_background(self.replica_id)
+
 
 # --- sync: database work -----------------------------------------------------------------------------------
 
 
-def _candidates(model_name: str, exclude: Sequence[int]) -> list[tuple]:
-    with connection.cursor() as cursor:
-        cursor.execute(_PICK_SQL, {"model": model_name, "exclude": list(exclude)})
-        return cursor.fetchall()
-
-
 def replica_pick_and_claim(*, model_name: str, exclude: Sequence[int] = ()) -> Lease | None:
-    """The loaded replica of `model_name` with the fewest in-flight on a healthy, backend node matching the
-    model's rule's selector now (ties: most effective free VRAM on its node, then least recently used),
-    claimed with the registry's guarded `in_flight + 1`. A lost claim (the replica left `loaded`) moves to
-    the next candidate. None when no candidate is left. Two queries in the usual case."""
-    from nodes.services import replica_in_flight_claim
-
-    for replica_id, index, address, node_id, node_name, node_address in _candidates(model_name, exclude):
-        if replica_in_flight_claim(replica_id=replica_id):
-            return Lease(
-                replica_id=replica_id,
-                model_name=model_name,
-                replica_index=index,
-                address=address,
-                node_id=node_id,
-                node_name=node_name,
-                node_address=node_address,
-                backend_token=backend_token_for(Node(id=node_id)),
-            )
-    return None
+    """Claims one in-flight unit on the best routable replica of `model_name`: `loaded`, on a healthy,
+    approved backend node matching the model's rule's selector now; fewest in-flight first (ties: most
+    effective free VRAM on its node, then least recently used). One statement. None when there is none."""
+    with connection.cursor() as cursor:
+        cursor.execute(_CLAIM_SQL, {"model": model_name, "exclude": list(exclude)})
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    replica_id, index, address, node_id, node_name, node_address = row
+    return Lease(
+        replica_id=replica_id,
+        model_name=model_name,
+        replica_index=index,
+        address=address,
+        node_id=node_id,
+        node_name=node_name,
+        node_address=node_address,
+        backend_token=backend_token_for(Node(id=node_id)),
+    )
 
 
 def replica_release(replica_id: int) -> None:
     """Gives back one in-flight unit (never below 0)."""
-    from nodes.services import replica_in_flight_release
-
-    replica_in_flight_release(replica_id=replica_id)
+    with connection.cursor() as cursor:
+        cursor.execute(_RELEASE_SQL, [replica_id])
 
 
 def model_has_routable_replica(*, model_name: str) -> bool:
-    return bool(_candidates(model_name, ()))
+    with connection.cursor() as cursor:
+        cursor.execute(_ROUTABLE_EXISTS_SQL, {"model": model_name, "exclude": []})
+        return bool(cursor.fetchone()[0])
 
 
 def replica_ensure_loaded(*, model_name: str, timeout: float) -> None:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from django.db import connection, connections
 from django.utils import timezone
 
 from nodes.models import ModelReplica
 from scheduling import router
 from scheduling.router import replica_pick_and_claim, replica_release
+from tests.conftest import wait_until
 from tests.factories import GiB, NodeFactory, NodeLabelFactory, ReplicaFactory, RuleFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -88,19 +91,40 @@ def test_selector_is_checked_now():  # 92
     assert replica_pick_and_claim(model_name="m").node_name == "matching"
 
 
-def test_lost_claim_takes_the_next_candidate(monkeypatch):  # 94
+def test_lost_claim_takes_the_next_candidate():  # 94
+    """The best replica leaves `loaded` while the claim is in progress: the claim waits on its row, re-checks
+    it, and takes the next candidate; nothing is added to or released from the first."""
+    import psycopg
+
     first = ReplicaFactory(node=node("first", 20), model_name="m")
     ReplicaFactory(node=node("second", 10), model_name="m")
-    candidates = router._candidates
-
-    def stale(model_name, exclude):
-        rows = candidates(model_name, exclude)
-        ModelReplica.objects.filter(pk=first.pk).update(state="unloading")  # leaves `loaded` meanwhile
-        return rows
-
-    monkeypatch.setattr(router, "_candidates", stale)
-    assert replica_pick_and_claim(model_name="m").node_name == "second"
+    params = {
+        k: v for k, v in connection.get_connection_params().items() if k not in {"cursor_factory", "context"}
+    }
+    with psycopg.connect(**params) as other:
+        other.execute("SELECT id FROM nodes_modelreplica WHERE id = %s FOR UPDATE", [first.pk])
+        with ThreadPoolExecutor(1) as pool:
+            claim = pool.submit(_claim_in_thread, "m")
+            wait_until(lambda: _waiting_on_a_lock(), message="the claim to wait on the row lock")
+            other.execute("UPDATE nodes_modelreplica SET state = 'unloading' WHERE id = %s", [first.pk])
+            other.commit()
+            assert claim.result(timeout=10) == "second"
     assert flights() == {"first": 0, "second": 1}
+
+
+def _claim_in_thread(model: str) -> str:
+    try:
+        return replica_pick_and_claim(model_name=model).node_name
+    finally:
+        connections.close_all()
+
+
+def _waiting_on_a_lock() -> bool:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        )
+        return cursor.fetchone()[0] > 0
 
 
 def test_release_never_goes_below_zero():  # 95
