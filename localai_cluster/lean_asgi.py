@@ -13,6 +13,8 @@ handler.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
 from django.core.exceptions import RequestAborted
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
@@ -23,10 +25,11 @@ from django.urls import set_script_prefix
 class LeanASGIHandler(ASGIHandler):
     def load_middleware(self, is_async: bool = False) -> None:
         """No middleware: the view (with Django's exception-to-response conversion) is the whole chain."""
-        self._view_middleware = []
-        self._template_response_middleware = []
-        self._exception_middleware = []
-        self._middleware_chain = convert_exception_to_response(self._get_response_async)
+        self._view_middleware: list[Callable[..., Any]] = []
+        self._template_response_middleware: list[Callable[..., Any]] = []
+        self._exception_middleware: list[Callable[..., Any]] = []
+        # django-stubs leaves out BaseHandler's private `_get_response_async` (Django 5.2 has it).
+        self._middleware_chain = convert_exception_to_response(self._get_response_async)  # type: ignore[attr-defined]
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -42,6 +45,7 @@ class LeanASGIHandler(ASGIHandler):
         set_script_prefix(get_script_prefix(scope))
         request, error_response = self.create_request(scope, body_file)
         if request is None:
+            assert error_response is not None  # create_request returns a request or an error response
             body_file.close()
             await self.send_response(error_response, send)
             return

@@ -3,16 +3,21 @@ fixed number of queries whatever the number of nodes, labels and replicas."""
 
 from __future__ import annotations
 
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING, TypedDict, cast
 
 from django.db.models import Count, Q, QuerySet, Sum, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from nodes.choices import AUTO_LABELS, LABEL_REPLICA_SLOTS, NodeStatus, NodeType, ReplicaState
-from nodes.models import ModelReplica, Node
+from nodes.models import ModelReplica, Node, NodeLabel
+
+if TYPE_CHECKING:
+    from django_stubs_ext import WithAnnotations
 
 # Labels shown in a row's strip before `+N more`.
 LABEL_STRIP_SIZE = 5
@@ -90,37 +95,65 @@ def cluster_stats() -> ClusterStats:
     )
 
 
-def decorate_node(node: Node, now: datetime | None = None) -> Node:
+class LabelRowFields(TypedDict):
+    """What `decorate_node` sets on each label it shows."""
+
+    is_auto: bool
+
+
+class NodeRowFields(TypedDict):
+    """What `decorate_node` sets on a node for its row and drawer."""
+
+    visible_labels: list[WithAnnotations[NodeLabel, LabelRowFields]]
+    label_strip: list[WithAnnotations[NodeLabel, LabelRowFields]]
+    more_labels: int
+    vram_used: int
+    vram_used_percent: int
+    vram_reserved_percent: int
+    heartbeat_ago: str
+    is_agent: bool
+
+
+class ReplicaCount(TypedDict):
+    """The annotation `node_rows` adds."""
+
+    replica_count: int
+
+
+def decorate_node(node: Node, now: datetime | None = None) -> WithAnnotations[Node, NodeRowFields]:
     """Sets what a row shows on the node: `visible_labels` (without `node.replica-slots`), `label_strip` (the
     first five), `more_labels` (how many more), `is_auto` on each label, `vram_used`, `vram_used_percent`, `heartbeat_ago`, `is_agent`.
     Uses the prefetched labels when there are some."""
-    labels = [label for label in node.labels.all() if label.key != LABEL_REPLICA_SLOTS]
+    labels = [
+        cast("WithAnnotations[NodeLabel, LabelRowFields]", label)
+        for label in node.labels.all()
+        if label.key != LABEL_REPLICA_SLOTS
+    ]
     for label in labels:
         label.is_auto = label.key in AUTO_LABELS  # the control plane's: shown, not removable
-    node.visible_labels = labels
-    node.label_strip = labels[:LABEL_STRIP_SIZE]
-    node.more_labels = max(0, len(labels) - LABEL_STRIP_SIZE)
-    node.vram_used = max(0, node.total_vram - node.available_vram)
-    node.vram_used_percent = _percent(node.vram_used, node.total_vram)
-    node.vram_reserved_percent = min(
-        _percent(node.reserved_vram, node.total_vram), 100 - node.vram_used_percent
-    )
-    node.heartbeat_ago = ago(node.last_heartbeat, now)
-    node.is_agent = node.node_type == NodeType.AGENT
-    return node
+    row = cast("WithAnnotations[Node, NodeRowFields]", node)  # the same object, with the row's attributes
+    row.visible_labels = labels
+    row.label_strip = labels[:LABEL_STRIP_SIZE]
+    row.more_labels = max(0, len(labels) - LABEL_STRIP_SIZE)
+    row.vram_used = max(0, row.total_vram - row.available_vram)
+    row.vram_used_percent = _percent(row.vram_used, row.total_vram)
+    row.vram_reserved_percent = min(_percent(row.reserved_vram, row.total_vram), 100 - row.vram_used_percent)
+    row.heartbeat_ago = ago(row.last_heartbeat, now)
+    row.is_agent = row.node_type == NodeType.AGENT
+    return row
 
 
-def node_rows() -> QuerySet[Node]:
+def node_rows() -> QuerySet[WithAnnotations[Node, ReplicaCount]]:
     """Every node, by name, with its labels and `replica_count`: two queries."""
     return Node.objects.annotate(replica_count=Count("replicas")).prefetch_related("labels").order_by("name")
 
 
-def node_rows_decorated() -> list[Node]:
+def node_rows_decorated() -> list[WithAnnotations[Node, NodeRowFields]]:
     now = timezone.now()
     return [decorate_node(node, now) for node in node_rows()]
 
 
-def node_row(*, node_id) -> Node | None:
+def node_row(*, node_id: uuid.UUID | str) -> WithAnnotations[Node, NodeRowFields] | None:
     """One node as a row (two queries), or None."""
     node = node_rows().filter(pk=node_id).first()
     return decorate_node(node) if node is not None else None

@@ -249,7 +249,8 @@ def node_register(
         _refresh_auto_labels(node)
 
         rows = ModelReplica.objects.filter(node=node).values_list("pk", "model_name", "replica_index")
-        gone, kept = [], []
+        gone: list[int] = []
+        kept: list[int] = []
         for pk, model_name, replica_index in rows:
             (kept if f"{model_name}#{replica_index}" in reported else gone).append(pk)
         if gone:

@@ -175,7 +175,7 @@ def node_capacity(request: HttpRequest, node_id: uuid.UUID) -> HttpResponse:
             form.add_error("value", str(exc))
             error = str(exc)
     else:
-        error = "; ".join(form.errors.get("value", ["Invalid value."]))
+        error = "; ".join(str(message) for message in form.errors.get("value", ["Invalid value."]))
     if error:
         if not is_htmx(request):
             return outcome(request, _back(request, node.pk), f"Capacity not saved: {error}", level="error")
@@ -223,7 +223,7 @@ def node_label_add(request: HttpRequest, node_id: uuid.UUID) -> HttpResponse:
             form.add_error("key", str(exc))
             error = str(exc)
     else:
-        error = "; ".join(message for messages in form.errors.values() for message in messages)
+        error = "; ".join(str(message) for messages in form.errors.values() for message in messages)
     if error:
         if not is_htmx(request):
             return outcome(request, _back(request, node.pk), f"Label not saved: {error}", level="error")

@@ -4,9 +4,10 @@ page has: the mode switch and the selector typed as `key=value` chips."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from django import forms
+from django.http import QueryDict
 
 from scheduling.api.serializers import RuleWriteSerializer
 
@@ -40,7 +41,12 @@ class RuleForm(forms.Form):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.validated: dict[str, Any] = {}
-        items = self.data.getlist("selector") if self.is_bound else self.initial.get("selector", [])
+        # Bound to `request.POST`: a QueryDict, whose `getlist` keeps every chip.
+        items = (
+            cast(QueryDict, self.data).getlist("selector")
+            if self.is_bound
+            else self.initial.get("selector", [])
+        )
         self.selector_items = [str(item) for item in items]
 
     def selector_pairs(self) -> list[tuple[str, str]]:
@@ -48,7 +54,8 @@ class RuleForm(forms.Form):
         return [(key, value) for key, _, value in (item.partition("=") for item in self.selector_items)]
 
     def clean(self) -> dict[str, Any]:
-        cleaned = super().clean()
+        super().clean()
+        cleaned = self.cleaned_data  # what `Form.clean` returns
         mode = cleaned.get("mode") or MODE_AUTOSCALE
         if cleaned.get("selector_key"):
             self.selector_items.append(f"{cleaned['selector_key']}={cleaned.get('selector_value', '')}")

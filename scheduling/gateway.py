@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
@@ -438,7 +438,7 @@ async def _bad_body(request: HttpRequest, error: GatewayError) -> HttpResponse:
 
 async def _complete(
     request: HttpRequest, parse: Callable[[dict[str, Any]], Completion], chat: bool
-) -> HttpResponse:
+) -> HttpResponseBase:
     endpoint = "chat.completions" if chat else "completions"
     started = time.perf_counter()
     try:
@@ -482,14 +482,14 @@ async def _complete(
 
 @csrf_exempt
 @require_POST
-async def chat_completions(request: HttpRequest) -> HttpResponse:
+async def chat_completions(request: HttpRequest) -> HttpResponseBase:
     """`POST /v1/chat/completions`."""
     return await _complete(request, parse_chat, chat=True)
 
 
 @csrf_exempt
 @require_POST
-async def completions(request: HttpRequest) -> HttpResponse:
+async def completions(request: HttpRequest) -> HttpResponseBase:
     """`POST /v1/completions`."""
     return await _complete(request, parse_completion, chat=False)
 

@@ -4,6 +4,7 @@ the model catalog for the form's picker."""
 from __future__ import annotations
 
 from datetime import datetime
+from typing import TYPE_CHECKING, TypedDict, cast
 
 from django.db.models import Count, IntegerField, OuterRef, QuerySet, Subquery, Value
 from django.db.models.functions import Coalesce
@@ -12,6 +13,9 @@ from django.utils import timezone
 from nodes.choices import ReplicaState
 from nodes.models import ModelReplica
 from scheduling.models import ModelConfig, SchedulingRule
+
+if TYPE_CHECKING:
+    from django_stubs_ext import WithAnnotations
 
 MODE_AUTOSCALE = "Auto-scaling"
 MODE_PLACEMENT = "Placement"
@@ -27,7 +31,22 @@ def rule_mode(rule: SchedulingRule) -> str:
     return MODE_INACTIVE
 
 
-def rules_with_current_replicas() -> QuerySet[SchedulingRule]:
+class CurrentReplicas(TypedDict):
+    """The annotation `rules_with_current_replicas` adds."""
+
+    current_replicas: int
+
+
+class RuleRowFields(TypedDict):
+    """What `rule_rows` sets on each rule."""
+
+    current_replicas: int
+    mode: str
+    selector_items: list[tuple[str, str]]
+    breaker_open: bool
+
+
+def rules_with_current_replicas() -> QuerySet[WithAnnotations[SchedulingRule, CurrentReplicas]]:
     """Rules by model name with `current_replicas` (loading + loaded rows of the model): one query."""
     current = (
         ModelReplica.objects.filter(
@@ -43,10 +62,13 @@ def rules_with_current_replicas() -> QuerySet[SchedulingRule]:
     ).order_by("model_name")
 
 
-def rule_rows(now: datetime | None = None) -> list[SchedulingRule]:
+def rule_rows(now: datetime | None = None) -> list[WithAnnotations[SchedulingRule, RuleRowFields]]:
     """Rules with `mode`, `selector_items` and `breaker_open` (the cooldown is running) set: one query."""
     now = now or timezone.now()
-    rules = list(rules_with_current_replicas())
+    # The same objects, with the row's attributes set below.
+    rules = [
+        cast("WithAnnotations[SchedulingRule, RuleRowFields]", rule) for rule in rules_with_current_replicas()
+    ]
     for rule in rules:
         rule.mode = rule_mode(rule)
         selector = rule.node_selector if isinstance(rule.node_selector, dict) else {}

@@ -139,7 +139,7 @@ def plan_overcap_trims(
     groups: dict[tuple[Any, str], list[ReplicaView]] = defaultdict(list)
     for replica in replicas:
         groups[(replica.node_id, replica.model_name)].append(replica)
-    trims = []
+    trims: list[ReplicaView] = []
     for (node_id, _model), rows in groups.items():
         node = nodes.get(node_id)
         excess = len(rows) - (node.effective_cap if node else len(rows))

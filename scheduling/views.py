@@ -67,7 +67,7 @@ def rule_save(request: HttpRequest) -> HttpResponse:
     form = RuleForm(request.POST)
     if not form.is_valid():
         message = "Rule not saved: " + " ".join(
-            message for errors in form.errors.values() for message in errors
+            str(message) for errors in form.errors.values() for message in errors
         )
         if not is_htmx(request):
             return _page(request, form)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -213,7 +213,7 @@ class _Caller:
 
     async def _astream(
         self, stub: Any, method: str, request: Any, convert: Callable[[Any], T], timeout: float | None
-    ) -> AsyncIterator[T]:
+    ) -> AsyncGenerator[T, None]:
         """Yields converted messages; an error after the first message is never `connect_failed`."""
         call = getattr(stub, method)(request, timeout=timeout, metadata=self._metadata)
         received = False
@@ -360,7 +360,7 @@ class AsyncWorkerControlClient(_Caller):
         """See `WorkerControlClient.log_keys`."""
         return list((await self._acall(self._stub, "ListLogKeys", worker_pb2.ListLogKeysRequest())).keys)
 
-    def stream_logs(self, id: str, timeout: float | None = None) -> AsyncIterator[LogLine]:
+    def stream_logs(self, id: str, timeout: float | None = None) -> AsyncGenerator[LogLine, None]:
         """See `WorkerControlClient.stream_logs`: `async for line in client.stream_logs(key)`."""
         request = worker_pb2.StreamLogsRequest(id=id)
         return self._astream(self._stub, "StreamLogs", request, log_line_from_message, timeout)
@@ -390,7 +390,7 @@ class BackendClient(_Caller):
 
     def predict_stream(
         self, options: Mapping[str, Any] | None = None, /, *, timeout: float | None = None, **fields: Any
-    ) -> AsyncIterator[Reply]:
+    ) -> AsyncGenerator[Reply, None]:
         """The answer piece by piece; `timeout` bounds the whole stream."""
         request = _predict_options(options, fields)
         return self._astream(self._stub, "PredictStream", request, _reply, timeout or self.timeout)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, TypedDict
 
 from django.db import transaction
 from django.db.models import Count, QuerySet, Sum, Value
@@ -43,6 +44,9 @@ from nodes.models import Node
 from nodes.selectors import node_get, node_labels, node_replica_list
 from nodes.tokens import node_token_for
 
+if TYPE_CHECKING:
+    from django_stubs_ext import WithAnnotations
+
 logger = logging.getLogger(__name__)
 
 AGENT_TIMEOUT = 5.0
@@ -65,7 +69,14 @@ class AgentUnavailable(exceptions.APIException):
     default_code = "agent_unavailable"
 
 
-def node_queryset() -> QuerySet[Node]:
+class NodeCounts(TypedDict):
+    """The annotations `node_queryset` adds."""
+
+    model_count: int
+    in_flight_count: int
+
+
+def node_queryset() -> QuerySet[WithAnnotations[Node, NodeCounts]]:
     """Nodes with `model_count` (replica rows, any state), `in_flight_count` and their labels: two queries for
     any number of nodes."""
     return (

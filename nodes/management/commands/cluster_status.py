@@ -21,7 +21,7 @@ def human_bytes(n: int) -> str:
     return str(n)
 
 
-def table(headers: Sequence[str], rows: list[Sequence[str]]) -> str:
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=False)]
     lines = [
         "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=False)).rstrip()

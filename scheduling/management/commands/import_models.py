@@ -11,7 +11,7 @@ from scheduling.catalog import models_import_yaml
 from scheduling.catalog import models_path as default_models_path
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     if n == 0:
         return "0 (unknown)"
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
