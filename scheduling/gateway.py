@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
@@ -83,6 +84,19 @@ def _placement_error(error: Exception, model: str) -> GatewayError:
     reason = getattr(error, "reason", str(error))
     code = "load_failed" if isinstance(error, LoadFailed) else "no_capacity"
     return GatewayError(503, reason, type="server_error", code=code, retry_after=RETRY_AFTER_SECONDS)
+
+
+def _database_unavailable(error: DatabaseError) -> GatewayError:
+    """The control plane's database is down or out of connections (psycopg's pool gives up after
+    `LOCALAI_DB_POOL_TIMEOUT`): a 503 the client may retry, never a 500 or a hang."""
+    logger.warning("gateway: the database is unavailable: %s", error)
+    return GatewayError(
+        503,
+        "The control plane's database is unavailable; retry shortly.",
+        type="server_error",
+        code="control_plane_unavailable",
+        retry_after=RETRY_AFTER_SECONDS,
+    )
 
 
 def _backend_error(error: WorkerError) -> GatewayError:
@@ -270,6 +284,16 @@ def parse_embeddings(body: dict[str, Any]) -> tuple[str, list[str], str]:
 async def _with_replica(
     model: str, authenticate: Callable[[], None], call: Callable[[router.Lease], Awaitable[Any]]
 ) -> tuple[router.Lease, Any]:
+    """`_claim_and_call`, with a database fault answered as a 503 (`control_plane_unavailable`)."""
+    try:
+        return await _claim_and_call(model, authenticate, call)
+    except DatabaseError as error:
+        raise _database_unavailable(error) from error
+
+
+async def _claim_and_call(
+    model: str, authenticate: Callable[[], None], call: Callable[[router.Lease], Awaitable[Any]]
+) -> tuple[router.Lease, Any]:
     """Claims a replica and runs `call` on it. A backend that cannot be reached before any byte was exchanged
     loses its replica and the call is retried once elsewhere (or on a new placement); never a third time.
     On success the caller owns the lease (and releases it); on failure it is already released."""
@@ -433,6 +457,8 @@ async def _bad_body(request: HttpRequest, error: GatewayError) -> HttpResponse:
         await router.run_db(_authenticator(request))
     except GatewayError as auth_error:
         return auth_error.response()
+    except DatabaseError as db_error:
+        return _database_unavailable(db_error).response()
     return error.response()
 
 
@@ -549,6 +575,8 @@ async def list_models(request: HttpRequest) -> HttpResponse:
         data = await router.run_db(_catalog, _authenticator(request))
     except GatewayError as error:
         return error.response()
+    except DatabaseError as db_error:
+        return _database_unavailable(db_error).response()
     return JsonResponse({"object": "list", "data": data})
 
 
