@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 
 from django.core.management.base import BaseCommand
+from django.db import close_old_connections
 
 
 class LoopCommand(BaseCommand):
@@ -33,6 +34,10 @@ class LoopCommand(BaseCommand):
                 run()
             except Exception as exc:  # a fault is reported; the loop goes on
                 self.stderr.write(f"tick failed: {exc}")
+            finally:
+                # What Django does around each request: drop a connection that a database fault broke (or
+                # that is past its age), so the next tick connects afresh instead of failing on it forever.
+                close_old_connections()
             time.sleep(max(self.interval() - (time.monotonic() - started), 0))
 
     def _run_once(self) -> None:
