@@ -234,6 +234,7 @@ class Engines:
             "REDIS_URL": self.redis_url,
             "LOCALAI_STATE_DIR": str(self.root / "state"),
             "DJANGO_SETTINGS_MODULE": "localai_cluster.settings",
+            "DJANGO_SECRET_KEY": "reliability-suite-secret-key-not-for-production-use-0123456789",
             "PYTHONUNBUFFERED": "1",
             **extra,
         }
