@@ -14,13 +14,25 @@ from django.db import connection
 # Fixed keys for the singleton loops (first argument of the two-key form: a namespace).
 NAMESPACE_LOOPS = 0x4C41  # "LA"
 NAMESPACE_MODEL_LOAD = 0x4C42  # per-model load lock: second key derived from the model name
+NAMESPACE_WEB_OWNER = (
+    0x4C43  # held by each web process for its lifetime: second key derived from its owner id
+)
 RECONCILER = 1
 HEALTH_MONITOR = 2
 
 
 def model_key(model_name: str) -> int:
     """A stable signed 32-bit key for a model name."""
-    digest = hashlib.blake2b(model_name.encode(), digest_size=4).digest()
+    return _key32(model_name)
+
+
+def owner_key(owner: object) -> int:
+    """A stable signed 32-bit key for a web process's owner id."""
+    return _key32(str(owner))
+
+
+def _key32(text: str) -> int:
+    digest = hashlib.blake2b(text.encode(), digest_size=4).digest()
     return int.from_bytes(digest, "big", signed=True)
 
 

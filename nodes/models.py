@@ -133,3 +133,23 @@ class ApiKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.prefix}…)"
+
+
+class InFlightClaim(models.Model):
+    """How many in-flight units one web process (`owner`) holds on one replica. The router writes it in the
+    same statement as `ModelReplica.in_flight`, so when a web process dies mid-request the health monitor
+    can give back exactly the units it held (see `nodes.inflight`)."""
+
+    owner = models.UUIDField()
+    replica = models.ForeignKey(ModelReplica, on_delete=models.CASCADE, related_name="claims")
+    count = models.IntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["owner", "replica"], name="inflightclaim_unique_owner_replica"),
+            models.CheckConstraint(condition=Q(count__gte=0), name="inflightclaim_count_gte_0"),
+        ]
+        indexes = [models.Index(fields=["owner"], name="inflightclaim_owner")]
+
+    def __str__(self) -> str:
+        return f"{self.owner}: {self.count} on replica {self.replica_id}"

@@ -5,6 +5,7 @@ Node states used here:
 - `unhealthy`: a healthy node whose heartbeat is older than half the stale threshold. The router and placement
   only use `healthy` nodes, so requests stop going to a node that has missed several heartbeats before it is
   declared dead. Its replica rows are kept: a late heartbeat makes it `healthy` again with nothing to reload.
+- in-flight units held by a web process that died are given back (nodes.inflight).
 - `offline`: heartbeat older than `LOCALAI_STALE_NODE_THRESHOLD`, whatever the status (draining too); its
   replica rows are removed so the reconciler places them elsewhere.
 """
@@ -26,6 +27,7 @@ from django.utils import timezone
 from localai_cluster import locks
 from localai_cluster.metrics import TICK_DURATION
 from nodes.choices import NodeStatus, NodeType, ReplicaState
+from nodes.inflight import inflight_reclaim_dead_owners
 from nodes.models import ModelReplica, Node
 
 logger = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ class HealthReport:
     recovered: list[str] = field(default_factory=list)
     probed: int = 0
     removed: list[str] = field(default_factory=list)  # "<node>/<process key>"
+    reclaimed: dict[str, int] = field(default_factory=dict)  # web process owner → in-flight units given back
     duration: float = 0.0
 
     def lines(self) -> list[str]:
@@ -55,6 +58,7 @@ class HealthReport:
             f"recovered: {', '.join(self.recovered) or '-'}",
             f"probed: {self.probed} replica(s)",
             f"removed: {', '.join(self.removed) or '-'}",
+            f"in-flight reclaimed from dead web processes: {sum(self.reclaimed.values())}",
         ]
 
 
@@ -71,6 +75,7 @@ def health_tick(*, now: datetime | None = None) -> HealthReport:
         report.unhealthy = mark_late_nodes_unhealthy(now=now)
         report.recovered = recover_fresh_nodes(now=now)
         report.probed, report.removed = probe_unheard_replicas(now=now)
+        report.reclaimed = inflight_reclaim_dead_owners()
     report.duration = time.monotonic() - started
     TICK_DURATION.labels("health").observe(report.duration)
     return report

@@ -22,7 +22,8 @@ from django.conf import settings
 from django.db import DatabaseError, connection
 
 from localai_cluster import locks
-from nodes.models import ModelReplica, Node, NodeLabel
+from nodes.inflight import PROCESS_OWNER
+from nodes.models import InFlightClaim, ModelReplica, Node, NodeLabel
 from nodes.tokens import backend_token_for
 from scheduling.models import ModelConfig, SchedulingRule
 from scheduling.placement import NoCapacity, UnknownModel
@@ -69,21 +70,39 @@ WHERE r.model_name = %(model)s
 # makes a claim that raced another change wait for it and re-check the row: a replica that left `loaded` (or
 # whose node stopped being routable) meanwhile is passed over for the next candidate, never claimed.
 _CLAIM_SQL = f"""
-UPDATE {ModelReplica._meta.db_table} AS claimed
-SET in_flight = claimed.in_flight + 1, last_used = now()
-FROM {Node._meta.db_table} AS node
-WHERE claimed.id = (
-    SELECT r.id {_ROUTABLE}
-    ORDER BY r.in_flight, (n.available_vram - n.reserved_vram) DESC, r.last_used ASC NULLS FIRST, r.id
-    LIMIT 1
-    FOR UPDATE OF r
-  )
-  AND node.id = claimed.node_id
-RETURNING claimed.id, claimed.replica_index, claimed.address, node.id, node.name, node.address
+WITH claimed AS (
+  UPDATE {ModelReplica._meta.db_table} AS claimed
+  SET in_flight = claimed.in_flight + 1, last_used = now()
+  FROM {Node._meta.db_table} AS node
+  WHERE claimed.id = (
+      SELECT r.id {_ROUTABLE}
+      ORDER BY r.in_flight, (n.available_vram - n.reserved_vram) DESC, r.last_used ASC NULLS FIRST, r.id
+      LIMIT 1
+      FOR UPDATE OF r
+    )
+    AND node.id = claimed.node_id
+  RETURNING claimed.id, claimed.replica_index, claimed.address, node.id AS node_id, node.name, node.address AS node_address
+), recorded AS (
+  INSERT INTO {InFlightClaim._meta.db_table} (owner, replica_id, count)
+  SELECT %(owner)s, id, 1 FROM claimed
+  ON CONFLICT (owner, replica_id) DO UPDATE SET count = {InFlightClaim._meta.db_table}.count + 1
+)
+SELECT id, replica_index, address, node_id, name, node_address FROM claimed
 """
 
+# Only a unit this owner still holds is given back: after the health monitor reclaimed a dead (or lost)
+# owner's units, their late releases change nothing. Locks are taken in the claim's order — the replica row,
+# then the claim row — so a claim and a release of the same replica can never deadlock.
 _RELEASE_SQL = f"""
-UPDATE {ModelReplica._meta.db_table} SET in_flight = GREATEST(in_flight - 1, 0) WHERE id = %s
+WITH target AS (
+  SELECT id FROM {ModelReplica._meta.db_table} WHERE id = %(replica)s FOR UPDATE
+), released AS (
+  UPDATE {InFlightClaim._meta.db_table} SET count = count - 1
+  WHERE owner = %(owner)s AND replica_id IN (SELECT id FROM target) AND count > 0
+  RETURNING replica_id
+)
+UPDATE {ModelReplica._meta.db_table} SET in_flight = GREATEST(in_flight - 1, 0)
+WHERE id IN (SELECT replica_id FROM released)
 """
 
 _ROUTABLE_EXISTS_SQL = f"SELECT EXISTS (SELECT 1 {_ROUTABLE})"
@@ -102,6 +121,7 @@ class Lease:
     node_name: str
     node_address: str
     backend_token: str
+    owner: Any = None  # the owner id the unit was recorded under (nodes.inflight)
     released: bool = field(default=False, repr=False)
 
     @property
@@ -113,7 +133,7 @@ class Lease:
         if self.released:
             return
         self.released = True
-        await _shielded(_hot_executor, replica_release, self.replica_id)
+        await _shielded(_hot_executor, replica_release, self.replica_id, self.owner)
 
     def release_soon(self) -> None:
         """Gives the in-flight unit back without waiting for it (the answer is complete and need not wait
@@ -121,7 +141,7 @@ class Lease:
         if self.released:
             return
         self.released = True
-        release_in_background(self.replica_id)
+        release_in_background(self.replica_id, self.owner)
 
 
 # --- sync: database work -----------------------------------------------------------------------------------
@@ -130,9 +150,11 @@ class Lease:
 def replica_pick_and_claim(*, model_name: str, exclude: Sequence[int] = ()) -> Lease | None:
     """Claims one in-flight unit on the best routable replica of `model_name`: `loaded`, on a healthy,
     approved backend node matching the model's rule's selector now; fewest in-flight first (ties: most
-    effective free VRAM on its node, then least recently used). One statement. None when there is none."""
+    effective free VRAM on its node, then least recently used). The unit is recorded under this process's
+    owner id in the same statement. None when there is no routable replica."""
+    owner = PROCESS_OWNER.id()
     with connection.cursor() as cursor:
-        cursor.execute(_CLAIM_SQL, {"model": model_name, "exclude": list(exclude)})
+        cursor.execute(_CLAIM_SQL, {"model": model_name, "exclude": list(exclude), "owner": owner})
         row = cursor.fetchone()
     if row is None:
         return None
@@ -146,13 +168,15 @@ def replica_pick_and_claim(*, model_name: str, exclude: Sequence[int] = ()) -> L
         node_name=node_name,
         node_address=node_address,
         backend_token=backend_token_for(Node(id=node_id)),
+        owner=owner,
     )
 
 
-def replica_release(replica_id: int) -> None:
-    """Gives back one in-flight unit (never below 0)."""
+def replica_release(replica_id: int, owner: Any) -> None:
+    """Gives back one in-flight unit that `owner` holds on the replica (never below 0; nothing when the
+    unit was already reclaimed)."""
     with connection.cursor() as cursor:
-        cursor.execute(_RELEASE_SQL, [replica_id])
+        cursor.execute(_RELEASE_SQL, {"owner": owner, "replica": replica_id})
 
 
 def model_has_routable_replica(*, model_name: str) -> bool:
@@ -318,6 +342,6 @@ def _stop_key(node_id: Any, process_key: str) -> None:
 _background: set[asyncio.Future[Any]] = set()
 
 
-def release_in_background(replica_id: int) -> None:
+def release_in_background(replica_id: int, owner: Any) -> None:
     """Gives back one in-flight unit from a pool thread, without an event loop (finalizers)."""
-    _hot_executor.submit(_in_hot_thread, replica_release, replica_id)
+    _hot_executor.submit(_in_hot_thread, replica_release, replica_id, owner)

@@ -44,12 +44,10 @@ def another_session_holding(namespace: int, key: int) -> Iterator[None]:
     """An advisory lock held by a separate database session (a plain psycopg connection: a pooled Django
     connection would go back to the pool on close still holding the lock)."""
     import psycopg
-    from django.db import connection
 
-    params = connection.get_connection_params()
-    params.pop("cursor_factory", None)
-    params.pop("context", None)
-    with psycopg.connect(**params, autocommit=True) as other:
+    from nodes.inflight import plain_connection_params
+
+    with psycopg.connect(**plain_connection_params(), autocommit=True) as other:
         other.execute("SELECT pg_advisory_lock(%s, %s)", [namespace, key])
         yield
 

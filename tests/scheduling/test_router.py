@@ -33,7 +33,7 @@ def test_claim_updates_last_used_and_in_flight():  # 87
     assert lease.replica_id == replica.id
     assert replica.in_flight == 1
     assert replica.last_used is not None
-    replica_release(replica.id)
+    replica_release(replica.id, lease.owner)
     replica.refresh_from_db()
     assert replica.in_flight == 0
 
@@ -129,11 +129,11 @@ def _waiting_on_a_lock() -> bool:
 
 def test_release_never_goes_below_zero():  # 95
     replica = ReplicaFactory(node=node("n1"), model_name="m")
-    replica_pick_and_claim(model_name="m")
+    lease = replica_pick_and_claim(model_name="m")
     replica_pick_and_claim(model_name="m")
     assert flights() == {"n1": 2}
     for expected in (1, 0, 0):
-        replica_release(replica.id)
+        replica_release(replica.id, lease.owner)
         assert flights() == {"n1": expected}
 
 
@@ -159,3 +159,27 @@ async def test_unknown_model_raises_without_loading():
 
     with pytest.raises(UnknownModel):
         await router.acquire("never-heard-of")
+
+
+def test_claims_are_recorded_under_this_process_owner():
+    from nodes.models import InFlightClaim
+
+    replica = ReplicaFactory(node=node("n1"), model_name="m")
+    lease = replica_pick_and_claim(model_name="m")
+    replica_pick_and_claim(model_name="m")
+    assert list(InFlightClaim.objects.values_list("owner", "replica_id", "count")) == [
+        (lease.owner, replica.id, 2)
+    ]
+
+
+def test_a_release_of_a_reclaimed_unit_changes_nothing():
+    """After the health monitor gave back a (lost) owner's units, that owner's late release must not take a
+    unit another process holds."""
+    from nodes.models import InFlightClaim
+
+    replica = ReplicaFactory(node=node("n1"), model_name="m")
+    lease = replica_pick_and_claim(model_name="m")
+    InFlightClaim.objects.filter(owner=lease.owner).delete()  # reclaimed
+    ModelReplica.objects.filter(pk=replica.pk).update(in_flight=1)  # another process's unit
+    replica_release(replica.id, lease.owner)
+    assert flights() == {"n1": 1}
