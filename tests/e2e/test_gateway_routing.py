@@ -124,7 +124,9 @@ def test_cold_model_burst_loads_exactly_once(cp_server, start_agents):
     ModelConfigFactory(name="cold", options={"options": ["load_ms:500"]})
     with ThreadPoolExecutor(50) as pool:
         answers = list(pool.map(lambda i: chat(cp_server.url, "cold", f"r{i}"), range(50)))
-    assert [answer.status_code for answer in answers] == [200] * 50, [a.text for a in answers if a.status_code != 200]
+    assert [answer.status_code for answer in answers] == [200] * 50, [
+        a.text for a in answers if a.status_code != 200
+    ]
     assert sum(agent.load_count("cold") for agent in agents) == 1
     assert ModelReplica.objects.filter(model_name="cold").count() == 1
     wait_in_flight_zero("cold")
