@@ -20,12 +20,6 @@ class Conflict(exceptions.APIException):
     default_code = "conflict"
 
 
-class NoCapacity(exceptions.APIException):
-    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
-    default_detail = "No capacity."
-    default_code = "no_capacity"
-
-
 def _first_message(detail: Any) -> str:
     if isinstance(detail, dict):
         for value in detail.values():

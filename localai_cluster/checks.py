@@ -30,3 +30,16 @@ def check_registration_token(app_configs, **kwargs):
             )
         ]
     return []
+
+
+@register()
+def check_allowed_hosts(app_configs, **kwargs):
+    if not settings.DEBUG and not settings.ALLOWED_HOSTS_FROM_ENV:
+        return [
+            Warning(
+                "DJANGO_ALLOWED_HOSTS is not set: only localhost, 127.0.0.1 and [::1] are served.",
+                hint="Set DJANGO_ALLOWED_HOSTS to the host names clients and agents use, comma-separated.",
+                id="localai_cluster.W002",
+            )
+        ]
+    return []

@@ -18,7 +18,14 @@ DEBUG = env_bool("DJANGO_DEBUG", default=False)
 _INSECURE_DEV_KEY = "django-insecure-localai-cluster-dev-only"
 SECRET_KEY = env_str("DJANGO_SECRET_KEY") or _INSECURE_DEV_KEY
 USING_INSECURE_SECRET_KEY = SECRET_KEY == _INSECURE_DEV_KEY
-ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
+# Unset: loopback names only (a system check warns when DEBUG is off), so a deployment must name its hosts.
+ALLOWED_HOSTS_FROM_ENV = "DJANGO_ALLOWED_HOSTS" in os.environ
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
+# Behind a reverse proxy that terminates TLS: trust its X-Forwarded-Proto and mark cookies Secure.
+if env_bool("DJANGO_BEHIND_TLS_PROXY", default=False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
 
 # --- cluster behaviour (CONTRACT §2) -------------------------------------------------------------

@@ -7,13 +7,13 @@ import threading
 
 import pytest
 from asgiref.sync import sync_to_async
+from channels.testing import WebsocketCommunicator
 from django.contrib.auth import get_user_model
 from django.test import Client
 
 from localai_cluster.asgi import application
 from tests.factories import NodeFactory
 from tests.ui.agents import AgentNode
-from tests.ui.websocket import WebsocketCommunicator
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
