@@ -6,13 +6,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TYPE_CHECKING, TypedDict, cast
 
-from django.db.models import Count, IntegerField, OuterRef, QuerySet, Subquery, Value
-from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from nodes.choices import ReplicaState
-from nodes.models import ModelReplica
 from scheduling.models import ModelConfig, SchedulingRule
+from scheduling.selectors import rules_with_current_replicas
 
 if TYPE_CHECKING:
     from django_stubs_ext import WithAnnotations
@@ -31,12 +28,6 @@ def rule_mode(rule: SchedulingRule) -> str:
     return MODE_INACTIVE
 
 
-class CurrentReplicas(TypedDict):
-    """The annotation `rules_with_current_replicas` adds."""
-
-    current_replicas: int
-
-
 class RuleRowFields(TypedDict):
     """What `rule_rows` sets on each rule."""
 
@@ -44,22 +35,6 @@ class RuleRowFields(TypedDict):
     mode: str
     selector_items: list[tuple[str, str]]
     breaker_open: bool
-
-
-def rules_with_current_replicas() -> QuerySet[WithAnnotations[SchedulingRule, CurrentReplicas]]:
-    """Rules by model name with `current_replicas` (loading + loaded rows of the model): one query."""
-    current = (
-        ModelReplica.objects.filter(
-            model_name=OuterRef("model_name"), state__in=[ReplicaState.LOADING, ReplicaState.LOADED]
-        )
-        .order_by()
-        .values("model_name")
-        .annotate(n=Count("id"))
-        .values("n")
-    )
-    return SchedulingRule.objects.annotate(
-        current_replicas=Coalesce(Subquery(current, output_field=IntegerField()), Value(0))
-    ).order_by("model_name")
 
 
 def rule_rows(now: datetime | None = None) -> list[WithAnnotations[SchedulingRule, RuleRowFields]]:

@@ -3,8 +3,6 @@ Thin: parse, call a service, render."""
 
 from __future__ import annotations
 
-from django.db.models import Count, IntegerField, OuterRef, QuerySet, Subquery, Value
-from django.db.models.functions import Coalesce
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import exceptions, status
@@ -13,8 +11,6 @@ from rest_framework.response import Response
 
 from nodes.api.admin_serializers import AUTH_ERRORS, error_responses, model_name_problem
 from nodes.api.permissions import AdminAPIView
-from nodes.choices import ReplicaState
-from nodes.models import ModelReplica
 from scheduling.api.serializers import (
     ModelConfigSerializer,
     ModelConfigUpdateSerializer,
@@ -23,6 +19,7 @@ from scheduling.api.serializers import (
 )
 from scheduling.catalog import model_config_delete, model_config_upsert
 from scheduling.models import ModelConfig, SchedulingRule
+from scheduling.selectors import rules_with_current_replicas
 from scheduling.services import rule_delete, rule_upsert
 
 MODEL_PATH_PARAM = OpenApiParameter(
@@ -47,22 +44,6 @@ def _checked_name(name: str, what: str) -> str:
 
 
 # --- scheduling rules -----------------------------------------------------------------------------------
-
-
-def rules_with_current_replicas() -> QuerySet[SchedulingRule]:
-    """Rules annotated with `current_replicas` (loading + loaded rows of the model), in one query."""
-    current = (
-        ModelReplica.objects.filter(
-            model_name=OuterRef("model_name"), state__in=[ReplicaState.LOADING, ReplicaState.LOADED]
-        )
-        .order_by()
-        .values("model_name")
-        .annotate(n=Count("id"))
-        .values("n")
-    )
-    return SchedulingRule.objects.annotate(
-        current_replicas=Coalesce(Subquery(current, output_field=IntegerField()), Value(0))
-    ).order_by("model_name")
 
 
 class RuleListView(AdminAPIView):

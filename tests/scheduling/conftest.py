@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.conftest import free_port, wait_until
+from tests.scheduling.fake_agent import FakeAgent, FakeAgentServer
 from worker_client.client import backend_health
 
 
@@ -32,3 +33,12 @@ def echo_backend() -> Iterator[Callable[[str], tuple[str, subprocess.Popen]]]:
     for process in processes:
         process.kill()
         process.wait(timeout=10)
+
+
+@pytest.fixture
+def agent() -> Iterator[FakeAgent]:
+    """A real in-process gRPC WorkerControl server that records LoadReplica and StopReplica calls."""
+    fake = FakeAgent()
+    with FakeAgentServer(fake) as server:
+        fake.address = server.address
+        yield fake

@@ -19,17 +19,8 @@ from tests.factories import (
     ReplicaFactory,
     RuleFactory,
 )
-from tests.scheduling.fake_agent import FakeAgent, FakeAgentServer
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-def agent():
-    fake = FakeAgent()
-    with FakeAgentServer(fake) as server:
-        fake.address = server.address
-        yield fake
 
 
 def gpu_node(agent, name, vram_gib=0, cap=1, **extra):

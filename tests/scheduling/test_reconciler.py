@@ -24,14 +24,6 @@ from tests.scheduling.fake_agent import FakeAgent, FakeAgentServer
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-@pytest.fixture
-def agent():
-    fake = FakeAgent()
-    with FakeAgentServer(fake) as server:
-        fake.address = server.address
-        yield fake
-
-
 def nodes(agent, count, cap=1, **extra):
     return [
         NodeFactory(address=agent.address, worker_max_replicas_per_model=cap, **extra) for _ in range(count)
