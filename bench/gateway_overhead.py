@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import os
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -218,6 +219,16 @@ async def bench(cluster: Cluster, args: argparse.Namespace) -> None:
                 f"{gm:>12.2f}ms{gp:>8.2f}ms{gt:>9.0f}  +{gm - dm:.2f} ms / {gt / dt:.0%}"
             )
 
+        if shutil.which("wrk"):
+            print(
+                "through the gateway, load from wrk (a C client: the HTTP client's own cost mostly removed)"
+            )
+            for concurrency in (1, 32):
+                median, p99, rate = run_wrk(cluster.url, body, concurrency, args.wrk_seconds)
+                print(f"concurrency {concurrency:<2}{median:>12.2f}ms{p99:>8.2f}ms{rate:>9.0f}")
+        else:
+            print("(install wrk — apt-get install wrk — for gateway figures measured with a C HTTP client)")
+
         stream_body = {"model": args.stream_model, "messages": messages, "stream": True}
         warm = await http.post("/v1/chat/completions", json=stream_body)
         warm.raise_for_status()
@@ -244,12 +255,62 @@ async def bench(cluster: Cluster, args: argparse.Namespace) -> None:
         )
 
 
+def _wrk_ms(text: str) -> float:
+    value = float(text.rstrip("mus"))
+    if text.endswith("us"):
+        return value / 1000
+    if text.endswith("ms"):
+        return value
+    return value * 1000  # seconds
+
+
+def run_wrk(url: str, body: dict, concurrency: int, seconds: int) -> tuple[float, float, float]:
+    """(median ms, p99 ms, req/s) of POST /v1/chat/completions under wrk; fails on any non-2xx answer."""
+    import json
+    import re
+    import tempfile
+
+    script = "\n".join(
+        [
+            'wrk.method = "POST"',
+            f"wrk.body = {json.dumps(json.dumps(body))}",
+            'wrk.headers["Content-Type"] = "application/json"',
+        ]
+    )
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua:
+        lua.write(script)
+    threads = min(concurrency, 2)
+    output = subprocess.run(
+        [
+            "wrk",
+            f"-t{threads}",
+            f"-c{concurrency}",
+            f"-d{seconds}s",
+            "--latency",
+            "-s",
+            lua.name,
+            f"{url}/v1/chat/completions",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    os.unlink(lua.name)
+    if "Non-2xx" in output or "Socket errors" in output:
+        raise SystemExit(f"wrk saw failed requests:\n{output}")
+    median = _wrk_ms(re.search(r"^\s+50%\s+(\S+)", output, re.M).group(1))
+    p99 = _wrk_ms(re.search(r"^\s+99%\s+(\S+)", output, re.M).group(1))
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
+    return median, p99, rate
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000, help="requests per concurrency level and path")
     parser.add_argument("--stream-requests", type=int, default=200)
     parser.add_argument("--token-delay-ms", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2, help="uvicorn web processes")
+    parser.add_argument("--wrk-seconds", type=int, default=10, help="duration of each wrk run")
     args = parser.parse_args()
     print("reproduce: .venv/bin/python bench/gateway_overhead.py " + shlex.join(sys.argv[1:]))
     _setup_django()

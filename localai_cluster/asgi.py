@@ -18,16 +18,25 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
-from localai_cluster.lean_asgi import LeanASGIHandler, lean_paths_router  # noqa: E402
+from localai_cluster.lean_asgi import LeanASGIHandler, lean_paths_router, with_lifespan  # noqa: E402
 from localai_cluster.routing import websocket_urlpatterns  # noqa: E402
 
 # The OpenAI gateway and the probes skip Django's middleware stack (see lean_asgi); everything else gets it.
 LEAN_PATHS = ("/v1/", "/healthz", "/readyz", "/metrics")
 http_app = lean_paths_router(LeanASGIHandler(), ASGIStaticFilesHandler(django_asgi_app), LEAN_PATHS)
 
-application = ProtocolTypeRouter(
+protocols = ProtocolTypeRouter(
     {
         "http": http_app,
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )
+
+
+async def _close_pools() -> None:
+    from scheduling.router import close_hot_pools
+
+    await close_hot_pools()
+
+
+application = with_lifespan(protocols, on_shutdown=_close_pools)

@@ -93,3 +93,23 @@ def lean_paths_router(lean_app, full_app, prefixes: tuple[str, ...]):
             await full_app(scope, receive, send)
 
     return app
+
+
+def with_lifespan(app, *, on_shutdown):
+    """An ASGI app answering the lifespan protocol itself (Django does not): at shutdown it awaits
+    `on_shutdown()` (closing the gateway's async connection pools), everything else goes to `app`."""
+
+    async def wrapped(scope, receive, send) -> None:
+        if scope["type"] != "lifespan":
+            await app(scope, receive, send)
+            return
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await on_shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    return wrapped

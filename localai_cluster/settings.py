@@ -63,13 +63,13 @@ _DB_POOL = env_bool("LOCALAI_DB_POOL", default=True)
 _database["CONN_MAX_AGE"] = 0
 # How long a request waits for a pooled connection (also while the database is down) before it fails; the
 # gateway then answers 503 `control_plane_unavailable`.
-_DB_POOL_TIMEOUT = env_seconds("LOCALAI_DB_POOL_TIMEOUT", 10, minimum=0.1)
+LOCALAI_DB_POOL_TIMEOUT = env_seconds("LOCALAI_DB_POOL_TIMEOUT", 10, minimum=0.1)
 _database["OPTIONS"] = (
     {
         "pool": {
             "min_size": 1,
             "max_size": env_int("LOCALAI_DB_POOL_SIZE", 20, minimum=1),
-            "timeout": _DB_POOL_TIMEOUT,
+            "timeout": LOCALAI_DB_POOL_TIMEOUT,
         }
     }
     if _DB_POOL

@@ -67,3 +67,27 @@ def api_keys_exist() -> bool:
     """Whether any key was ever created. The gateway is open only while this is False; a revoked key still
     counts, so revoking the last (leaked) key does not open the gateway to everyone."""
     return ApiKey.objects.exists()
+
+
+# One round trip: whether any key exists, and whether this hash names an active key (and when it was last used).
+_GATEWAY_AUTH_SQL = f"""
+SELECT EXISTS (SELECT 1 FROM {ApiKey._meta.db_table}),
+       (SELECT id FROM {ApiKey._meta.db_table} WHERE key_hash = %(hash)s AND revoked_at IS NULL),
+       (SELECT last_used_at FROM {ApiKey._meta.db_table} WHERE key_hash = %(hash)s AND revoked_at IS NULL)
+"""
+_TOUCH_SQL = f"UPDATE {ApiKey._meta.db_table} SET last_used_at = %s WHERE id = %s"
+
+
+async def gateway_request_allowed(conn, raw: str | None) -> bool:
+    """The gateway's rule on an async psycopg connection (its hot path, no thread hop): open while no key
+    was ever created; else `raw` must be an active key. Same rule as `api_keys_exist` + `api_key_authenticate`,
+    including the `last_used_at` refresh at most every `LAST_USED_RESOLUTION`."""
+    digest = api_key_hash(raw) if raw and len(raw) <= 512 else ""
+    cursor = await conn.execute(_GATEWAY_AUTH_SQL, {"hash": digest})
+    any_key, key_id, last_used_at = await cursor.fetchone()
+    if key_id is not None:
+        now = timezone.now()
+        if last_used_at is None or now - last_used_at > LAST_USED_RESOLUTION:
+            await conn.execute(_TOUCH_SQL, [now, key_id])
+        return True
+    return not any_key

@@ -57,6 +57,12 @@ class ProcessOwner:
             assert self._id is not None
             return self._id
 
+    def fresh_id(self) -> uuid.UUID | None:
+        """The owner id when its lock connection was checked recently (no I/O), else None: call `id()`."""
+        if self._id is not None and time.monotonic() - self._checked_at <= OWNER_CHECK_INTERVAL:
+            return self._id
+        return None
+
     def _alive(self, now: float) -> bool:
         try:
             assert self._conn is not None

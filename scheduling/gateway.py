@@ -1,8 +1,8 @@
 """The OpenAI-compatible gateway (`/v1/*`, CONTRACT §3.4): async views that map OpenAI requests to LocalAI's
 `PredictOptions`, route them through the router and answer OpenAI JSON or Server-Sent Events.
 
-The hot path is one thread hop to authenticate and claim a replica, the gRPC call on the event loop, and one
-hop to release. Every claimed in-flight unit is released exactly once: after the answer, on a backend error,
+The hot path runs on the event loop: one statement checks the API key and one claims a replica (psycopg async
+connections, no thread hop), then the gRPC call, and the release after the answer. Every claimed in-flight unit is released exactly once: after the answer, on a backend error,
 and when a streaming client disconnects (the stream's `finally`, with a finalizer as a last resort).
 """
 
@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import psycopg
 from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
@@ -86,7 +87,7 @@ def _placement_error(error: Exception, model: str) -> GatewayError:
     return GatewayError(503, reason, type="server_error", code=code, retry_after=RETRY_AFTER_SECONDS)
 
 
-def _database_unavailable(error: DatabaseError) -> GatewayError:
+def _database_unavailable(error: Exception) -> GatewayError:
     """The control plane's database is down or out of connections (psycopg's pool gives up after
     `LOCALAI_DB_POOL_TIMEOUT`): a 503 the client may retry, never a 500 or a hang."""
     logger.warning("gateway: the database is unavailable: %s", error)
@@ -282,17 +283,17 @@ def parse_embeddings(body: dict[str, Any]) -> tuple[str, list[str], str]:
 
 
 async def _with_replica(
-    model: str, authenticate: Callable[[], None], call: Callable[[router.Lease], Awaitable[Any]]
+    model: str, raw_key: str | None, call: Callable[[router.Lease], Awaitable[Any]]
 ) -> tuple[router.Lease, Any]:
     """`_claim_and_call`, with a database fault answered as a 503 (`control_plane_unavailable`)."""
     try:
-        return await _claim_and_call(model, authenticate, call)
-    except DatabaseError as error:
+        return await _claim_and_call(model, raw_key, call)
+    except (DatabaseError, psycopg.Error) as error:
         raise _database_unavailable(error) from error
 
 
 async def _claim_and_call(
-    model: str, authenticate: Callable[[], None], call: Callable[[router.Lease], Awaitable[Any]]
+    model: str, raw_key: str | None, call: Callable[[router.Lease], Awaitable[Any]]
 ) -> tuple[router.Lease, Any]:
     """Claims a replica and runs `call` on it. A backend that cannot be reached before any byte was exchanged
     loses its replica and the call is retried once elsewhere (or on a new placement); never a third time.
@@ -301,8 +302,10 @@ async def _claim_and_call(
     for attempt in (0, 1):
         try:
             lease = await router.acquire(
-                model, exclude=exclude, prepare=authenticate if attempt == 0 else None
+                model, exclude=exclude, raw_key=raw_key if attempt == 0 else router.NO_AUTH
             )
+        except router.Unauthorized:
+            raise _unauthorized() from None
         except (UnknownModel, NoCapacity, LoadFailed) as error:
             raise _placement_error(error, model) from error
         try:
@@ -471,7 +474,7 @@ async def _complete(
         completion = parse(_json_body(request))
     except GatewayError as error:
         return await _bad_body(request, error)
-    authenticate = _authenticator(request)
+    raw_key = _bearer(request)
     fields = completion.fields
     try:
         if not completion.stream:
@@ -479,7 +482,7 @@ async def _complete(
             async def predict(lease: router.Lease) -> Reply:
                 return await _backend(lease).predict(fields)
 
-            lease, reply = await _with_replica(completion.model, authenticate, predict)
+            lease, reply = await _with_replica(completion.model, raw_key, predict)
             lease.release_soon()
             body = _chat_body(completion, reply) if chat else _text_body(completion, reply)
             _observe(completion.model, endpoint, 200, started)
@@ -493,7 +496,7 @@ async def _complete(
                 await stream.aclose()  # type: ignore[attr-defined]
                 raise
 
-        lease, (first, stream) = await _with_replica(completion.model, authenticate, open_stream)
+        lease, (first, stream) = await _with_replica(completion.model, raw_key, open_stream)
     except GatewayError as error:
         _observe(completion.model, endpoint, error.status, started)
         return error.response()
@@ -541,7 +544,7 @@ async def embeddings(request: HttpRequest) -> HttpResponse:
         return list(await asyncio.gather(*(client.embedding(text) for text in texts)))
 
     try:
-        lease, vectors = await _with_replica(model, _authenticator(request), embed)
+        lease, vectors = await _with_replica(model, _bearer(request), embed)
     except GatewayError as error:
         _observe(model, "embeddings", error.status, started)
         return error.response()

@@ -108,6 +108,13 @@ WHERE id IN (SELECT replica_id FROM released)
 _ROUTABLE_EXISTS_SQL = f"SELECT EXISTS (SELECT 1 {_ROUTABLE})"
 
 
+NO_AUTH = object()  # `aclaim` without the gateway's key check
+
+
+class Unauthorized(Exception):
+    """The gateway's key rule refused the request (no valid key while keys exist)."""
+
+
 @dataclass
 class Lease:
     """One in-flight unit claimed on a loaded replica. Release it exactly once (`release`), or drop the
@@ -133,7 +140,7 @@ class Lease:
         if self.released:
             return
         self.released = True
-        await _shielded(_hot_executor, replica_release, self.replica_id, self.owner)
+        await asyncio.shield(_in_background(arelease(self.replica_id, self.owner)))
 
     def release_soon(self) -> None:
         """Gives the in-flight unit back without waiting for it (the answer is complete and need not wait
@@ -141,7 +148,7 @@ class Lease:
         if self.released:
             return
         self.released = True
-        release_in_background(self.replica_id, self.owner)
+        _in_background(arelease(self.replica_id, self.owner))
 
 
 # --- sync: database work -----------------------------------------------------------------------------------
@@ -228,6 +235,97 @@ def model_is_known(*, model_name: str) -> bool:
     )
 
 
+# --- the hot path on native async connections ---------------------------------------------------------------
+# Claim, release and the gateway's key check run on psycopg's async connections, on the event loop: no thread
+# hop and no GIL hand-off per request. One pool per event loop (a pool belongs to its loop); `close_hot_pools`
+# runs at ASGI lifespan shutdown.
+
+HOT_POOL_SIZE = 10
+_hot_pools: dict[int, Any] = {}
+
+
+async def hot_pool() -> Any:
+    """This event loop's pool of autocommit connections to the default database."""
+    from psycopg_pool import AsyncConnectionPool
+
+    loop = asyncio.get_running_loop()
+    pool = _hot_pools.get(id(loop))
+    if pool is None:
+        from nodes.inflight import plain_connection_params
+
+        params = await asyncio.to_thread(plain_connection_params)
+        pool = AsyncConnectionPool(
+            kwargs={**params, "autocommit": True},
+            min_size=1,
+            max_size=HOT_POOL_SIZE,
+            open=False,
+            timeout=float(settings.LOCALAI_DB_POOL_TIMEOUT),
+            name="router-hot",
+        )
+        _hot_pools[id(loop)] = pool
+        await pool.open()
+    return pool
+
+
+async def close_hot_pools() -> None:
+    """Closes this event loop's pool (ASGI lifespan shutdown)."""
+    pool = _hot_pools.pop(id(asyncio.get_running_loop()), None)
+    if pool is not None:
+        await pool.close()
+
+
+def _in_background(work: Any) -> asyncio.Task:
+    """Runs `work` as a task that nothing cancels and that is kept alive until it ends."""
+    task = asyncio.ensure_future(work)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+    return task
+
+
+async def _owner() -> Any:
+    owner = PROCESS_OWNER.fresh_id()
+    return owner if owner is not None else await asyncio.to_thread(PROCESS_OWNER.id)
+
+
+def _lease(model_name: str, row: tuple, owner: Any) -> Lease:
+    replica_id, index, address, node_id, node_name, node_address = row
+    return Lease(
+        replica_id=replica_id,
+        model_name=model_name,
+        replica_index=index,
+        address=address,
+        node_id=node_id,
+        node_name=node_name,
+        node_address=node_address,
+        backend_token=backend_token_for(Node(id=node_id)),
+        owner=owner,
+    )
+
+
+async def aclaim(model_name: str, *, exclude: Sequence[int] = (), raw_key: Any = NO_AUTH) -> Lease | None:
+    """`replica_pick_and_claim` on the event loop. With `raw_key` (a bearer value or None), first checks the
+    gateway's key rule on the same connection and raises `Unauthorized` when it fails."""
+    from nodes.apikeys import gateway_request_allowed
+
+    owner = await _owner()
+    pool = await hot_pool()
+    async with pool.connection() as conn:
+        if raw_key is not NO_AUTH and not await gateway_request_allowed(conn, raw_key):
+            raise Unauthorized()
+        cursor = await conn.execute(
+            _CLAIM_SQL, {"model": model_name, "exclude": list(exclude), "owner": owner}
+        )
+        row = await cursor.fetchone()
+    return None if row is None else _lease(model_name, row, owner)
+
+
+async def arelease(replica_id: int, owner: Any) -> None:
+    """`replica_release` on the event loop."""
+    pool = await hot_pool()
+    async with pool.connection() as conn:
+        await conn.execute(_RELEASE_SQL, {"owner": owner, "replica": replica_id})
+
+
 # --- async API ---------------------------------------------------------------------------------------------
 
 
@@ -281,26 +379,18 @@ async def _ensure_loaded(model_name: str) -> None:
     await asyncio.shield(future)
 
 
-async def acquire(
-    model_name: str, *, exclude: Sequence[int] = (), prepare: Callable[[], None] | None = None
-) -> Lease:
+async def acquire(model_name: str, *, exclude: Sequence[int] = (), raw_key: Any = NO_AUTH) -> Lease:
     """A claimed in-flight unit on a replica of `model_name`, loading one first when the model is cold.
 
-    `prepare` (sync, e.g. authentication) runs in the same thread hop before the pick, so a warm request
-    costs one hop. Raises `UnknownModel` (not in the catalog and no replica), `NoCapacity(reason)` or
-    `LoadFailed`."""
-
-    def first_try() -> Lease | None:
-        if prepare is not None:
-            prepare()
-        return replica_pick_and_claim(model_name=model_name, exclude=exclude)
-
-    lease = await run_db(first_try)
+    With `raw_key` (the request's bearer value, or None), the gateway's key rule is checked on the same
+    connection as the claim first (`Unauthorized`). A warm request costs two statements on the event loop.
+    Raises `UnknownModel` (not in the catalog and no replica), `NoCapacity(reason)` or `LoadFailed`."""
+    lease = await aclaim(model_name, exclude=exclude, raw_key=raw_key)
     if lease is not None:
         return lease
     for _round in range(2):
         await _ensure_loaded(model_name)
-        lease = await run_db(replica_pick_and_claim, model_name=model_name, exclude=exclude)
+        lease = await aclaim(model_name, exclude=exclude)
         if lease is not None:
             return lease
     raise NoCapacity(f"no replica of {model_name} could be claimed")

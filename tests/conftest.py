@@ -85,7 +85,7 @@ class ControlPlaneServer:
             host="127.0.0.1",
             port=self.port,
             log_level="warning",
-            lifespan="off",
+            lifespan="on",
             timeout_graceful_shutdown=2,
         )
         self._server = uvicorn.Server(config)
