@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from django.core.exceptions import PermissionDenied, ValidationError
+from django.db import InterfaceError, OperationalError
 from django.http import Http404
 from rest_framework import exceptions, status
 from rest_framework.response import Response
@@ -36,6 +37,15 @@ def error_body(message: str, details: dict | None = None) -> dict[str, Any]:
 
 def exception_handler(exc: Exception, context: dict) -> Response | None:
     """Render every API error as `{"error": "<one sentence>", "details": {...}}`."""
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        # The database is down or out of connections: a clean, retryable answer instead of an HTML 500.
+        logger.warning("API: the database is unavailable: %s", exc)
+        response = Response(
+            error_body("The control plane's database is unavailable; retry shortly."),
+            status=status.HTTP_503_SERVICE_UNAVAILABLE,
+        )
+        response["Retry-After"] = "5"
+        return response
     if isinstance(exc, Http404):
         exc = exceptions.NotFound(str(exc) or "Not found.")
     elif isinstance(exc, PermissionDenied):

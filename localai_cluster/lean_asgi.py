@@ -21,6 +21,8 @@ from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.core.handlers.exception import convert_exception_to_response
 from django.urls import set_script_prefix
 
+LEAN_URLCONF = "localai_cluster.lean_urls"
+
 
 class LeanASGIHandler(ASGIHandler):
     def load_middleware(self, is_async: bool = False) -> None:
@@ -49,6 +51,7 @@ class LeanASGIHandler(ASGIHandler):
             body_file.close()
             await self.send_response(error_response, send)
             return
+        request.urlconf = LEAN_URLCONF  # type: ignore[attr-defined]  # Django reads it; the stubs omit it
 
         async def process_request() -> object:
             response = await self.run_get_response(request)

@@ -61,6 +61,9 @@ if _database.get("ENGINE") != "django.db.backends.postgresql":
 # psycopg's pool: opening a connection per request would dominate the gateway's hot path.
 _DB_POOL = env_bool("LOCALAI_DB_POOL", default=True)
 _database["CONN_MAX_AGE"] = 0
+# With the pool, Django then checks each connection as it leaves the pool: one that died while pooled (the
+# database restarted) is replaced instead of failing a request.
+_database["CONN_HEALTH_CHECKS"] = True
 # How long a request waits for a pooled connection (also while the database is down) before it fails; the
 # gateway then answers 503 `control_plane_unavailable`.
 LOCALAI_DB_POOL_TIMEOUT = env_seconds("LOCALAI_DB_POOL_TIMEOUT", 10, minimum=0.1)

@@ -254,8 +254,12 @@ async def hot_pool() -> Any:
         from nodes.inflight import plain_connection_params
 
         params = await asyncio.to_thread(plain_connection_params)
+        # Asynchronous commit on these connections only: they write in-flight counters and their claim rows,
+        # always together in one transaction, so a database crash can lose the last few of them but never
+        # split them; the owners' claims are reclaimed after such a crash anyway (nodes.inflight).
+        options = f"{params.pop('options', '')} -c synchronous_commit=off".strip()
         pool = AsyncConnectionPool(
-            kwargs={**params, "autocommit": True},
+            kwargs={**params, "autocommit": True, "options": options},
             min_size=1,
             max_size=HOT_POOL_SIZE,
             open=False,

@@ -29,8 +29,9 @@ DEFAULT_HEALTH_TIMEOUT = 2.0
 # Short reconnect backoff: a replaced backend comes back on the same port within a second or two.
 _CHANNEL_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
+    # Not `grpc.min_reconnect_backoff_ms`: gRPC also takes it as the minimum connect timeout, and at 100 ms a
+    # busy agent's handshake times out ("timed out before receiving SETTINGS frame"); the default is 20 s.
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_metadata_size", 64 * 1024),  # room for a failed load's stderr lines in the status message
 )
