@@ -88,10 +88,12 @@ class Cluster:
             time.sleep(0.2)
         raise SystemExit(f"the control plane did not start; see {self.log_dir}/web.log")
 
-    def add_agent(self, name: str, *, slots: int = 1, vram: str = "24GiB") -> None:
+    def add_agent(self, name: str, *, slots: int = 1, vram: str = "24GiB", labels: str = "") -> None:
         address = f"127.0.0.1:{_free_port()}"
         command = [sys.executable, "-m", "worker_client.agent", "--register-to", self.url, "--addr", address]
         command += ["--node-name", name, "--max-replicas-per-model", str(slots), "--vram", vram]
+        if labels:
+            command += ["--node-labels", labels]
         command += ["--drain-timeout", "2s"]
         self._spawn(command, f"{name}.log")
         self.agents.append((name, address))
@@ -131,6 +133,17 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 process.kill()
         Node.objects.filter(name__in=[name for name, _ in self.agents]).delete()
+
+
+def pin_to_this_run(models: list[str], suffix: int) -> None:
+    """Placement rules keeping the models on this run's agents (labelled `bench=<suffix>`), never on a node
+    another run left behind in the same database."""
+    from scheduling.models import SchedulingRule
+
+    for model in models:
+        SchedulingRule.objects.update_or_create(
+            model_name=model, defaults={"node_selector": {"bench": str(suffix)}}
+        )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -328,7 +341,8 @@ def main() -> None:
     )
     cluster = Cluster(workers=args.workers)
     try:
-        cluster.add_agent(f"bench-agent-{suffix}", slots=2)
+        cluster.add_agent(f"bench-agent-{suffix}", slots=2, labels=f"bench={suffix}")
+        pin_to_this_run([args.model, args.stream_model], suffix)
         cluster.wait_agents()
         print(
             f"control plane {cluster.url} ({args.workers} uvicorn workers), 1 agent, echo backend; logs in {cluster.log_dir}"
@@ -336,9 +350,10 @@ def main() -> None:
         asyncio.run(bench(cluster, args))
     finally:
         cluster.stop()
-        from scheduling.models import ModelConfig
+        from scheduling.models import ModelConfig, SchedulingRule
 
         ModelConfig.objects.filter(name__in=[args.model, args.stream_model]).delete()
+        SchedulingRule.objects.filter(model_name__in=[args.model, args.stream_model]).delete()
 
 
 if __name__ == "__main__":
