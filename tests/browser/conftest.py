@@ -35,7 +35,10 @@ def browser(django_db_setup, monkeypatch):
     open, so the ORM calls of the test (factories, assertions) are allowed here explicitly; the browser is
     closed after each test so that no other test runs under that permission."""
     if not shutil.which(CHROMIUM) and not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+        message = f"no Chromium at {CHROMIUM} (apt-get install chromium)"
+        if os.environ.get("LOCALAI_REQUIRE_BROWSER"):
+            pytest.fail(message)  # CI: a missing browser is a failure, not a skip
+        pytest.skip(message)
     from playwright.sync_api import sync_playwright
 
     monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
