@@ -17,20 +17,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ControlPlaneServer, free_port, wait_until
+from tests.e2e.conftest import child_pids
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def _children(pid: int) -> set[int]:
-    children = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            children.add(int(stat.parent.name))
-    return children
 
 
 class RealAgent:
@@ -85,7 +74,7 @@ class RealAgent:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        backends = _children(self.process.pid)
+        backends = child_pids(self.process.pid)
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
