@@ -2,9 +2,39 @@
 
 from __future__ import annotations
 
-from django.db import transaction
+import logging
+from dataclasses import dataclass, field
+from typing import Any
 
-from scheduling.models import SchedulingRule
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Count, F, Q, Sum
+from django.db.models.functions import Coalesce, Least
+
+from localai_cluster import metrics
+from nodes.choices import NodeStatus, NodeType, ReplicaState
+from nodes.models import ModelReplica, Node
+from nodes.services import (
+    replica_claim_slot,
+    replica_mark_loaded,
+    replica_release_failed,
+    replica_remove,
+    replica_stop_on_agent,
+)
+from nodes.tokens import node_token_for
+from scheduling.models import ModelConfig, SchedulingRule
+from scheduling.placement import (
+    IdleReplica,
+    LoadFailed,
+    ModelRequirement,
+    NoCapacity,
+    NodeSnapshot,
+    UnknownModel,
+    choose_eviction,
+    place,
+)
+from worker_client.client import WorkerControlClient
+from worker_client.errors import WorkerError
 
 # --- scheduling rules (admin API: /api/nodes/scheduling) ---------------------------------------------------
 
@@ -41,40 +71,6 @@ def rule_delete(*, model_name: str) -> bool:
 # --- end of scheduling rules ------------------------------------------------------------------------------
 
 # --- placement (router and reconciler share this: BEHAVIOUR §4) -------------------------------------------
-# Imports of this section are kept here so the section can be read (and merged) on its own.
-import logging  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Any  # noqa: E402
-
-from django.conf import settings  # noqa: E402
-from django.db.models import Count, F, Q, Sum  # noqa: E402
-from django.db.models.functions import Coalesce, Least  # noqa: E402
-
-from localai_cluster import metrics  # noqa: E402
-from nodes.choices import NodeStatus, NodeType, ReplicaState  # noqa: E402
-from nodes.models import ModelReplica, Node  # noqa: E402
-from nodes.services import (  # noqa: E402
-    replica_claim_slot,
-    replica_mark_loaded,
-    replica_release_failed,
-    replica_remove,
-    replica_stop_on_agent,
-)
-from nodes.tokens import node_token_for  # noqa: E402
-from scheduling.models import ModelConfig  # noqa: E402
-from scheduling.placement import (  # noqa: E402
-    IdleReplica,
-    LoadFailed,
-    ModelRequirement,
-    NoCapacity,
-    NodeSnapshot,
-    UnknownModel,
-    choose_eviction,
-    place,
-)
-from worker_client.client import WorkerControlClient  # noqa: E402
-from worker_client.errors import WorkerError  # noqa: E402
-
 placement_logger = logging.getLogger("scheduling.placement")
 
 # Deadline of the short WorkerControl calls (stop); a load waits LOCALAI_LOAD_TIMEOUT on top of it.
