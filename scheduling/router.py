@@ -163,20 +163,7 @@ def replica_pick_and_claim(*, model_name: str, exclude: Sequence[int] = ()) -> L
     with connection.cursor() as cursor:
         cursor.execute(_CLAIM_SQL, {"model": model_name, "exclude": list(exclude), "owner": owner})
         row = cursor.fetchone()
-    if row is None:
-        return None
-    replica_id, index, address, node_id, node_name, node_address = row
-    return Lease(
-        replica_id=replica_id,
-        model_name=model_name,
-        replica_index=index,
-        address=address,
-        node_id=node_id,
-        node_name=node_name,
-        node_address=node_address,
-        backend_token=backend_token_for(Node(id=node_id)),
-        owner=owner,
-    )
+    return None if row is None else _lease(model_name, row, owner)
 
 
 def replica_release(replica_id: int, owner: Any) -> None:
