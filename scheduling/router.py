@@ -208,9 +208,10 @@ def replica_ensure_loaded(*, model_name: str, timeout: float) -> None:
                 return
             finally:
                 locks.advisory_unlock(locks.NAMESPACE_MODEL_LOAD, key)
-        if time.monotonic() + delay > deadline:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
             raise NoCapacity(f"timed out after {timeout:g}s waiting for {model_name} to load")
-        time.sleep(delay)
+        time.sleep(min(delay, remaining))
         delay = min(delay * 1.5, LOCK_POLL_MAX)
 
 
