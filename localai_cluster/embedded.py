@@ -13,13 +13,15 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 import subprocess
+import tempfile
 import time
 import warnings
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +50,9 @@ def ensure_postgres(state_dir: Path) -> str:
     with _file_lock(state_dir / "pg.lock"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         server = pgserver.get_server(str(pgdata), cleanup_mode="stop")
-    socket_dir = str(server.pgdata)
+    # pgserver puts its socket in the data folder, or somewhere shorter when that path is too long for a unix
+    # socket: take the directory from the URI it reports.
+    socket_dir = parse_qs(urlsplit(server.get_uri()).query).get("host", [str(server.pgdata)])[0]
     return f"postgresql://postgres@{quote(socket_dir, safe='')}/postgres"
 
 
@@ -75,7 +79,7 @@ def ensure_redis(state_dir: Path) -> str:
     Like pgserver, the server is shared: every process that calls this registers its pid, and the last one to
     exit shuts the server down. Children that inherit `REDIS_URL` rely on their parent to keep it alive.
     """
-    socket_path = state_dir / "redis.sock"
+    socket_path = redis_socket_path(state_dir)
     users_file = state_dir / "redis.users"
     with _file_lock(state_dir / "redis.lock"):
         if not _redis_answers(socket_path):
@@ -83,6 +87,19 @@ def ensure_redis(state_dir: Path) -> str:
         _write_pids(users_file, _live_pids(users_file) | {os.getpid()})
     atexit.register(_release_redis, state_dir, socket_path)
     return f"unix://{socket_path}"
+
+
+# A unix socket path holds at most 107 bytes; a state folder deep in a long path gets a short socket in /tmp.
+_MAX_SOCKET_PATH = 100
+
+
+def redis_socket_path(state_dir: Path) -> Path:
+    """`state_dir/redis.sock`, or a short path in the temp folder named after the state folder."""
+    path = state_dir / "redis.sock"
+    if len(str(path).encode()) <= _MAX_SOCKET_PATH:
+        return path
+    digest = hashlib.blake2b(str(state_dir).encode(), digest_size=6).hexdigest()
+    return Path(tempfile.gettempdir()) / f"localai-cluster-{digest}.redis.sock"
 
 
 def _live_pids(path: Path) -> set[int]:

@@ -42,7 +42,7 @@ def _engines(state_dir: Path) -> dict[str, str]:
         _say(f"starting embedded PostgreSQL (data in {state_dir / 'pg'})")
         env["DATABASE_URL"] = embedded.ensure_postgres(state_dir)
     if not os.environ.get("REDIS_URL"):
-        _say(f"starting embedded Redis (socket {state_dir / 'redis.sock'})")
+        _say(f"starting embedded Redis (socket {embedded.redis_socket_path(state_dir)})")
         env["REDIS_URL"] = embedded.ensure_redis(state_dir)
     return env
 
