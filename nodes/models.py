@@ -26,7 +26,7 @@ class Node(models.Model):
     gpu_vendor = models.CharField(max_length=64, blank=True, default="")
     worker_max_replicas_per_model = models.IntegerField(default=1)
     max_replicas_override = models.IntegerField(null=True, blank=True)
-    token_hash = models.CharField(max_length=64, blank=True, default="", editable=False)
+    token_hash = models.CharField(max_length=64, blank=True, default="", editable=False, db_index=True)
     token_salt = models.CharField(max_length=64, blank=True, default="", editable=False)
     last_heartbeat = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
