@@ -60,48 +60,30 @@ def _manage(*args: str) -> None:
     subprocess.run([PYTHON, "manage.py", *args], cwd=BASE_DIR, check=True)
 
 
-def _children(host: str, port: int, state_dir: Path) -> list[Child]:
+def _children(host: str, port: int, state_dir: Path, agent_ports: tuple[int, int]) -> list[Child]:
     url = f"http://{host}:{port}"
-    agent = [PYTHON, "-m", "worker_client.agent", "--register-to", url, "--heartbeat-interval", "5s"]
+    web = [
+        "uvicorn",
+        "localai_cluster.asgi:application",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
+    celery = ["celery", "-A", "localai_cluster"]
+    agent = ["worker_client.agent", "--register-to", url, "--heartbeat-interval", "5s", "--vram", "24GiB"]
+    first, second = agent_ports
     return [
-        Child(
-            "web",
-            [
-                PYTHON,
-                "-m",
-                "uvicorn",
-                "localai_cluster.asgi:application",
-                "--host",
-                host,
-                "--port",
-                str(port),
-                "--log-level",
-                "warning",
-            ],
-        ),
-        Child(
-            "celery-worker",
-            [
-                PYTHON,
-                "-m",
-                "celery",
-                "-A",
-                "localai_cluster",
-                "worker",
-                "--loglevel",
-                "info",
-                "--concurrency",
-                "2",
-            ],
-        ),
+        Child("web", [PYTHON, "-m", *web]),
+        Child("celery-worker", [PYTHON, "-m", *celery, "worker", "--loglevel", "info", "--concurrency", "2"]),
         Child(
             "celery-beat",
             [
                 PYTHON,
                 "-m",
-                "celery",
-                "-A",
-                "localai_cluster",
+                *celery,
                 "beat",
                 "--loglevel",
                 "info",
@@ -109,17 +91,17 @@ def _children(host: str, port: int, state_dir: Path) -> list[Child]:
                 str(state_dir / "celerybeat-schedule"),
             ],
         ),
-        Child("agent-1", [*agent, "--node-name", "local-1", "--addr", "127.0.0.1:50051", "--vram", "24GiB"]),
+        Child("agent-1", [PYTHON, "-m", *agent, "--node-name", "local-1", "--addr", f"127.0.0.1:{first}"]),
         Child(
             "agent-2",
             [
+                PYTHON,
+                "-m",
                 *agent,
                 "--node-name",
                 "local-2",
                 "--addr",
-                "127.0.0.1:50151",
-                "--vram",
-                "24GiB",
+                f"127.0.0.1:{second}",
                 "--max-replicas-per-model",
                 "2",
             ],
@@ -203,7 +185,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="./dev up", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--agent-ports",
+        default="50051,50151",
+        help="WorkerControl ports of the two agents (backends take the next ports)",
+    )
     args = parser.parse_args(argv)
+    try:
+        first, second = (int(port) for port in args.agent_ports.split(","))
+    except ValueError:
+        parser.error("--agent-ports takes two ports, e.g. 50051,50151")
 
     state_dir = embedded.default_state_dir(BASE_DIR)
     log_dir = state_dir / "logs"
@@ -218,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     _manage("bootstrap_demo")
 
     url = f"http://{args.host}:{args.port}"
-    children = _children(args.host, args.port, state_dir)
+    children = _children(args.host, args.port, state_dir, (first, second))
     try:
         _start(children[0], log_dir)
         if not _wait_ready(url):
