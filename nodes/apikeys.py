@@ -69,25 +69,25 @@ def api_keys_exist() -> bool:
     return ApiKey.objects.exists()
 
 
-# One round trip: whether any key exists, and whether this hash names an active key (and when it was last used).
-_GATEWAY_AUTH_SQL = f"""
-SELECT EXISTS (SELECT 1 FROM {ApiKey._meta.db_table}),
-       (SELECT id FROM {ApiKey._meta.db_table} WHERE key_hash = %(hash)s AND revoked_at IS NULL),
-       (SELECT last_used_at FROM {ApiKey._meta.db_table} WHERE key_hash = %(hash)s AND revoked_at IS NULL)
+# The gateway's key rule as one SELECT (the router runs it in the same statement as its claim): `allowed` is
+# true while no key was ever created, else only for an active key; `key_id` and `key_last_used_at` name that key.
+GATEWAY_AUTH_SELECT = f"""
+SELECT NOT EXISTS (SELECT 1 FROM {ApiKey._meta.db_table}) OR key.id IS NOT NULL AS allowed,
+       key.id AS key_id, key.last_used_at AS key_last_used_at
+FROM (SELECT 1) AS one
+LEFT JOIN {ApiKey._meta.db_table} AS key ON key.key_hash = %(hash)s AND key.revoked_at IS NULL
 """
 _TOUCH_SQL = f"UPDATE {ApiKey._meta.db_table} SET last_used_at = %s WHERE id = %s"
 
 
-async def gateway_request_allowed(conn, raw: str | None) -> bool:
-    """The gateway's rule on an async psycopg connection (its hot path, no thread hop): open while no key
-    was ever created; else `raw` must be an active key. Same rule as `api_keys_exist` + `api_key_authenticate`,
-    including the `last_used_at` refresh at most every `LAST_USED_RESOLUTION`."""
-    digest = api_key_hash(raw) if raw and len(raw) <= 512 else ""
-    cursor = await conn.execute(_GATEWAY_AUTH_SQL, {"hash": digest})
-    any_key, key_id, last_used_at = await cursor.fetchone()
-    if key_id is not None:
-        now = timezone.now()
-        if last_used_at is None or now - last_used_at > LAST_USED_RESOLUTION:
-            await conn.execute(_TOUCH_SQL, [now, key_id])
-        return True
-    return not any_key
+def gateway_key_hash(raw: str | None) -> str:
+    """What `GATEWAY_AUTH_SELECT` compares: the stored hash of a bearer value ("" for none or an absurd one)."""
+    return api_key_hash(raw) if raw and len(raw) <= 512 else ""
+
+
+async def gateway_key_used(conn, key_id: int, last_used_at) -> None:
+    """Refreshes `last_used_at` of a key the gateway accepted, at most every `LAST_USED_RESOLUTION` (same rule
+    as `api_key_authenticate`), on the gateway's async psycopg connection."""
+    now = timezone.now()
+    if last_used_at is None or now - last_used_at > LAST_USED_RESOLUTION:
+        await conn.execute(_TOUCH_SQL, [now, key_id])

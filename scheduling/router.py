@@ -22,6 +22,7 @@ from django.conf import settings
 from django.db import DatabaseError, connection
 
 from localai_cluster import locks
+from nodes.apikeys import GATEWAY_AUTH_SELECT, gateway_key_hash, gateway_key_used
 from nodes.inflight import PROCESS_OWNER
 from nodes.models import InFlightClaim, ModelReplica, Node, NodeLabel
 from nodes.tokens import backend_token_for
@@ -69,8 +70,8 @@ WHERE r.model_name = %(model)s
 # then most effective free VRAM on its node, then least recently used — gets `in_flight + 1`. `FOR UPDATE`
 # makes a claim that raced another change wait for it and re-check the row: a replica that left `loaded` (or
 # whose node stopped being routable) meanwhile is passed over for the next candidate, never claimed.
-_CLAIM_SQL = f"""
-WITH claimed AS (
+_CLAIMED_CTE = f"""
+claimed AS (
   UPDATE {ModelReplica._meta.db_table} AS claimed
   SET in_flight = claimed.in_flight + 1, last_used = now()
   FROM {Node._meta.db_table} AS node
@@ -81,13 +82,26 @@ WITH claimed AS (
       FOR UPDATE OF r
     )
     AND node.id = claimed.node_id
+    /*guard*/
   RETURNING claimed.id, claimed.replica_index, claimed.address, node.id AS node_id, node.name, node.address AS node_address
 ), recorded AS (
   INSERT INTO {InFlightClaim._meta.db_table} (owner, replica_id, count)
   SELECT %(owner)s, id, 1 FROM claimed
   ON CONFLICT (owner, replica_id) DO UPDATE SET count = {InFlightClaim._meta.db_table}.count + 1
-)
+)"""
+
+_CLAIM_SQL = f"""
+WITH {_CLAIMED_CTE}
 SELECT id, replica_index, address, node_id, name, node_address FROM claimed
+"""
+
+# The gateway's key check and the claim in one round trip: nothing is claimed unless the key rule allows the
+# request; the answer is always one row (the check's outcome, and the claimed replica or NULLs).
+_AUTHORIZED_CLAIM_SQL = f"""
+WITH auth AS ({GATEWAY_AUTH_SELECT}), {_CLAIMED_CTE.replace("/*guard*/", "AND (SELECT allowed FROM auth)")}
+SELECT auth.allowed, auth.key_id, auth.key_last_used_at,
+       claimed.id, claimed.replica_index, claimed.address, claimed.node_id, claimed.name, claimed.node_address
+FROM auth LEFT JOIN claimed ON true
 """
 
 # Only a unit this owner still holds is given back: after the health monitor reclaimed a dead (or lost)
@@ -295,19 +309,24 @@ def _lease(model_name: str, row: tuple, owner: Any) -> Lease:
 
 
 async def aclaim(model_name: str, *, exclude: Sequence[int] = (), raw_key: Any = NO_AUTH) -> Lease | None:
-    """`replica_pick_and_claim` on the event loop. With `raw_key` (a bearer value or None), first checks the
-    gateway's key rule on the same connection and raises `Unauthorized` when it fails."""
-    from nodes.apikeys import gateway_request_allowed
-
+    """`replica_pick_and_claim` on the event loop. With `raw_key` (a bearer value or None), the gateway's key
+    rule is checked in the same statement, and `Unauthorized` raised (nothing claimed) when it fails."""
     owner = await _owner()
+    params = {"model": model_name, "exclude": list(exclude), "owner": owner}
     pool = await hot_pool()
     async with pool.connection() as conn:
-        if raw_key is not NO_AUTH and not await gateway_request_allowed(conn, raw_key):
-            raise Unauthorized()
-        cursor = await conn.execute(
-            _CLAIM_SQL, {"model": model_name, "exclude": list(exclude), "owner": owner}
-        )
-        row = await cursor.fetchone()
+        if raw_key is NO_AUTH:
+            row = await (await conn.execute(_CLAIM_SQL, params)).fetchone()
+        else:
+            params["hash"] = gateway_key_hash(raw_key)
+            allowed, key_id, key_last_used_at, *claimed = await (
+                await conn.execute(_AUTHORIZED_CLAIM_SQL, params)
+            ).fetchone()
+            if not allowed:
+                raise Unauthorized()
+            if key_id is not None:
+                await gateway_key_used(conn, key_id, key_last_used_at)
+            row = tuple(claimed) if claimed[0] is not None else None
     return None if row is None else _lease(model_name, row, owner)
 
 

@@ -53,6 +53,24 @@
     return !document.querySelector("dialog[open]") && !document.querySelector(".menu-list:not([hidden])");
   };
 
+  // A poll answer is dropped when an action completed while it was on its way: it may describe the state
+  // from before the action and would overwrite the action's fresher answer until the next poll.
+  let actionsDone = 0;
+  const isPoll = (elt) => elt instanceof Element && elt.hasAttribute("data-poll");
+  document.addEventListener("htmx:beforeRequest", (event) => {
+    if (isPoll(event.target)) event.target.dataset.pollAfter = String(actionsDone);
+  });
+  document.addEventListener("htmx:afterRequest", (event) => {
+    if (!isPoll(event.target)) actionsDone += 1;
+  });
+  document.addEventListener("htmx:beforeSwap", (event) => {
+    // Fired on the swap's target; the element that made the request is in the request's config.
+    const source = event.detail.requestConfig && event.detail.requestConfig.elt;
+    if (isPoll(source) && source.dataset.pollAfter !== String(actionsDone)) {
+      event.detail.shouldSwap = false;
+    }
+  });
+
   /* ---------------------------------------------------------------- dialogs */
 
   const FOCUSABLE = "button:not([disabled]), [href], input:not([disabled]):not([type=hidden]), select, textarea, [tabindex]:not([tabindex='-1'])";
