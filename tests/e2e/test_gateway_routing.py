@@ -195,6 +195,11 @@ def test_eviction_takes_an_idle_replica_but_never_below_min(cp_server, start_age
 
     rule.delete()
     answer = chat(cp_server.url, "new")
+    if answer.status_code == 503:
+        # A heartbeat the agent built just before the eviction's stop can report old#0's VRAM as used for one
+        # more interval; the client's retry after Retry-After is answered (the agent heartbeats every second).
+        time.sleep(1.5)
+        answer = chat(cp_server.url, "new")
     assert answer.status_code == 200
     assert not ModelReplica.objects.filter(model_name="old").exists()
     wait_until(
