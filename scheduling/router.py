@@ -243,41 +243,50 @@ def model_is_known(*, model_name: str) -> bool:
 # runs at ASGI lifespan shutdown.
 
 HOT_POOL_SIZE = 10
-_hot_pools: dict[int, Any] = {}
+# One pool per event loop, created once: concurrent first requests all wait for the same opening.
+_hot_pools: dict[int, asyncio.Task] = {}
 
 
 async def hot_pool() -> Any:
     """This event loop's pool of autocommit connections to the default database."""
+    loop = asyncio.get_running_loop()
+    opening = _hot_pools.get(id(loop))
+    if opening is None:
+        opening = _hot_pools[id(loop)] = loop.create_task(_open_hot_pool())
+        # A pool that could not open (the database is down) is forgotten, so a later request tries again.
+        opening.add_done_callback(
+            lambda task: _hot_pools.pop(id(loop), None) if task.cancelled() or task.exception() else None
+        )
+    return await asyncio.shield(opening)
+
+
+async def _open_hot_pool() -> Any:
     from psycopg_pool import AsyncConnectionPool
 
-    loop = asyncio.get_running_loop()
-    pool = _hot_pools.get(id(loop))
-    if pool is None:
-        from nodes.inflight import plain_connection_params
+    from nodes.inflight import plain_connection_params
 
-        params = await asyncio.to_thread(plain_connection_params)
-        # Asynchronous commit on these connections only: they write in-flight counters and their claim rows,
-        # always together in one transaction, so a database crash can lose the last few of them but never
-        # split them; the owners' claims are reclaimed after such a crash anyway (nodes.inflight).
-        options = f"{params.pop('options', '')} -c synchronous_commit=off".strip()
-        pool = AsyncConnectionPool(
-            kwargs={**params, "autocommit": True, "options": options},
-            min_size=1,
-            max_size=HOT_POOL_SIZE,
-            open=False,
-            timeout=float(settings.LOCALAI_DB_POOL_TIMEOUT),
-            name="router-hot",
-        )
-        _hot_pools[id(loop)] = pool
-        await pool.open()
+    params = await asyncio.to_thread(plain_connection_params)
+    # Asynchronous commit on these connections only: they write in-flight counters and their claim rows,
+    # always together in one transaction, so a database crash can lose the last few of them but never
+    # split them; the owners' claims are reclaimed after such a crash anyway (nodes.inflight).
+    options = f"{params.pop('options', '')} -c synchronous_commit=off".strip()
+    pool = AsyncConnectionPool(
+        kwargs={**params, "autocommit": True, "options": options},
+        min_size=1,
+        max_size=HOT_POOL_SIZE,
+        open=False,
+        timeout=float(settings.LOCALAI_DB_POOL_TIMEOUT),
+        name="router-hot",
+    )
+    await pool.open()
     return pool
 
 
 async def close_hot_pools() -> None:
     """Closes this event loop's pool (ASGI lifespan shutdown)."""
-    pool = _hot_pools.pop(id(asyncio.get_running_loop()), None)
-    if pool is not None:
-        await pool.close()
+    opening = _hot_pools.pop(id(asyncio.get_running_loop()), None)
+    if opening is not None and opening.done() and not opening.cancelled() and opening.exception() is None:
+        await opening.result().close()
 
 
 def _in_background(work: Any) -> asyncio.Task:

@@ -183,3 +183,14 @@ def test_a_release_of_a_reclaimed_unit_changes_nothing():
     ModelReplica.objects.filter(pk=replica.pk).update(in_flight=1)  # another process's unit
     replica_release(replica.id, lease.owner)
     assert flights() == {"n1": 1}
+
+
+async def test_concurrent_first_requests_share_one_hot_pool():
+    """The first requests of an event loop all wait for one pool, instead of each opening its own."""
+    pools = await asyncio.gather(*(router.hot_pool() for _ in range(20)))
+    try:
+        assert len({id(pool) for pool in pools}) == 1
+    finally:
+        await router.close_hot_pools()
+    assert await router.hot_pool() is not pools[0]  # closed and forgotten: the next request opens a new one
+    await router.close_hot_pools()
