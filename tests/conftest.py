@@ -52,6 +52,22 @@ def another_session_holding(namespace: int, key: int) -> Iterator[None]:
         yield
 
 
+def test_database_url() -> str:
+    """The URL of this test run's database, for subprocesses (web, Celery) that must share it."""
+    from urllib.parse import quote
+
+    from django.conf import settings
+
+    db = settings.DATABASES["default"]
+    host = quote(db["HOST"] or "", safe="")
+    port = f":{db['PORT']}" if db.get("PORT") else ""
+    password = f":{quote(db['PASSWORD'])}" if db.get("PASSWORD") else ""
+    return f"postgresql://{quote(db['USER'] or '')}{password}@{host}{port}/{db['NAME']}"
+
+
+test_database_url.__test__ = False  # a helper, not a test
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

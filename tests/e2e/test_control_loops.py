@@ -9,7 +9,6 @@ import subprocess
 import sys
 import uuid
 from datetime import timedelta
-from urllib.parse import quote
 
 import pytest
 from django.conf import settings as django_settings
@@ -21,7 +20,7 @@ from nodes.models import ModelReplica
 from scheduling.health import health_tick
 from scheduling.models import SchedulingRule
 from scheduling.reconciler import reconcile_tick
-from tests.conftest import wait_until
+from tests.conftest import test_database_url, wait_until
 from tests.e2e.gateway_support import REPO_ROOT, start_agents_fixture  # noqa: F401
 from tests.factories import ModelConfigFactory, RuleFactory
 from tests.scheduling.fake_agent import FakeAgent, FakeAgentServer
@@ -110,14 +109,6 @@ def test_beat_schedule_runs_both_loops_at_the_configured_intervals():
     assert schedule["reconcile"]["options"]["expires"] == django_settings.LOCALAI_RECONCILE_INTERVAL
 
 
-def _test_database_url() -> str:
-    db = django_settings.DATABASES["default"]
-    host = quote(db["HOST"] or "", safe="")
-    port = f":{db['PORT']}" if db.get("PORT") else ""
-    password = f":{quote(db['PASSWORD'])}" if db.get("PASSWORD") else ""
-    return f"postgresql://{quote(db['USER'] or '')}{password}@{host}{port}/{db['NAME']}"
-
-
 def test_reconcile_task_runs_through_a_real_celery_worker_on_redis(tmp_path):
     agent = FakeAgent()
     with FakeAgentServer(agent) as server:
@@ -147,7 +138,7 @@ def test_reconcile_task_runs_through_a_real_celery_worker_on_redis(tmp_path):
                 "--without-mingle",
             ],
             cwd=REPO_ROOT,
-            env={**os.environ, "DATABASE_URL": _test_database_url(), "LOCALAI_DB_POOL": "false"},
+            env={**os.environ, "DATABASE_URL": test_database_url(), "LOCALAI_DB_POOL": "false"},
             stdout=log,
             stderr=subprocess.STDOUT,
         )

@@ -13,9 +13,8 @@ import pytest
 
 from nodes.models import InFlightClaim
 from scheduling.health import health_tick
-from tests.conftest import free_port, wait_until
+from tests.conftest import free_port, test_database_url, wait_until
 from tests.e2e.gateway_support import REPO_ROOT, in_flight, place, start_agents_fixture  # noqa: F401
-from tests.e2e.test_control_loops import _test_database_url
 from tests.factories import ModelConfigFactory
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -53,7 +52,7 @@ def test_a_killed_web_process_leaks_no_in_flight(cp_server, start_agents, tmp_pa
             "warning",
         ],
         cwd=REPO_ROOT,
-        env={**os.environ, "DATABASE_URL": _test_database_url()},
+        env={**os.environ, "DATABASE_URL": test_database_url()},
         stdout=log,
         stderr=subprocess.STDOUT,
     )

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote
 
 import httpx
 import pytest
@@ -23,17 +22,6 @@ import pytest
 from tests.conftest import free_port, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def run_database_url() -> str:
-    """The URL of this test run's database, for subprocesses (web, Celery) that must share it."""
-    from django.conf import settings
-
-    db = settings.DATABASES["default"]
-    host = quote(db["HOST"] or "", safe="")
-    port = f":{db['PORT']}" if db.get("PORT") else ""
-    password = f":{quote(db['PASSWORD'])}" if db.get("PASSWORD") else ""
-    return f"postgresql://{quote(db['USER'] or '')}{password}@{host}{port}/{db['NAME']}"
 
 
 class ManagedProcess:

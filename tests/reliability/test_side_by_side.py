@@ -13,10 +13,10 @@ import pytest
 
 from localai_cluster.celery import app as celery_app
 from nodes.models import ModelReplica
-from tests.conftest import free_port, wait_until
+from tests.conftest import free_port, test_database_url, wait_until
 from tests.e2e.gateway_support import start_agents_fixture, wait_in_flight_zero  # noqa: F401
 from tests.factories import ModelConfigFactory, NodeFactory, RuleFactory
-from tests.reliability.conftest import celery_worker_argv, run_database_url, wait_http_ok, web_argv
+from tests.reliability.conftest import celery_worker_argv, wait_http_ok, web_argv
 from tests.scheduling.fake_agent import FakeAgent, FakeAgentServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 def subprocess_env(**extra: str) -> dict[str, str]:
     """This test run's database (and the shared Redis, secret key and settings) for a subprocess."""
-    return {**os.environ, "DATABASE_URL": run_database_url(), "PYTHONUNBUFFERED": "1", **extra}
+    return {**os.environ, "DATABASE_URL": test_database_url(), "PYTHONUNBUFFERED": "1", **extra}
 
 
 def chat(url: str, model: str, text: str) -> httpx.Response:
