@@ -115,21 +115,6 @@ def _bearer(request: HttpRequest) -> str | None:
     return value.strip() if scheme.lower() == "bearer" and value.strip() else None
 
 
-def _authenticator(request: HttpRequest) -> Callable[[], None]:
-    """A sync check (run in the router's thread hop): open while no API key exists, else a valid key."""
-    raw = _bearer(request)
-
-    def authenticate() -> None:
-        from nodes.apikeys import api_key_authenticate, api_keys_exist
-
-        if raw is not None and api_key_authenticate(raw) is not None:
-            return
-        if api_keys_exist():
-            raise _unauthorized()
-
-    return authenticate
-
-
 # --- request parsing -----------------------------------------------------------------------------------------
 
 
@@ -457,10 +442,10 @@ def _observe(model: str, endpoint: str, status: int, started: float) -> None:
 async def _bad_body(request: HttpRequest, error: GatewayError) -> HttpResponse:
     """Answers a body error, after authentication (a client without a valid key learns nothing more)."""
     try:
-        await router.run_db(_authenticator(request))
-    except GatewayError as auth_error:
-        return auth_error.response()
-    except DatabaseError as db_error:
+        await router.authorize(_bearer(request))
+    except router.Unauthorized:
+        return _unauthorized().response()
+    except (DatabaseError, psycopg.Error) as db_error:
         return _database_unavailable(db_error).response()
     return error.response()
 
@@ -563,8 +548,7 @@ async def embeddings(request: HttpRequest) -> HttpResponse:
     return JsonResponse(body)
 
 
-def _catalog(authenticate: Callable[[], None]) -> list[dict[str, Any]]:
-    authenticate()
+def _catalog() -> list[dict[str, Any]]:
     return [
         {"id": name, "object": "model", "created": int(created_at.timestamp()), "owned_by": OWNED_BY}
         for name, created_at in ModelConfig.objects.order_by("name").values_list("name", "created_at")
@@ -575,10 +559,11 @@ def _catalog(authenticate: Callable[[], None]) -> list[dict[str, Any]]:
 async def list_models(request: HttpRequest) -> HttpResponse:
     """`GET /v1/models`: the catalog in OpenAI's list shape."""
     try:
-        data = await router.run_db(_catalog, _authenticator(request))
-    except GatewayError as error:
-        return error.response()
-    except DatabaseError as db_error:
+        await router.authorize(_bearer(request))
+        data = await router.run_db(_catalog)
+    except router.Unauthorized:
+        return _unauthorized().response()
+    except (DatabaseError, psycopg.Error) as db_error:
         return _database_unavailable(db_error).response()
     return JsonResponse({"object": "list", "data": data})
 

@@ -26,7 +26,7 @@ from nodes.apikeys import GATEWAY_AUTH_SELECT, gateway_key_hash, gateway_key_use
 from nodes.inflight import PROCESS_OWNER
 from nodes.models import InFlightClaim, ModelReplica, Node, NodeLabel
 from nodes.tokens import backend_token_for
-from scheduling.models import ModelConfig, SchedulingRule
+from scheduling.models import SchedulingRule
 from scheduling.placement import NoCapacity, UnknownModel
 
 logger = logging.getLogger(__name__)
@@ -229,14 +229,6 @@ def replica_ensure_loaded(*, model_name: str, timeout: float) -> None:
         delay = min(delay * 1.5, LOCK_POLL_MAX)
 
 
-def model_is_known(*, model_name: str) -> bool:
-    """In the catalog, or has a replica row somewhere."""
-    return (
-        ModelConfig.objects.filter(name=model_name).exists()
-        or ModelReplica.objects.filter(model_name=model_name).exists()
-    )
-
-
 # --- the hot path on native async connections ---------------------------------------------------------------
 # Claim, release and the gateway's key check run on psycopg's async connections, on the event loop: no thread
 # hop and no GIL hand-off per request. One pool per event loop (a pool belongs to its loop); `close_hot_pools`
@@ -331,12 +323,25 @@ async def aclaim(model_name: str, *, exclude: Sequence[int] = (), raw_key: Any =
             allowed, key_id, key_last_used_at, *claimed = await (
                 await conn.execute(_AUTHORIZED_CLAIM_SQL, params)
             ).fetchone()
-            if not allowed:
-                raise Unauthorized()
-            if key_id is not None:
-                await gateway_key_used(conn, key_id, key_last_used_at)
+            await _admit(conn, allowed, key_id, key_last_used_at)
             row = tuple(claimed) if claimed[0] is not None else None
     return None if row is None else _lease(model_name, row, owner)
+
+
+async def authorize(raw_key: str | None) -> None:
+    """The gateway's key rule alone (requests that claim nothing: `/v1/models`, a rejected body); raises
+    `Unauthorized`."""
+    pool = await hot_pool()
+    async with pool.connection() as conn:
+        cursor = await conn.execute(GATEWAY_AUTH_SELECT, {"hash": gateway_key_hash(raw_key)})
+        await _admit(conn, *await cursor.fetchone())
+
+
+async def _admit(conn: Any, allowed: bool, key_id: int | None, key_last_used_at: Any) -> None:
+    if not allowed:
+        raise Unauthorized()
+    if key_id is not None:
+        await gateway_key_used(conn, key_id, key_last_used_at)
 
 
 async def arelease(replica_id: int, owner: Any) -> None:
