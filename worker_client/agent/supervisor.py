@@ -178,14 +178,15 @@ def _is_uri(model: str) -> bool:
     return "://" in model
 
 
-def _contained(field_name: str, value: str, path: Path, roots: Sequence[Path]) -> Path:
-    """`path` (symlinks resolved) when it lies in one of `roots`, else `ModelPathRefused` naming both."""
+def _check_contained(field_name: str, value: str, path: Path, roots: Sequence[Path]) -> None:
+    """Raises `ModelPathRefused`, naming the path and the roots, unless `path` (symlinks resolved) lies in one
+    of `roots`."""
     try:
         real = Path(os.path.realpath(path))
     except (OSError, ValueError) as error:
         raise ModelPathRefused(f"{field_name} {value!r} is not a usable path: {error}") from None
     if any(real == root or root in real.parents for root in roots):
-        return real
+        return
     allowed = ", ".join(str(root) for root in roots)
     raise ModelPathRefused(
         f"{field_name} {value!r} resolves to {real}, outside the allowed model roots ({allowed}); "
@@ -207,14 +208,14 @@ def with_model_paths(
     resolved = backend_pb2.ModelOptions()
     resolved.CopyFrom(options)
     base = models_path / resolved.ModelPath if resolved.ModelPath else models_path
-    _contained("ModelPath", resolved.ModelPath or str(models_path), base, roots)
+    _check_contained("ModelPath", resolved.ModelPath or str(models_path), base, roots)
     resolved.ModelPath = str(base)
     if resolved.Model and not _is_uri(resolved.Model):
-        _contained("Model", resolved.Model, base / resolved.Model, roots)
+        _check_contained("Model", resolved.Model, base / resolved.Model, roots)
         if not resolved.ModelFile:
             resolved.ModelFile = str(base / resolved.Model)
     if resolved.ModelFile:
-        _contained("ModelFile", resolved.ModelFile, base / resolved.ModelFile, roots)
+        _check_contained("ModelFile", resolved.ModelFile, base / resolved.ModelFile, roots)
         resolved.ModelFile = str(base / resolved.ModelFile)
     return resolved
 
