@@ -61,3 +61,13 @@ def env_list(name: str, default: list[str]) -> list[str]:
     if raw is None:
         return default
     return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def env_file(name: str) -> str:
+    """A path to a readable file, or "" when unset."""
+    path = os.environ.get(name, "").strip()
+    if path and not os.access(path, os.R_OK):
+        raise ImproperlyConfigured(f"{name}: cannot read the file {path!r}")
+    if path and not os.path.isfile(path):
+        raise ImproperlyConfigured(f"{name}: {path!r} is not a file")
+    return path

@@ -9,7 +9,7 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 from localai_cluster import embedded
-from localai_cluster.env import env_bool, env_int, env_list, env_seconds, env_str
+from localai_cluster.env import env_bool, env_file, env_int, env_list, env_seconds, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 STATE_DIR = embedded.default_state_dir(BASE_DIR)
@@ -27,6 +27,18 @@ if env_bool("DJANGO_BEHIND_TLS_PROXY", default=False):
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
+
+# --- gRPC to the agents: TLS when a CA is given (nodes/agent_clients.py applies it) ----------------------------
+LOCALAI_GRPC_TLS_CA = env_file("LOCALAI_GRPC_TLS_CA")
+LOCALAI_GRPC_TLS_CLIENT_CERT = env_file("LOCALAI_GRPC_TLS_CLIENT_CERT")
+LOCALAI_GRPC_TLS_CLIENT_KEY = env_file("LOCALAI_GRPC_TLS_CLIENT_KEY")
+LOCALAI_GRPC_TLS_SERVER_NAME = env_str("LOCALAI_GRPC_TLS_SERVER_NAME").strip()
+if bool(LOCALAI_GRPC_TLS_CLIENT_CERT) != bool(LOCALAI_GRPC_TLS_CLIENT_KEY):
+    raise ImproperlyConfigured("LOCALAI_GRPC_TLS_CLIENT_CERT and LOCALAI_GRPC_TLS_CLIENT_KEY go together")
+if not LOCALAI_GRPC_TLS_CA and (LOCALAI_GRPC_TLS_CLIENT_CERT or LOCALAI_GRPC_TLS_SERVER_NAME):
+    raise ImproperlyConfigured(
+        "LOCALAI_GRPC_TLS_CLIENT_CERT, _CLIENT_KEY and _SERVER_NAME need LOCALAI_GRPC_TLS_CA (TLS is off without it)"
+    )
 
 # --- cluster behaviour (CONTRACT §2) -------------------------------------------------------------
 LOCALAI_REGISTRATION_TOKEN = env_str("LOCALAI_REGISTRATION_TOKEN")

@@ -21,9 +21,10 @@ from typing import Any
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
+from nodes.agent_clients import async_worker_control_client
 from nodes.models import Node
 from nodes.tokens import node_token_for
-from worker_client.client import AsyncWorkerControlClient, LogLine
+from worker_client.client import LogLine
 from worker_client.errors import WorkerError
 
 logger = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class BackendLogsConsumer(AsyncJsonWebsocketConsumer):
                 await self.relay
 
     async def _relay(self, name: str, address: str, token: str, key: str) -> None:
-        client = AsyncWorkerControlClient(address, token, timeout=INITIAL_TIMEOUT)
+        client = async_worker_control_client(address, token, timeout=INITIAL_TIMEOUT)
         try:
             initial = await client.get_logs(key)
             last_seq = max((line.seq for line in initial), default=0)

@@ -451,13 +451,13 @@ def _stop_on_agent(*, address: str, token: str, keys: list[str], node_name: str)
     cannot be reached is logged and the remaining keys are skipped."""
     stopped: list[str] = []
     try:
-        from worker_client.client import WorkerControlClient
+        from nodes.agent_clients import worker_control_client
         from worker_client.errors import WorkerError
     except ImportError:  # pragma: no cover - the client ships with the project
         logger.exception("cannot stop %s on %s: worker_client is unavailable", keys, node_name)
         return stopped
     try:
-        client = WorkerControlClient(address, token, timeout=STOP_TIMEOUT)
+        client = worker_control_client(address, token, timeout=STOP_TIMEOUT)
     except Exception:
         logger.exception("cannot reach the agent of %s at %s to stop %s", node_name, address, keys)
         return stopped

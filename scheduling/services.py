@@ -12,6 +12,7 @@ from django.db.models import Count, F, Q, Sum
 from django.db.models.functions import Coalesce, Least
 
 from localai_cluster import metrics
+from nodes.agent_clients import worker_control_client
 from nodes.choices import NodeStatus, NodeType, ReplicaState
 from nodes.models import ModelReplica, Node
 from nodes.services import (
@@ -33,7 +34,6 @@ from scheduling.placement import (
     choose_eviction,
     place,
 )
-from worker_client.client import WorkerControlClient
 from worker_client.errors import WorkerError
 
 # --- scheduling rules (admin API: /api/nodes/scheduling) ---------------------------------------------------
@@ -192,7 +192,7 @@ def replica_load(*, replica: ModelReplica, config: ModelConfig) -> PlacementResu
     address. Failure or timeout → the row deleted, exactly its reservation released, the agent told to stop
     exactly that key, and `LoadFailed` raised."""
     node = Node.objects.only("id", "name", "address", "token_salt").get(pk=replica.node_id)
-    client = WorkerControlClient(node.address, node_token_for(node), CONTROL_CALL_TIMEOUT)
+    client = worker_control_client(node.address, node_token_for(node), CONTROL_CALL_TIMEOUT)
     process_key = f"{replica.model_name}#{replica.replica_index}"
     try:
         result = client.load_replica(

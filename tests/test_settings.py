@@ -84,3 +84,18 @@ def test_secret_key_check_refuses_production_without_secret():
         mp.setattr(settings, "DEBUG", False)
         errors = check_secret_key(None)
     assert [e.id for e in errors] == ["localai_cluster.E001"]
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"LOCALAI_GRPC_TLS_CA": "/nonexistent/ca.pem"}, "LOCALAI_GRPC_TLS_CA"),
+        ({"LOCALAI_GRPC_TLS_CA": str(ROOT)}, "LOCALAI_GRPC_TLS_CA"),
+        ({"LOCALAI_GRPC_TLS_CA": __file__, "LOCALAI_GRPC_TLS_CLIENT_CERT": __file__}, "_CLIENT_KEY"),
+        ({"LOCALAI_GRPC_TLS_SERVER_NAME": "agent.internal"}, "LOCALAI_GRPC_TLS_CA"),
+    ],
+)
+def test_bad_grpc_tls_settings_stop_startup_naming_the_variable(env, named):
+    result = _import_settings(**env)
+    assert result.returncode != 0
+    assert named in result.stderr

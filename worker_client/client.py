@@ -1,8 +1,9 @@
 """The control plane's typed client for the worker agents (`WorkerControl`) and their backends (`Backend`).
 
 Plain Python (no Django). Every call has a deadline and presents `authorization: Bearer <token>`; every
-failure is raised as `WorkerError`. Channels are reused: sync ones per address, `grpc.aio` ones per
-(address, event loop), since an aio channel belongs to the loop it was made on.
+failure is raised as `WorkerError`. Channels are reused: sync ones per (address, TLS), `grpc.aio` ones per
+(address, TLS, event loop), since an aio channel belongs to the loop it was made on. WorkerControl channels
+use TLS when given a `ChannelTls`; backend channels are always plaintext (LocalAI's backends serve no TLS).
 """
 
 from __future__ import annotations
@@ -86,29 +87,63 @@ class Reply:
 
 # --- channels -------------------------------------------------------------------------------------------
 
-_sync_channels: dict[str, grpc.Channel] = {}
+
+@dataclass(frozen=True)
+class ChannelTls:
+    """TLS for WorkerControl channels, as PEM contents.
+
+    `root_certificates`: the CA that signed the agents' certificates (the agent's certificate must name the
+    host dialed in its subjectAltName, an IP address or a DNS name, unless `server_name` is given: then that
+    name is checked instead, for every agent). `certificate_chain` and `private_key`: the control plane's
+    client certificate, for agents that require one (mTLS).
+    """
+
+    root_certificates: bytes
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = None
+    server_name: str = ""
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
+
+    def options(self) -> tuple[tuple[str, Any], ...]:
+        return (("grpc.ssl_target_name_override", self.server_name),) if self.server_name else ()
+
+
+_ChannelKey = tuple[str, ChannelTls | None]
+_sync_channels: dict[_ChannelKey, grpc.Channel] = {}
 _sync_channels_lock = threading.Lock()
-_aio_channels: dict[int, tuple[asyncio.AbstractEventLoop, dict[str, grpc.aio.Channel]]] = {}
+_aio_channels: dict[int, tuple[asyncio.AbstractEventLoop, dict[_ChannelKey, grpc.aio.Channel]]] = {}
 
 
-def _sync_channel(address: str) -> grpc.Channel:
+def _sync_channel(address: str, tls: ChannelTls | None = None) -> grpc.Channel:
     with _sync_channels_lock:
-        channel = _sync_channels.get(address)
+        channel = _sync_channels.get((address, tls))
         if channel is None:
-            channel = _sync_channels[address] = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+            if tls is None:
+                channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+            else:
+                options = _CHANNEL_OPTIONS + tls.options()
+                channel = grpc.secure_channel(address, tls.credentials(), options=options)
+            _sync_channels[(address, tls)] = channel
         return channel
 
 
-def _aio_channel(address: str) -> grpc.aio.Channel:
+def _aio_channel(address: str, tls: ChannelTls | None = None) -> grpc.aio.Channel:
     """The channel to `address` on the running loop; forgets the channels of loops that have closed."""
     loop = asyncio.get_running_loop()
     for key, (other_loop, _) in list(_aio_channels.items()):
         if other_loop.is_closed():
             del _aio_channels[key]
     _, channels = _aio_channels.setdefault(id(loop), (loop, {}))
-    channel = channels.get(address)
+    channel = channels.get((address, tls))
     if channel is None:
-        channel = channels[address] = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        if tls is None:
+            channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        else:
+            options = _CHANNEL_OPTIONS + tls.options()
+            channel = grpc.aio.secure_channel(address, tls.credentials(), options=options)
+        channels[(address, tls)] = channel
     return channel
 
 
@@ -264,11 +299,13 @@ class LogStream:
 
 
 class WorkerControlClient(_Caller):
-    """Blocking client of one agent's `WorkerControl` service."""
+    """Blocking client of one agent's `WorkerControl` service; over TLS when given `tls`."""
 
-    def __init__(self, address: str, token: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self, address: str, token: str, timeout: float = DEFAULT_TIMEOUT, *, tls: ChannelTls | None = None
+    ) -> None:
         super().__init__(address, token, timeout)
-        channel = _sync_channel(address)
+        channel = _sync_channel(address, tls)
         self._stub = worker_pb2_grpc.WorkerControlStub(channel)
         self._health = health_pb2_grpc.HealthStub(channel)
 
@@ -322,11 +359,18 @@ class AsyncWorkerControlClient(_Caller):
     """`grpc.aio` client of one agent's `WorkerControl` service (for async views and Channels consumers).
 
     It may be made anywhere and used on any event loop: each call takes the channel of the running loop.
+    Over TLS when given `tls`.
     """
+
+    def __init__(
+        self, address: str, token: str, timeout: float = DEFAULT_TIMEOUT, *, tls: ChannelTls | None = None
+    ) -> None:
+        super().__init__(address, token, timeout)
+        self._tls = tls
 
     @property
     def _stub(self) -> worker_pb2_grpc.WorkerControlStub:
-        return worker_pb2_grpc.WorkerControlStub(_aio_channel(self.address))
+        return worker_pb2_grpc.WorkerControlStub(_aio_channel(self.address, self._tls))
 
     async def load_replica(
         self,

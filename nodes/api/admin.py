@@ -102,11 +102,11 @@ def _node_data(node: Node) -> dict:
 
 def _agent(node: Node):
     """The agent's WorkerControl client (imported lazily: the gRPC stubs are heavy)."""
-    from worker_client.client import WorkerControlClient
+    from nodes.agent_clients import worker_control_client
 
     if not node.address:
         raise AgentUnavailable("The node has no agent address.")
-    return WorkerControlClient(node.address, node_token_for(node), timeout=AGENT_TIMEOUT)
+    return worker_control_client(node.address, node_token_for(node), timeout=AGENT_TIMEOUT)
 
 
 def stop_on_agent(node: Node, keys: list[str]) -> None:

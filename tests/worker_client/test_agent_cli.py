@@ -109,3 +109,56 @@ def test_malformed_backends_config_is_rejected(tmp_path: Path, document: str) ->
     path.write_text(document)
     with pytest.raises(SystemExit):
         parse_config([*BASE, "--backends-config", str(path)], {})
+
+
+def test_allowed_model_roots_are_resolved_and_default_to_none(tmp_path: Path) -> None:
+    assert parse_config(BASE, {}).allowed_model_roots == ()
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    env = {"LOCALAI_ALLOWED_MODEL_ROOTS": f"{tmp_path / 'link'}, /srv/models/"}
+    assert parse_config(BASE, env).allowed_model_roots == (tmp_path / "real", Path("/srv/models"))
+
+
+def test_tls_is_off_by_default_and_read_from_the_flags(tmp_path: Path) -> None:
+    from tests.e2e.tls_support import CertificateAuthority
+
+    assert parse_config(BASE, {}).tls is None
+    ca = CertificateAuthority(tmp_path, "ca")
+    agent = ca.issue("agent", hosts=("127.0.0.1",))
+    env = {"LOCALAI_TLS_CERT": str(agent.cert), "LOCALAI_TLS_KEY": str(agent.key)}
+    tls = parse_config(BASE, env).tls
+    assert tls is not None and tls.cert_chain == agent.cert_pem and tls.client_ca is None
+    mtls = parse_config([*BASE, "--tls-client-ca", str(ca.cert)], env).tls
+    assert mtls is not None and mtls.client_ca == ca.cert_pem
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--tls-cert", "{cert}"], "--tls-key"),
+        (["--tls-key", "{key}"], "--tls-cert"),
+        (["--tls-client-ca", "{ca}"], "--tls-client-ca"),
+        (["--tls-cert", "{cert}", "--tls-key", "{other_key}"], "--tls-key"),  # not the certificate's key
+        (["--tls-cert", "{missing}", "--tls-key", "{key}"], "--tls-cert"),
+        (["--tls-cert", "{cert}", "--tls-key", "{key}", "--tls-client-ca", "{key}"], "--tls-client-ca"),
+    ],
+)
+def test_bad_tls_flags_exit_2_naming_the_flag(
+    tmp_path: Path, flags: list[str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.e2e.tls_support import CertificateAuthority
+
+    ca = CertificateAuthority(tmp_path, "ca")
+    agent, other = ca.issue("agent", hosts=("127.0.0.1",)), ca.issue("other", hosts=("127.0.0.1",))
+    paths = {
+        "cert": agent.cert,
+        "key": agent.key,
+        "other_key": other.key,
+        "ca": ca.cert,
+        "missing": tmp_path / "x",
+    }
+    with pytest.raises(SystemExit) as exit_:
+        parse_config([*BASE, *(flag.format(**paths) for flag in flags)], {})
+    assert exit_.value.code == 2
+    message = capsys.readouterr().err
+    assert len(message.strip().splitlines()) == 1 and named in message

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import logging
 import signal
 from typing import Any
@@ -28,6 +29,13 @@ DRAIN_POLL_SECONDS = 0.5
 SERVER_STOP_GRACE = 1.0
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 class Agent:
     """One worker agent; `run()` returns the exit code once SIGTERM or SIGINT has been handled."""
 
@@ -42,6 +50,7 @@ class Agent:
             ports=PortAllocator(config.port, functools.partial(can_bind, config.bind_host)),
             logs=self.logs,
             models_path=config.models_path,
+            allowed_model_roots=config.allowed_model_roots,
             backend_token=lambda: self.registration.backend_token if self.registration else "",
         )
         self.control_plane = ControlPlane(config.register_to, config.registration_token)
@@ -56,8 +65,19 @@ class Agent:
         service = WorkerControlService(
             self.supervisor, self.logs, hosts_models=self.config.node_type == "backend"
         )
-        server = await start_server(f"{self.config.bind_host}:{self.config.port}", service, self.node_token)
-        log.info("WorkerControl listening on %s:%d", self.config.bind_host, self.config.port)
+        address = f"{self.config.bind_host}:{self.config.port}"
+        server = await start_server(address, service, self.node_token, self.config.tls)
+        if self.config.tls is not None:
+            mtls = " requiring client certificates" if self.config.tls.client_ca else ""
+            log.info("WorkerControl listening on %s with TLS%s", address, mtls)
+        elif _is_loopback(self.config.bind_host):
+            log.info("WorkerControl listening on %s (plaintext, loopback)", address)
+        else:
+            log.warning(
+                "WorkerControl listening on %s in plaintext: keep it on a private network or set "
+                "--tls-cert and --tls-key",
+                address,
+            )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):

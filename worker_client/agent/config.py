@@ -9,6 +9,7 @@ import argparse
 import os
 import re
 import socket
+import ssl
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -110,7 +111,14 @@ class BackendCommand:
     env: Mapping[str, str] = field(default_factory=dict)
 
 
-BUILTIN_BACKENDS = {ECHO_BACKEND: BackendCommand((sys.executable, "-m", "worker_client.backends.echo"))}
+# The echo backend is this package's own code: it is told where the package lives, since backends do not
+# inherit the agent's PYTHONPATH (see `supervisor.backend_environment`).
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+BUILTIN_BACKENDS = {
+    ECHO_BACKEND: BackendCommand(
+        (sys.executable, "-m", "worker_client.backends.echo"), {"PYTHONPATH": _PACKAGE_ROOT}
+    )
+}
 
 
 def load_backends(path: str) -> dict[str, BackendCommand]:
@@ -137,6 +145,44 @@ def _backend_command(name: Any, entry: Any) -> BackendCommand:
     return BackendCommand(tuple(str(arg) for arg in command), {str(k): str(v) for k, v in env.items()})
 
 
+def parse_paths(text: str) -> tuple[Path, ...]:
+    """Absolute, symlink-resolved directories from `DIR,DIR`."""
+    return tuple(Path(item.strip()).resolve() for item in text.split(",") if item.strip())
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """PEM contents the agent's gRPC server presents (`cert_chain`, `private_key`) and, for mTLS, the CA that
+    must have signed every client's certificate (`client_ca`)."""
+
+    cert_chain: bytes
+    private_key: bytes
+    client_ca: bytes | None = None
+
+
+def _read_pem(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise ValueError(f"cannot read {path}: {error.strerror or error}") from None
+
+
+def check_cert_and_key(cert: str, key: str) -> None:
+    """Raises `ValueError` unless `cert` is a PEM certificate chain and `key` its private key."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as error:
+        raise ValueError(f"not a PEM certificate and its private key: {error}") from None
+
+
+def check_ca(path: str) -> None:
+    """Raises `ValueError` unless `path` holds PEM CA certificates."""
+    try:
+        ssl.create_default_context(cafile=path)
+    except (OSError, ssl.SSLError) as error:
+        raise ValueError(f"not a PEM CA certificate: {error}") from None
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     """Everything the agent was told at start-up."""
@@ -156,6 +202,8 @@ class AgentConfig:
     backends: dict[str, BackendCommand]
     models_path: Path
     drain_timeout: float
+    allowed_model_roots: tuple[Path, ...]  # besides `models_path`, which is always allowed
+    tls: ServerTls | None  # None: WorkerControl is plaintext
 
     @property
     def advertise_addr(self) -> str:
@@ -194,6 +242,19 @@ _OPTIONS = {
         _Option("--backends-config", "LOCALAI_BACKENDS_CONFIG", "", "YAML: name: {command: [...], env: {}}"),
         _Option("--models-path", "LOCALAI_MODELS_PATH", "./models", "directory of model files"),
         _Option("--drain-timeout", None, "30s", argparse.SUPPRESS),
+        _Option(
+            "--allowed-model-roots",
+            "LOCALAI_ALLOWED_MODEL_ROOTS",
+            "",
+            "DIR,DIR where model files may be besides --models-path",
+        ),
+        _Option(
+            "--tls-cert", "LOCALAI_TLS_CERT", None, "PEM certificate chain: serve WorkerControl over TLS"
+        ),
+        _Option("--tls-key", "LOCALAI_TLS_KEY", None, "PEM private key of --tls-cert"),
+        _Option(
+            "--tls-client-ca", "LOCALAI_TLS_CLIENT_CA", None, "PEM CA: require client certificates (mTLS)"
+        ),
     )
 }
 
@@ -251,6 +312,7 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         "advertise_addr", lambda text: parse_host_port(text if ":" in text else f"{text}:{port}")
     ) or (_advertise_host(bind_host), port)
     slots = value("max_replicas_per_model", parse_positive_int)
+    tls = _server_tls(parser, raw)
     return AgentConfig(
         register_to=value("register_to", parse_url),
         registration_token=value("registration_token", str),
@@ -267,4 +329,31 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         backends=value("backends_config", load_backends),
         models_path=value("models_path", Path).resolve(),
         drain_timeout=value("drain_timeout", parse_duration),
+        allowed_model_roots=value("allowed_model_roots", parse_paths),
+        tls=tls,
     )
+
+
+def _server_tls(parser: _Parser, raw: Callable[[str], str | None]) -> ServerTls | None:
+    """The server's TLS material from `--tls-cert`, `--tls-key` and `--tls-client-ca`, checked; None if unset."""
+    cert, key, client_ca = raw("tls_cert"), raw("tls_key"), raw("tls_client_ca")
+    names = {dest: _OPTIONS[dest].name for dest in ("tls_cert", "tls_key", "tls_client_ca")}
+    if not cert and not key:
+        if client_ca:
+            parser.error(f"{names['tls_client_ca']} needs {names['tls_cert']} and {names['tls_key']}")
+        return None
+    if not cert or not key:
+        parser.error(f"{names['tls_cert']} and {names['tls_key']} go together")
+    assert cert is not None and key is not None
+    try:
+        check_cert_and_key(cert, key)
+        tls = ServerTls(_read_pem(cert), _read_pem(key))
+    except ValueError as error:
+        parser.error(f"{names['tls_cert']}, {names['tls_key']}: {error} (got {cert!r}, {key!r})")
+    if not client_ca:
+        return tls
+    try:
+        check_ca(client_ca)
+        return ServerTls(tls.cert_chain, tls.private_key, _read_pem(client_ca))
+    except ValueError as error:
+        parser.error(f"{names['tls_client_ca']}: {error} (got {client_ca!r})")

@@ -8,10 +8,18 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from worker_client._generated import worker_pb2, worker_pb2_grpc
+from worker_client.agent.config import ServerTls
 from worker_client.agent.keys import SEPARATOR
 from worker_client.agent.logstore import LogStore
 from worker_client.agent.ports import NoFreePort
-from worker_client.agent.supervisor import LoadFailed, LoadRequest, Replica, Supervisor, UnknownBackend
+from worker_client.agent.supervisor import (
+    LoadFailed,
+    LoadRequest,
+    ModelPathRefused,
+    Replica,
+    Supervisor,
+    UnknownBackend,
+)
 from worker_client.auth import BearerTokenInterceptor
 from worker_client.client import log_line_to_message
 
@@ -62,7 +70,7 @@ class WorkerControlService(worker_pb2_grpc.WorkerControlServicer):
         )
         try:
             replica = await self._supervisor.load(load)
-        except UnknownBackend as error:
+        except (UnknownBackend, ModelPathRefused) as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except NoFreePort as error:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
@@ -127,10 +135,23 @@ class CannotListen(Exception):
     """The agent's address is taken or invalid."""
 
 
+def server_credentials(tls: ServerTls) -> grpc.ServerCredentials:
+    """TLS with the agent's certificate; with `client_ca`, clients must present a certificate it signed."""
+    return grpc.ssl_server_credentials(
+        [(tls.private_key, tls.cert_chain)],
+        root_certificates=tls.client_ca,
+        require_client_auth=tls.client_ca is not None,
+    )
+
+
 async def start_server(
-    address: str, service: WorkerControlService, node_token: Callable[[], str]
+    address: str,
+    service: WorkerControlService,
+    node_token: Callable[[], str],
+    tls: ServerTls | None = None,
 ) -> grpc.aio.Server:
-    """The agent's running server: every `WorkerControl` call must present the current node token; health is open."""
+    """The agent's running server: every `WorkerControl` call must present the current node token; health is
+    open (to anyone who passes the TLS handshake, when `tls` is given)."""
     server = grpc.aio.server(
         interceptors=[BearerTokenInterceptor(node_token, open_methods=_HEALTH_METHODS)],
         options=[("grpc.so_reuseport", 0)],
@@ -141,8 +162,13 @@ async def start_server(
     for name in ("", worker_pb2.DESCRIPTOR.services_by_name["WorkerControl"].full_name):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     try:
-        server.add_insecure_port(address)
+        if tls is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, server_credentials(tls))
     except RuntimeError as error:
         raise CannotListen(f"cannot listen on {address}: {error}") from error
+    if not bound:
+        raise CannotListen(f"cannot listen on {address}")
     await server.start()
     return server

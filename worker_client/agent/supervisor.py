@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +55,46 @@ def _launch_argv(argv: Sequence[str]) -> list[str]:
     return [sys.executable, "-I", "-S", "-c", _DIE_WITH_AGENT, str(os.getpid()), *argv]
 
 
+# What a backend inherits from the agent's environment: the basics of a process, locale, TLS trust, and the GPU
+# stacks' variables (but no name that looks like a credential, e.g. NVIDIA_API_KEY). Everything else (the
+# registration token, DJANGO_SECRET_KEY, DATABASE_URL, cloud credentials, proxies...) stays with the agent; a
+# backend that needs more gets it from its `env` in --backends-config.
+INHERITED_ENV_NAMES = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "LANG",
+        "LANGUAGE",
+        "TZ",
+        "TMPDIR",
+        "LD_LIBRARY_PATH",
+        "GPU_DEVICE_ORDINAL",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+    }
+)
+INHERITED_ENV_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "ROCR_", "ROCM_", "HIP_", "HSA_")
+_CREDENTIAL_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
+
+
+def inherits(name: str) -> bool:
+    """Whether a backend gets the agent's variable `name`."""
+    if any(word in name.upper() for word in _CREDENTIAL_WORDS):
+        return False
+    return name in INHERITED_ENV_NAMES or name.startswith(INHERITED_ENV_PREFIXES)
+
+
+def backend_environment(
+    agent_env: Mapping[str, str], configured: Mapping[str, str], token: str
+) -> dict[str, str]:
+    """A backend's whole environment: the allowlisted part of the agent's, then the backend's configured `env`,
+    then its `LOCALAI_GRPC_AUTH_TOKEN`."""
+    inherited = {name: value for name, value in agent_env.items() if inherits(name)}
+    return {**inherited, **configured, AUTH_TOKEN_ENV: token}
+
+
 def _pid_has_exited(pid: int) -> bool:
     """Whether `pid` is gone or a zombie: true at once after a SIGKILL, before the agent reaps it."""
     try:
@@ -73,6 +114,10 @@ class LoadFailed(Exception):
     def __init__(self, message: str, *, timed_out: bool = False) -> None:
         super().__init__(message)
         self.timed_out = timed_out
+
+
+class ModelPathRefused(Exception):
+    """A path in the load's `ModelOptions` lies outside the allowed model roots."""
 
 
 class UnknownBackend(Exception):
@@ -128,13 +173,50 @@ def _dial_host(bind_host: str) -> str:
     return {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(bind_host, bind_host)
 
 
-def with_model_paths(options: backend_pb2.ModelOptions, models_path: Path) -> backend_pb2.ModelOptions:
-    """`options` with `ModelPath` set to the models directory and `ModelFile` to the model's path in it."""
+def _is_uri(model: str) -> bool:
+    """`huggingface://org/m`, `https://...`: passed to the backend as they are, never taken for a path."""
+    return "://" in model
+
+
+def _check_contained(field_name: str, value: str, path: Path, roots: Sequence[Path]) -> None:
+    """Raises `ModelPathRefused`, naming the path and the roots, unless `path` (symlinks resolved) lies in one
+    of `roots`."""
+    try:
+        real = Path(os.path.realpath(path))
+    except (OSError, ValueError) as error:
+        raise ModelPathRefused(f"{field_name} {value!r} is not a usable path: {error}") from None
+    if any(real == root or root in real.parents for root in roots):
+        return
+    allowed = ", ".join(str(root) for root in roots)
+    raise ModelPathRefused(
+        f"{field_name} {value!r} resolves to {real}, outside the allowed model roots ({allowed}); "
+        "see --allowed-model-roots"
+    )
+
+
+def with_model_paths(
+    options: backend_pb2.ModelOptions, models_path: Path, allowed_roots: Sequence[Path] = ()
+) -> backend_pb2.ModelOptions:
+    """`options` with `ModelPath` defaulting to the models directory and `ModelFile` to `Model` in it.
+
+    `ModelPath` and `ModelFile` are paths; so is `Model` unless it is a URI (`scheme://...`). Relative ones are
+    taken in `ModelPath`. Each must resolve (symlinks followed) inside `models_path` or one of
+    `allowed_roots`, else `ModelPathRefused`. A `Model` such as `org/name` (a Hugging Face id) resolves inside
+    the models path, so it passes, and a backend may still take it for an id.
+    """
+    roots = [Path(os.path.realpath(root)) for root in (models_path, *allowed_roots)]
     resolved = backend_pb2.ModelOptions()
     resolved.CopyFrom(options)
-    resolved.ModelPath = resolved.ModelPath or str(models_path)
-    if resolved.Model and not resolved.ModelFile and "://" not in resolved.Model:
-        resolved.ModelFile = str(models_path / resolved.Model)
+    base = models_path / resolved.ModelPath if resolved.ModelPath else models_path
+    _check_contained("ModelPath", resolved.ModelPath or str(models_path), base, roots)
+    resolved.ModelPath = str(base)
+    if resolved.Model and not _is_uri(resolved.Model):
+        _check_contained("Model", resolved.Model, base / resolved.Model, roots)
+        if not resolved.ModelFile:
+            resolved.ModelFile = str(base / resolved.Model)
+    if resolved.ModelFile:
+        _check_contained("ModelFile", resolved.ModelFile, base / resolved.ModelFile, roots)
+        resolved.ModelFile = str(base / resolved.ModelFile)
     return resolved
 
 
@@ -151,6 +233,7 @@ class Supervisor:
         logs: LogStore,
         models_path: Path,
         backend_token: Callable[[], str],
+        allowed_model_roots: Sequence[Path] = (),
         stop_grace: float = 5.0,
     ) -> None:
         self._backends = backends
@@ -159,6 +242,7 @@ class Supervisor:
         self._ports = ports
         self._logs = logs
         self._models_path = models_path
+        self._allowed_model_roots = tuple(allowed_model_roots)
         self._backend_token = backend_token
         self._stop_grace = stop_grace
         self._replicas: dict[str, Replica] = {}
@@ -183,13 +267,16 @@ class Supervisor:
     async def load(self, request: LoadRequest) -> Replica:
         """The live process for the request's key, started (and its model loaded) when there is none.
 
-        Raises `UnknownBackend`, `ports.NoFreePort` or `LoadFailed`; a failed start leaves no process behind.
+        Raises `UnknownBackend`, `ModelPathRefused`, `ports.NoFreePort` or `LoadFailed`; a failed start leaves
+        no process behind.
         """
         command = self._backends.get(request.backend)
         if command is None:
             raise UnknownBackend(
                 f"unknown backend {request.backend!r}; known: {', '.join(sorted(self._backends))}"
             )
+        options = with_model_paths(request.model_options, self._models_path, self._allowed_model_roots)
+        request = dataclasses.replace(request, model_options=options)
         key = process_key(request.model_name, request.replica_index)
         async with self._key_locks[key]:
             existing = self._replicas.get(key)
@@ -225,7 +312,7 @@ class Supervisor:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
-                env={**os.environ, **command.env, AUTH_TOKEN_ENV: token},
+                env=backend_environment(os.environ, command.env, token),
                 start_new_session=True,
                 limit=LINE_LIMIT,
             )
@@ -275,7 +362,7 @@ class Supervisor:
             if replica.exited.done():
                 raise LoadFailed(f"backend exited with code {replica.process.returncode} before it was ready")
             await asyncio.sleep(HEALTH_POLL_SECONDS)
-        success, message = await client.load_model(with_model_paths(model_options, self._models_path))
+        success, message = await client.load_model(model_options)
         if not success:
             raise LoadFailed(f"LoadModel failed: {message}")
 
