@@ -62,7 +62,6 @@ def test_durations_accept_units():
     assert result.stdout.split() == ["0.5", "120.0"]
 
 
-@pytest.mark.django_db
 def test_sizes_accept_units(monkeypatch):
     from localai_cluster.env import env_bytes
 
@@ -72,6 +71,7 @@ def test_sizes_accept_units(monkeypatch):
     assert settings.LOCALAI_MAX_BODY_BYTES == 10 * 2**20 == settings.DATA_UPLOAD_MAX_MEMORY_SIZE
 
 
+@pytest.mark.django_db
 def test_database_is_real_postgresql():
     assert connection.vendor == "postgresql"
     with connection.cursor() as cursor:
