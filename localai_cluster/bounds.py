@@ -11,6 +11,7 @@ text and both PostgreSQL and protobuf refuse strings that are not valid Unicode,
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 MAX_JSON_DEPTH = 64
@@ -45,27 +46,62 @@ def _string_problem(value: str) -> str | None:
     return None
 
 
-def check_json(document: Any, *, max_depth: int = MAX_JSON_DEPTH) -> None:
-    """Raises `UnsafeJSON` when `document` (as `json.loads` returns it) is nested deeper than `max_depth` or
-    holds a string with a NUL or a lone surrogate. Iterative: no recursion however deep the input."""
+def _clean(value: str) -> bool:
+    return (value.isascii() or _string_problem(value) is None) and "\x00" not in value
+
+
+def _locate(document: Any, max_depth: int) -> UnsafeJSON:
+    """The error for the first refused string or nesting of `document` (the slow path, with its location)."""
     stack: list[tuple[Any, int, tuple[str | int, ...]]] = [(document, 0, ())]
     while stack:
         value, depth, path = stack.pop()
         if isinstance(value, str):
             problem = _string_problem(value)
             if problem:
-                raise UnsafeJSON(f"{_where(path)} {problem}.", path)
+                return UnsafeJSON(f"{_where(path)} {problem}.", path)
         elif isinstance(value, dict | list):
             if depth >= max_depth:
-                raise UnsafeJSON(f"The JSON body is nested more than {max_depth} levels deep.")
+                return UnsafeJSON(f"The JSON body is nested more than {max_depth} levels deep.")
             if isinstance(value, dict):
                 for key, item in value.items():
                     problem = _string_problem(key)
                     if problem:
-                        raise UnsafeJSON(f"A key of {_where(path)} {problem}.", (*path, key))
+                        return UnsafeJSON(f"A key of {_where(path)} {problem}.", (*path, key))
                     stack.append((item, depth + 1, (*path, key)))
             else:
                 stack.extend((item, depth + 1, (*path, index)) for index, item in enumerate(value))
+    raise AssertionError("check_json found a problem _locate does not")  # pragma: no cover
+
+
+def check_json(document: Any, *, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """Raises `UnsafeJSON` when `document` (as `json.loads` returns it) is nested deeper than `max_depth` or
+    holds a string with a NUL or a lone surrogate. Iterative: no recursion however deep the input. (The fast
+    pass keeps no paths; `_locate` finds where only once something is refused.)"""
+    if type(document) is str:
+        if not _clean(document):
+            raise _locate(document, max_depth)
+        return
+    if type(document) not in (dict, list):
+        return
+    stack: list[tuple[dict | list, int]] = [(document, 1)]
+    while stack:
+        container, depth = stack.pop()
+        if depth > max_depth:
+            raise _locate(document, max_depth)
+        if type(container) is dict:
+            for key in container:
+                if not _clean(key):
+                    raise _locate(document, max_depth)
+            items: Iterable[Any] = container.values()
+        else:
+            items = container
+        for item in items:
+            kind = type(item)
+            if kind is str:
+                if not _clean(item):
+                    raise _locate(document, max_depth)
+            elif kind is dict or kind is list:
+                stack.append((item, depth + 1))
 
 
 def _refuse_constant(name: str) -> Any:
