@@ -1,16 +1,22 @@
-"""Shared pieces of the HTTP APIs: the `{"error", "details"}` error shape for every `/api/*` route."""
+"""Shared pieces of the HTTP APIs: the `{"error", "details"}` error shape for every `/api/*` route, and the one
+JSON parser every DRF view uses (bounded size, depth and strings: `localai_cluster.bounds`)."""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-from django.core.exceptions import PermissionDenied, ValidationError
+from django.conf import settings
+from django.core.exceptions import PermissionDenied, RequestDataTooBig, ValidationError
 from django.db import InterfaceError, OperationalError
 from django.http import Http404
-from rest_framework import exceptions, status
+from drf_spectacular.utils import OpenApiParameter, inline_serializer
+from rest_framework import exceptions, parsers, serializers, status
+from rest_framework.pagination import PageNumberPagination
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
+
+from localai_cluster.bounds import UnsafeJSON, loads_checked
 
 logger = logging.getLogger(__name__)
 
@@ -19,6 +25,39 @@ class Conflict(exceptions.APIException):
     status_code = status.HTTP_409_CONFLICT
     default_detail = "The object is not in a state that allows this."
     default_code = "conflict"
+
+
+class PayloadTooLarge(exceptions.APIException):
+    status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
+    default_detail = "The request body is too large."
+    default_code = "payload_too_large"
+
+
+def too_large_message(limit: int) -> str:
+    return f"The request body is larger than {limit} bytes (LOCALAI_MAX_BODY_BYTES)."
+
+
+class BoundedJSONParser(parsers.JSONParser):
+    """DRF's JSON parser with the bounds of every `/api/*` body: at most `LOCALAI_MAX_BODY_BYTES` read (413
+    beyond), JSON nested at most `bounds.MAX_JSON_DEPTH` deep, no NUL or lone surrogate in any string (400)."""
+
+    def parse(self, stream, media_type=None, parser_context=None):
+        limit = settings.LOCALAI_MAX_BODY_BYTES
+        encoding = (parser_context or {}).get("encoding", settings.DEFAULT_CHARSET)
+        try:
+            data = stream.read(limit + 1)
+        except RequestDataTooBig:
+            raise PayloadTooLarge(too_large_message(limit)) from None
+        if len(data) > limit:
+            raise PayloadTooLarge(too_large_message(limit))
+        try:
+            return loads_checked(data.decode(encoding))
+        except UnsafeJSON as exc:
+            if exc.field is not None:
+                raise exceptions.ValidationError({exc.field: [str(exc)]}) from None
+            raise exceptions.ParseError(str(exc)) from None
+        except ValueError as exc:  # also UnicodeDecodeError
+            raise exceptions.ParseError(f"JSON parse error - {exc}") from None
 
 
 def _first_message(detail: Any) -> str:
@@ -69,3 +108,38 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
         detail = getattr(exc, "detail", "")
         response.data = error_body(_first_message(detail) or response.status_text)
     return response
+
+
+class ListPagination(PageNumberPagination):
+    """Pages of the admin lists (`GET /api/nodes`, `GET /api/models`): `{"count", "next", "previous",
+    "results"}`, `?page=N` (from 1) and `?page_size=N` (default 100, at most 1000)."""
+
+    page_size = 100
+    page_size_query_param = "page_size"
+    max_page_size = 1000
+
+
+PAGE_PARAMETERS = [
+    OpenApiParameter("page", int, description="Page number, from 1."),
+    OpenApiParameter("page_size", int, description="Items per page (default 100, at most 1000)."),
+]
+
+
+def paginated_schema(name: str, item: serializers.Serializer) -> serializers.Serializer:
+    """The OpenAPI schema of a `ListPagination` page of `item`s."""
+    return inline_serializer(
+        name=name,
+        fields={
+            "count": serializers.IntegerField(),
+            "next": serializers.URLField(allow_null=True),
+            "previous": serializers.URLField(allow_null=True),
+            "results": item,
+        },
+    )
+
+
+def paginated_response(request, view, queryset, serializer_class) -> Response:
+    """One page of `queryset` (an ordered queryset) rendered with `serializer_class`; an unknown page is 404."""
+    paginator = ListPagination()
+    page = paginator.paginate_queryset(queryset, request, view=view)
+    return paginator.get_paginated_response(serializer_class(page, many=True).data)

@@ -15,20 +15,29 @@ django_asgi_app = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
-from localai_cluster.lean_asgi import LeanASGIHandler, lean_paths_router, with_lifespan  # noqa: E402
+from localai_cluster.lean_asgi import (  # noqa: E402
+    LeanASGIHandler,
+    body_limit,
+    lean_paths_router,
+    with_lifespan,
+)
 from localai_cluster.routing import websocket_urlpatterns  # noqa: E402
+from localai_cluster.wsorigin import SameOriginValidator  # noqa: E402
 
 # The OpenAI gateway and the probes skip Django's middleware stack (see lean_asgi); everything else gets it.
 LEAN_PATHS = ("/v1/", "/healthz", "/readyz", "/metrics")
-http_app = lean_paths_router(LeanASGIHandler(), ASGIStaticFilesHandler(django_asgi_app), LEAN_PATHS)
+# Every HTTP route: bodies over LOCALAI_MAX_BODY_BYTES are refused (413) before they are read.
+http_app = body_limit(
+    lean_paths_router(LeanASGIHandler(), ASGIStaticFilesHandler(django_asgi_app), LEAN_PATHS)
+)
 
 protocols = ProtocolTypeRouter(
     {
         "http": http_app,
-        "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+        # Same origin only: the Origin's scheme, host and port must be the connection's own (wsorigin).
+        "websocket": SameOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )
 

@@ -11,6 +11,8 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+)\s*(b|k|kb|kib|m|mb|mib|g|gb|gib)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
 def env_str(name: str, default: str = "") -> str:
@@ -71,3 +73,18 @@ def env_file(name: str) -> str:
     if path and not os.path.isfile(path):
         raise ImproperlyConfigured(f"{name}: {path!r} is not a file")
     return path
+
+
+def env_bytes(name: str, default: int, *, minimum: int = 0) -> int:
+    """A size in bytes; accepts `10485760`, `512k`, `10M`, `10MiB`, `1G` (binary units: k = 1024)."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    match = _SIZE.match(raw)
+    if not match:
+        raise ImproperlyConfigured(f"{name}: expected a size in bytes such as 10485760 or 10MiB, got {raw!r}")
+    unit = (match.group(2) or "b")[0].lower()
+    value = int(match.group(1)) * _SIZE_UNITS[unit]
+    if value < minimum:
+        raise ImproperlyConfigured(f"{name}: must be at least {minimum} bytes, got {raw!r}")
+    return value

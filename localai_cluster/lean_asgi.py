@@ -13,15 +13,37 @@ handler.
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
-from django.core.exceptions import RequestAborted
+from django.conf import settings
+from django.core.exceptions import DisallowedHost, RequestAborted
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.core.handlers.exception import convert_exception_to_response
+from django.http import HttpResponse, HttpResponseBadRequest, JsonResponse
 from django.urls import set_script_prefix
 
 LEAN_URLCONF = "localai_cluster.lean_urls"
+OPENAI_PREFIX = "/v1/"
+
+security_logger = logging.getLogger("django.security.DisallowedHost")
+
+
+def openai_error(message: str, code: str) -> dict[str, Any]:
+    """OpenAI's error body (the gateway's `GatewayError.payload` shape)."""
+    return {"error": {"message": message, "type": "invalid_request_error", "code": code, "param": None}}
+
+
+def _disallowed_host_response(path: str, error: DisallowedHost) -> HttpResponse:
+    """400 for a `Host` outside `ALLOWED_HOSTS`, as Django's full handler answers it (logged the same way)."""
+    security_logger.error(str(error), extra={"status_code": 400})
+    if path.startswith(OPENAI_PREFIX):
+        return JsonResponse(
+            openai_error("The Host header is not allowed (ALLOWED_HOSTS).", "disallowed_host"), status=400
+        )
+    return HttpResponseBadRequest("<h1>Bad Request (400)</h1>")
 
 
 class LeanASGIHandler(ASGIHandler):
@@ -52,6 +74,13 @@ class LeanASGIHandler(ASGIHandler):
             await self.send_response(error_response, send)
             return
         request.urlconf = LEAN_URLCONF  # type: ignore[attr-defined]  # Django reads it; the stubs omit it
+        try:
+            # Django's full handler checks the Host in CommonMiddleware; the lean path has no middleware.
+            request.get_host()
+        except DisallowedHost as error:
+            body_file.close()
+            await self.send_response(_disallowed_host_response(request.path, error), send)
+            return
 
         async def process_request() -> object:
             response = await self.run_get_response(request)
@@ -84,6 +113,66 @@ class LeanASGIHandler(ASGIHandler):
         # from the event loop) and closes resources; a streamed body was already closed by `send_response`,
         # and the gateway's responses hold no other resource.
         body_file.close()
+
+
+def _too_large_body(path: str, limit: int) -> bytes:
+    message = f"The request body is larger than {limit} bytes (LOCALAI_MAX_BODY_BYTES)."
+    if path.startswith(OPENAI_PREFIX):
+        payload: dict[str, Any] = openai_error(message, "request_too_large")
+    else:
+        payload = {"error": message, "details": {"max_bytes": limit}}
+    return json.dumps(payload).encode()
+
+
+def body_limit(app):
+    """An ASGI app refusing HTTP request bodies over `LOCALAI_MAX_BODY_BYTES` with 413 in the route's error
+    shape (OpenAI's under `/v1/`, `{"error", "details"}` elsewhere), before the application reads them: at once
+    when `Content-Length` says so (before a client expecting `100 Continue` sends it), else as soon as the
+    received chunks of a chunked body pass the limit. Nothing more of a refused body is buffered: the server
+    (uvicorn) reads and drops what the client still sends once the response is complete."""
+
+    async def wrapped(scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        limit = settings.LOCALAI_MAX_BODY_BYTES
+
+        async def refuse() -> None:
+            body = _too_large_body(scope["path"], limit)
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send({"type": "http.response.start", "status": 413, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = 0  # the server refuses a malformed length before the app sees it
+                if declared > limit:
+                    await refuse()
+                    return
+                break
+        received = 0
+        refused = False
+
+        async def bounded_receive() -> dict[str, Any]:
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    refused = True
+                    await refuse()
+                    # The application sees a client that went away (Django: RequestAborted) and answers nothing.
+                    return {"type": "http.disconnect"}
+            return message
+
+        await app(scope, bounded_receive, send)
+
+    return wrapped
 
 
 def lean_paths_router(lean_app, full_app, prefixes: tuple[str, ...]):

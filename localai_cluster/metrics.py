@@ -52,12 +52,13 @@ TICK_DURATION = Histogram(
 )
 GATEWAY_REQUESTS = Counter(
     "localai_cluster_gateway_requests",
-    "Requests answered by the /v1 gateway; endpoint e.g. chat.completions, status the HTTP status code.",
+    "Requests answered by the /v1 gateway; model a catalog name (authenticated, model found) or unknown, "
+    "endpoint e.g. chat.completions, status the HTTP status code.",
     ["model", "endpoint", "status"],
 )
 GATEWAY_LATENCY = Histogram(
     "localai_cluster_gateway_request_duration_seconds",
-    "Time from receiving a /v1 request to its last byte.",
+    "Time from receiving a /v1 request to its last byte; model a catalog name or unknown.",
     ["model", "endpoint"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )

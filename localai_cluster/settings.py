@@ -9,7 +9,7 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 from localai_cluster import embedded
-from localai_cluster.env import env_bool, env_file, env_int, env_list, env_seconds, env_str
+from localai_cluster.env import env_bool, env_bytes, env_file, env_int, env_list, env_seconds, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 STATE_DIR = embedded.default_state_dir(BASE_DIR)
@@ -53,6 +53,10 @@ LOCALAI_UNSATISFIABLE_COOLDOWN = env_seconds("LOCALAI_UNSATISFIABLE_COOLDOWN", 3
 LOCALAI_LOAD_TIMEOUT = env_seconds("LOCALAI_LOAD_TIMEOUT", 300, minimum=0.1)
 # How often a worker heartbeats (told to agents at registration).
 LOCALAI_HEARTBEAT_INTERVAL = env_seconds("LOCALAI_HEARTBEAT_INTERVAL", 10, minimum=0.1)
+# The largest request body any route accepts (413 beyond it, in the route's error shape); Django's own
+# form-parsing limit agrees.
+LOCALAI_MAX_BODY_BYTES = env_bytes("LOCALAI_MAX_BODY_BYTES", 10 * 1024 * 1024, minimum=1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = LOCALAI_MAX_BODY_BYTES
 
 # --- engines: embedded unless URLs are given --------------------------------------------------------
 DATABASE_URL = env_str("DATABASE_URL")
@@ -183,7 +187,7 @@ CHANNEL_LAYERS = {
 # --- DRF -------------------------------------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["localai_cluster.api.BoundedJSONParser"],
     "DEFAULT_AUTHENTICATION_CLASSES": [],
     "DEFAULT_PERMISSION_CLASSES": [],
     "EXCEPTION_HANDLER": "localai_cluster.api.exception_handler",
@@ -205,7 +209,13 @@ SPECTACULAR_SETTINGS = {
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    # One line per message: control characters in names from workers or clients are escaped (logsafe).
+    "formatters": {
+        "plain": {
+            "()": "localai_cluster.logsafe.SingleLineFormatter",
+            "format": "%(asctime)s %(levelname)s %(name)s: %(message)s",
+        }
+    },
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     "loggers": {"django.db.backends": {"level": "INFO"}, "pgserver": {"level": "WARNING"}},

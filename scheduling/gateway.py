@@ -21,12 +21,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
 from localai_cluster import metrics
+from localai_cluster.bounds import UnsafeJSON, loads_checked
 from scheduling import router
 from scheduling.models import ModelConfig
 from scheduling.placement import LoadFailed, NoCapacity, UnknownModel
@@ -119,9 +122,34 @@ def _bearer(request: HttpRequest) -> str | None:
 
 
 def _json_body(request: HttpRequest) -> dict[str, Any]:
+    """The one reader of a `/v1` POST body: `Content-Type: application/json` (415 otherwise, so a cross-site
+    form or `text/plain` POST from a browser cannot drive inference), at most `LOCALAI_MAX_BODY_BYTES` (413;
+    `body_limit` refuses larger bodies before they are read), JSON nested at most 64 deep with no NUL or lone
+    surrogate in any string (400, `localai_cluster.bounds`)."""
+    if request.content_type != "application/json":
+        raise GatewayError(
+            415,
+            "The request body must be JSON, sent with 'Content-Type: application/json'.",
+            type="invalid_request_error",
+            code="unsupported_media_type",
+        )
+    limit = settings.LOCALAI_MAX_BODY_BYTES
     try:
-        body = json.loads(request.body or b"")
-    except (ValueError, UnicodeDecodeError):
+        raw = request.body
+    except RequestDataTooBig:
+        raw = None
+    if raw is None or len(raw) > limit:
+        raise GatewayError(
+            413,
+            f"The request body is larger than {limit} bytes (LOCALAI_MAX_BODY_BYTES).",
+            type="invalid_request_error",
+            code="request_too_large",
+        )
+    try:
+        body = loads_checked(raw or b"")
+    except UnsafeJSON as error:
+        raise bad_request(str(error), "invalid_json") from None
+    except ValueError:  # also UnicodeDecodeError
         raise bad_request("The request body is not valid JSON.", "invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
@@ -434,7 +462,21 @@ async def _sse(
 # --- views ---------------------------------------------------------------------------------------------------
 
 
+# Answers given once the request authenticated and its model was found in the catalog: only these label the
+# gateway's metrics with the model's name; every other answer (401, 404 model_not_found, a database fault)
+# says `unknown`, so no client (least of all an anonymous one) can add label values of its own choosing.
+_MODEL_RESOLVED_CODES = frozenset({"no_capacity", "load_failed", "backend_error"})
+UNKNOWN_MODEL_LABEL = "unknown"
+
+
+def _model_label(model: str, error: GatewayError | None = None) -> str:
+    if error is None or error.code in _MODEL_RESOLVED_CODES:
+        return model
+    return UNKNOWN_MODEL_LABEL
+
+
 def _observe(model: str, endpoint: str, status: int, started: float) -> None:
+    """Counts an answer; `model` is a catalog name or `unknown` (`_model_label`)."""
     metrics.GATEWAY_REQUESTS.labels(model, endpoint, str(status)).inc()
     metrics.GATEWAY_LATENCY.labels(model, endpoint).observe(time.perf_counter() - started)
 
@@ -483,7 +525,7 @@ async def _complete(
 
         lease, (first, stream) = await _with_replica(completion.model, raw_key, open_stream)
     except GatewayError as error:
-        _observe(completion.model, endpoint, error.status, started)
+        _observe(_model_label(completion.model, error), endpoint, error.status, started)
         return error.response()
     events = _sse(lease, first, stream, completion, chat)
     weakref.finalize(events, _release_if_leaked, lease)
@@ -531,7 +573,7 @@ async def embeddings(request: HttpRequest) -> HttpResponse:
     try:
         lease, vectors = await _with_replica(model, _bearer(request), embed)
     except GatewayError as error:
-        _observe(model, "embeddings", error.status, started)
+        _observe(_model_label(model, error), "embeddings", error.status, started)
         return error.response()
     lease.release_soon()
     prompt_tokens = sum(len(text.split()) for text in texts)

@@ -35,6 +35,8 @@ def _import_settings(**env: str) -> subprocess.CompletedProcess:
         ("LOCALAI_AUTO_APPROVE_NODES", "maybe"),
         ("LOCALAI_LOAD_TIMEOUT", "5 minutes"),
         ("DJANGO_DEBUG", "perhaps"),
+        ("LOCALAI_MAX_BODY_BYTES", "ten megs"),
+        ("LOCALAI_MAX_BODY_BYTES", "12"),
     ],
 )
 def test_bad_setting_stops_startup_naming_the_variable(name, value):
@@ -58,6 +60,15 @@ def test_durations_accept_units():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["0.5", "120.0"]
+
+
+def test_sizes_accept_units(monkeypatch):
+    from localai_cluster.env import env_bytes
+
+    for raw, expected in (("1048576", 2**20), ("512k", 512 * 1024), ("10MiB", 10 * 2**20), ("1G", 2**30)):
+        monkeypatch.setenv("LOCALAI_MAX_BODY_BYTES", raw)
+        assert env_bytes("LOCALAI_MAX_BODY_BYTES", 0) == expected
+    assert settings.LOCALAI_MAX_BODY_BYTES == 10 * 2**20 == settings.DATA_UPLOAD_MAX_MEMORY_SIZE
 
 
 @pytest.mark.django_db

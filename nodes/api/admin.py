@@ -21,7 +21,7 @@ from rest_framework import exceptions, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from localai_cluster.api import Conflict
+from localai_cluster.api import PAGE_PARAMETERS, Conflict, paginated_response, paginated_schema
 from nodes import services
 from nodes.api.admin_serializers import (
     AUTH_ERRORS,
@@ -122,11 +122,15 @@ def stop_on_agent(node: Node, keys: list[str]) -> None:
 class NodeListView(AdminAPIView):
     @extend_schema(
         operation_id="nodes_list",
-        responses={200: NodeSerializer(many=True), **error_responses(*AUTH_ERRORS)},
+        parameters=PAGE_PARAMETERS,
+        responses={
+            200: paginated_schema("PaginatedNodeList", NodeSerializer(many=True)),
+            **error_responses(404, *AUTH_ERRORS),
+        },
         tags=TAGS,
     )
     def get(self, request: Request) -> Response:
-        return Response(NodeSerializer(node_queryset(), many=True).data)
+        return paginated_response(request, self, node_queryset(), NodeSerializer)
 
 
 class NodeDetailView(AdminAPIView):

@@ -9,6 +9,7 @@ from rest_framework import exceptions, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from localai_cluster.api import PAGE_PARAMETERS, paginated_response, paginated_schema
 from nodes.api.admin_serializers import AUTH_ERRORS, error_responses, model_name_problem
 from nodes.api.permissions import AdminAPIView
 from scheduling.api.serializers import (
@@ -103,11 +104,15 @@ class RuleDetailView(AdminAPIView):
 class ModelListView(AdminAPIView):
     @extend_schema(
         operation_id="models_list",
-        responses={200: ModelConfigSerializer(many=True), **error_responses(*AUTH_ERRORS)},
+        parameters=PAGE_PARAMETERS,
+        responses={
+            200: paginated_schema("PaginatedModelConfigList", ModelConfigSerializer(many=True)),
+            **error_responses(404, *AUTH_ERRORS),
+        },
         tags=["models"],
     )
     def get(self, request: Request) -> Response:
-        return Response(ModelConfigSerializer(ModelConfig.objects.all(), many=True).data)
+        return paginated_response(request, self, ModelConfig.objects.order_by("name"), ModelConfigSerializer)
 
     @extend_schema(
         operation_id="models_create",

@@ -24,7 +24,7 @@ def test_create_list_get_put_patch_delete(api):
     response = api.post("/api/models", body, format="json")
     assert response.status_code == 201
     assert response.json() == {**body, "vram_bytes": 0, "context_size": None}
-    assert [m["name"] for m in api.get("/api/models").json()] == ["org/m:v1.5"]
+    assert [m["name"] for m in api.get("/api/models").json()["results"]] == ["org/m:v1.5"]
     url = f"/api/models/{quote(body['name'])}"
     assert set(api.get(url).json()) == FIELDS
 

@@ -46,10 +46,10 @@ def register(name: str, **extra) -> dict:
 def test_list_empty_then_registered_nodes(api):
     # SCENARIO 48
     response = api.get("/api/nodes")
-    assert response.status_code == 200 and response.json() == []
+    assert response.status_code == 200 and response.json()["results"] == []
     register("alpha", total_vram=8 * GiB, available_vram=8 * GiB, labels={"env": "prod"})
     register("beta")
-    nodes = {node["name"]: node for node in api.get("/api/nodes").json()}
+    nodes = {node["name"]: node for node in api.get("/api/nodes").json()["results"]}
     assert set(nodes) == {"alpha", "beta"}
     alpha = nodes["alpha"]
     assert set(alpha) >= NODE_FIELDS
@@ -67,10 +67,11 @@ def test_list_counts_replicas_and_in_flight_in_constant_queries(api, django_asse
         for index in range(i % 3):
             ReplicaFactory(node=node, model_name="m", replica_index=index, in_flight=2)
     api.get("/api/nodes")  # the key's first use also stamps last_used_at
-    # the key (1), nodes with their counts (1), their labels (1): the same for any number of nodes
-    with django_assert_max_num_queries(3):
+    # the key (1), the page's count (1), nodes with their counts (1), their labels (1): the same for any
+    # number of nodes
+    with django_assert_max_num_queries(4):
         response = api.get("/api/nodes")
-    nodes = response.json()
+    nodes = response.json()["results"]
     assert len(nodes) == 6
     assert [n["model_count"] for n in nodes] == [i % 3 for i in range(6)]
     assert [n["in_flight_count"] for n in nodes] == [2 * (i % 3) for i in range(6)]

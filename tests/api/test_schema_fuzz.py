@@ -78,3 +78,34 @@ def test_no_server_errors(case, fuzz_world):
         body = response.json()
         if case.path.startswith("/api/"):
             assert "error" in body, body
+
+
+HOSTILE_BODIES = {
+    "deep": "[" * 1000 + "]" * 1000,
+    "deep-in-a-field": '{"name": ' + "[" * 900 + "]" * 900 + "}",
+    "surrogate": '{"name": "a\\ud800", "model_name": "\\udfff", "labels": {"k\\ud800": "v"}, "value": "\\ud800"}',
+    "nul": '{"name": "a\\u0000", "model_name": "m\\u0000", "labels": {"k": "v\\u0000"}, "value": "\\u0000"}',
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE_BODIES))
+def test_every_route_with_a_body_refuses_hostile_json_with_a_4xx(fuzz_world, kind):
+    """Each POST/PUT/PATCH route of the schema, sent a 1,000-deep body or lone surrogates / NUL in its string
+    fields: a 4xx in the `{"error", "details"}` shape, never a 5xx."""
+    from rest_framework.test import APIClient
+
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {fuzz_world['key']}")
+    schema = client.get("/api/schema/", {"format": "json"}).json()
+    sent = 0
+    for route, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            if "requestBody" not in operation:
+                continue
+            path = route.replace("{node_id}", fuzz_world["node_id"]).replace("{model_name}", "m")
+            path = path.replace("{name}", "m").replace("{key}", "env").replace("{id}", fuzz_world["node_id"])
+            response = getattr(client, method)(path, HOSTILE_BODIES[kind], content_type="application/json")
+            assert 400 <= response.status_code < 500, f"{method} {path}: {response.status_code}"
+            assert set(response.json()) == {"error", "details"}, f"{method} {path}: {response.content[:300]}"
+            sent += 1
+    assert sent >= 10
