@@ -137,5 +137,7 @@ def retry_load(request: HttpRequest) -> HttpResponse:
     level = "success" if cleared else "error"
     if not is_htmx(request):
         return outcome(request, redirect(reverse("scheduling:rules")), message, level=level)
-    response = render(request, f"{PAGE}#load_failures", {"load_failures": load_failure_rows()})
-    return toast(response, message, level=level)
+    context: dict = {"load_failures": load_failure_rows(), "rules": None}
+    if request.headers.get("HX-Current-URL", "").split("?")[0].endswith(reverse("scheduling:rules")):
+        context["rules"] = rule_rows()  # the rules table's status column changes too
+    return toast(render(request, f"{PAGE}#retry_done", context), message, level=level)
