@@ -51,6 +51,8 @@ LOCALAI_PROBE_STALE_AFTER = env_seconds("LOCALAI_PROBE_STALE_AFTER", 120)
 LOCALAI_UNSATISFIABLE_TICKS = env_int("LOCALAI_UNSATISFIABLE_TICKS", 3, minimum=1)
 LOCALAI_UNSATISFIABLE_COOLDOWN = env_seconds("LOCALAI_UNSATISFIABLE_COOLDOWN", 300)
 LOCALAI_LOAD_TIMEOUT = env_seconds("LOCALAI_LOAD_TIMEOUT", 300, minimum=0.1)
+# First cooldown after a failed load of a model (doubles per failed attempt, up to 5 min; 0 turns it off).
+LOCALAI_LOAD_FAILURE_BACKOFF = env_seconds("LOCALAI_LOAD_FAILURE_BACKOFF", 10)
 # How often a worker heartbeats (told to agents at registration).
 LOCALAI_HEARTBEAT_INTERVAL = env_seconds("LOCALAI_HEARTBEAT_INTERVAL", 10, minimum=0.1)
 # The largest request body any route accepts (413 beyond it, in the route's error shape); Django's own

@@ -20,6 +20,7 @@ import yaml
 from django.core.exceptions import ValidationError
 from django.db import transaction
 
+from scheduling.loadfailures import load_failure_clear
 from scheduling.models import ModelConfig
 
 KV_BYTES_PER_TOKEN = 128 * 1024
@@ -46,7 +47,8 @@ def model_config_upsert(
     vram_bytes: int = 0,
     context_size: int | None = None,
 ) -> tuple[ModelConfig, bool]:
-    """Creates or replaces the catalog entry `name`; answers it and whether it was created."""
+    """Creates or replaces the catalog entry `name`; answers it and whether it was created. Clears the
+    model's load backoff: the edit may be the fix."""
     with transaction.atomic():
         config, created = ModelConfig.objects.update_or_create(
             name=name,
@@ -58,6 +60,7 @@ def model_config_upsert(
                 "context_size": context_size,
             },
         )
+        load_failure_clear(model_name=name, reason="catalog entry edited")
     return config, created
 
 
@@ -65,6 +68,7 @@ def model_config_delete(*, name: str) -> bool:
     """Deletes the catalog entry `name`; True when there was one. Running replicas are not touched."""
     with transaction.atomic():
         deleted, _ = ModelConfig.objects.filter(name=name).delete()
+        load_failure_clear(model_name=name, reason="catalog entry deleted")
     return deleted > 0
 
 

@@ -87,7 +87,8 @@ def _placement_error(error: Exception, model: str) -> GatewayError:
         )
     reason = getattr(error, "reason", str(error))
     code = "load_failed" if isinstance(error, LoadFailed) else "no_capacity"
-    return GatewayError(503, reason, type="server_error", code=code, retry_after=RETRY_AFTER_SECONDS)
+    retry_after = getattr(error, "retry_after", None) or RETRY_AFTER_SECONDS  # a failed load's cooldown
+    return GatewayError(503, reason, type="server_error", code=code, retry_after=retry_after)
 
 
 def _database_unavailable(error: Exception) -> GatewayError:

@@ -59,3 +59,26 @@ class SchedulingRule(models.Model):
 
     def __str__(self) -> str:
         return self.model_name
+
+
+class LoadFailure(models.Model):
+    """A catalog model whose last load failed, cluster-wide: no placement path (router, reconciler) starts
+    another backend for it before `retry_at` (the cooldown doubles per failed attempt, see
+    `scheduling.loadfailures`). A successful load, a catalog edit of the model, a cluster capacity change or
+    an admin "retry now" deletes the row."""
+
+    model_name = models.CharField(max_length=255, unique=True)
+    failures = models.IntegerField(default=1)
+    last_error = models.TextField(blank=True, default="")
+    first_failed_at = models.DateTimeField()
+    last_failed_at = models.DateTimeField()
+    retry_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["model_name"]
+        constraints = [
+            models.CheckConstraint(condition=Q(failures__gte=1), name="loadfailure_failures_gte_1"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.model_name}: {self.failures} failed load(s)"

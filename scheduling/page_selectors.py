@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, TypedDict, cast
 
 from django.utils import timezone
 
-from scheduling.models import ModelConfig, SchedulingRule
+from scheduling.models import LoadFailure, ModelConfig, SchedulingRule
 from scheduling.selectors import rules_with_current_replicas
 
 if TYPE_CHECKING:
@@ -35,10 +35,12 @@ class RuleRowFields(TypedDict):
     mode: str
     selector_items: list[tuple[str, str]]
     breaker_open: bool
+    load_failure: LoadFailure | None
 
 
 def rule_rows(now: datetime | None = None) -> list[WithAnnotations[SchedulingRule, RuleRowFields]]:
-    """Rules with `mode`, `selector_items` and `breaker_open` (the cooldown is running) set: one query."""
+    """Rules with `mode`, `selector_items`, `breaker_open` (the cooldown is running) and `load_failure` (the
+    model's loads are failing) set: two queries."""
     now = now or timezone.now()
     # The same objects, with the row's attributes set below.
     rules = [
@@ -49,7 +51,15 @@ def rule_rows(now: datetime | None = None) -> list[WithAnnotations[SchedulingRul
         selector = rule.node_selector if isinstance(rule.node_selector, dict) else {}
         rule.selector_items = sorted(selector.items())
         rule.breaker_open = rule.unsatisfiable_until is not None and rule.unsatisfiable_until > now
+    failures = {failure.model_name: failure for failure in load_failure_rows()}
+    for rule in rules:
+        rule.load_failure = failures.get(rule.model_name)
     return rules
+
+
+def load_failure_rows() -> list[LoadFailure]:
+    """Models whose loads are failing (`scheduling.loadfailures`), by name: one query."""
+    return list(LoadFailure.objects.order_by("model_name"))
 
 
 def catalog_model_names() -> list[str]:

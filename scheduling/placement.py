@@ -174,4 +174,7 @@ class UnknownModel(PlacementError):
 
 
 class LoadFailed(PlacementError):
-    """The agent could not start the replica (or it did not become ready in time); nothing was left behind."""
+    """The agent could not start the replica (or it did not become ready in time); nothing was left behind.
+    `retry_after`: seconds before the model's next load attempt (`scheduling.loadfailures`), when known."""
+
+    retry_after: int | None = None

@@ -461,11 +461,18 @@ def _place_all(
     by_model: Mapping[str, Sequence[ReplicaView]],
 ) -> tuple[list[str], list[str]]:
     """Claim every slot first (short transactions, one node row lock each), then run the slow loads in
-    parallel, so `min = 8` over 4 nodes converges in one load time, and one failed load stops nothing else."""
+    parallel, so `min = 8` over 4 nodes converges in one load time, and one failed load stops nothing else.
+
+    A model whose last load failed is left alone while its cooldown runs (`scheduling.loadfailures`: the
+    same cluster-wide backoff as the router's), and once it is over gets one probe load, not `count`. The
+    circuit breaker is not involved: it counts ticks without capacity, and a model that fails to load has
+    capacity."""
     from nodes.services import replica_claim_slot
+    from scheduling.loadfailures import LoadBackingOff, load_attempts_begin
     from scheduling.models import ModelConfig
 
     configs = ModelConfig.objects.in_bulk([name for name, _, _ in requests], field_name="name")
+    attempts = load_attempts_begin(model_names=[name for name, _, _ in requests])
     claimed, failed = [], []
     for model_name, selector, count in requests:
         config = configs.get(model_name)
@@ -473,6 +480,13 @@ def _place_all(
             logger.warning("rule for %s cannot be satisfied: the model is not in the catalog", model_name)
             failed.append(f"{model_name}: not in the catalog")
             continue
+        attempt = attempts[model_name]
+        if isinstance(attempt, LoadBackingOff):
+            retry_at = attempt.failure.retry_at.strftime("%H:%M:%S")
+            failed.append(f"{model_name}: load failing, next attempt after {retry_at} UTC")
+            continue
+        if attempt.is_retry:
+            count = 1
         model = placement.ModelRequirement(model_name, config.vram_bytes, dict(selector))
         for node in choose_nodes(
             model, count, _node_snapshots(model_name, snapshot, by_model.get(model_name, []))
@@ -483,7 +497,7 @@ def _place_all(
             if replica is None:
                 failed.append(f"{model_name} on {node.name}: slot taken meanwhile")
                 continue
-            claimed.append((replica, config, node.name))
+            claimed.append((replica, config, node.name, attempt))
     if not claimed:
         return [], failed
     with ThreadPoolExecutor(max_workers=min(LOAD_CONCURRENCY, len(claimed))) as pool:
@@ -493,15 +507,21 @@ def _place_all(
     return placed, failed
 
 
-def _load_one(replica, config, node_name: str) -> tuple[bool, str]:
+def _load_one(replica, config, node_name: str, attempt) -> tuple[bool, str]:
+    from scheduling.loadfailures import load_failure_clear, load_failure_note
     from scheduling.placement import LoadFailed
     from scheduling.services import replica_load
 
     label = f"{replica.model_name}#{replica.replica_index} on {node_name}"
     try:
         replica_load(replica=replica, config=config)
+        load_failure_clear(model_name=replica.model_name, reason="loaded")
         return True, label
     except LoadFailed as error:
+        try:
+            load_failure_note(attempt=attempt, error=error)
+        except Exception:
+            logger.exception("recording the failed load of %s failed", label)
         return False, f"{label}: {error}"
     except Exception as error:  # a fault in one load must not stop the others
         logger.exception("loading %s failed", label)

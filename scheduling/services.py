@@ -23,6 +23,7 @@ from nodes.services import (
     replica_stop_on_agent,
 )
 from nodes.tokens import node_token_for
+from scheduling.loadfailures import load_attempt_begin, load_failure_clear, load_failure_note
 from scheduling.models import ModelConfig, SchedulingRule
 from scheduling.placement import (
     IdleReplica,
@@ -295,12 +296,14 @@ def replica_place(*, model_name: str) -> PlacementResult:
     Ranks the schedulable nodes, claims a slot on each in turn until one claim wins (a lost race moves to
     the next), then loads it outside any transaction. When nothing fits, evicts the least recently used idle
     replica whose removal makes room and tries again once. Raises `UnknownModel` (not in the catalog),
-    `NoCapacity(reason)` (nothing fits), or `LoadFailed` (the load failed; row, reservation and process gone).
+    `NoCapacity(reason)` (nothing fits), or `LoadFailed` (the load failed; row, reservation and process gone;
+    the failure starts or doubles the model's cooldown) — `LoadBackingOff` (nothing started) while it runs.
     Call it from sync code; from async code run it in a thread. Must not be called inside a transaction.
     """
     config = ModelConfig.objects.filter(name=model_name).first()
     if config is None:
         raise UnknownModel(f"the model {model_name!r} is not in the catalog")
+    attempt = load_attempt_begin(model_name=model_name)  # LoadBackingOff while a failed load's cooldown runs
     requirement, selector = _model_requirement(config)
     evicted: list[str] = []
     reason = ""
@@ -317,7 +320,12 @@ def replica_place(*, model_name: str) -> PlacementResult:
                 selector=selector,
             )
             if replica is not None:
-                result = replica_load(replica=replica, config=config)
+                try:
+                    result = replica_load(replica=replica, config=config)
+                except LoadFailed as error:
+                    load_failure_note(attempt=attempt, error=error)
+                    raise
+                load_failure_clear(model_name=model_name, reason="loaded")
                 return PlacementResult(**{**result.__dict__, "evicted": evicted})
         if evicted or not ranked.reason:
             break  # claims lost to concurrent schedulers, or an eviction already tried: give up

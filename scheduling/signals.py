@@ -7,6 +7,7 @@ import logging
 from django.dispatch import receiver
 
 from nodes.signals import cluster_capacity_changed
+from scheduling.loadfailures import load_failures_clear_all
 from scheduling.models import SchedulingRule
 
 logger = logging.getLogger(__name__)
@@ -20,3 +21,11 @@ def clear_all_breakers(sender, reason: str = "", **kwargs) -> None:
     )
     if cleared:
         logger.info("cleared %d circuit breaker(s): %s", cleared, reason or "cluster capacity changed")
+
+
+@receiver(cluster_capacity_changed)
+def clear_load_backoffs(sender, reason: str = "", **kwargs) -> None:
+    """Any capacity-changing event (a node registered, approved, back, resumed, relabelled, its cap changed;
+    also a drain or a removal, which are rare and cost one more attempt at most) lets models whose loads
+    failed try again at once: the new or changed node may be the one that can load them."""
+    load_failures_clear_all(reason=reason or "cluster capacity changed")

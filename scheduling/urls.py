@@ -12,4 +12,6 @@ urlpatterns = [
     path("ui/scheduling/form", views.rule_form, name="form"),
     path("ui/scheduling/save", views.rule_save, name="save"),
     path("ui/scheduling/delete", views.rule_delete, name="delete"),
+    path("ui/scheduling/load-failures", views.load_failures, name="load-failures"),
+    path("ui/scheduling/retry-load", views.retry_load, name="retry-load"),
 ]

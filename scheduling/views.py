@@ -11,8 +11,9 @@ from django.views.decorators.http import require_GET, require_POST
 from localai_cluster.htmx import is_htmx, outcome, staff_required, toast
 from scheduling import services
 from scheduling.forms import MODE_AUTOSCALE, MODE_PIN, RuleForm
+from scheduling.loadfailures import load_failure_clear
 from scheduling.models import SchedulingRule
-from scheduling.page_selectors import catalog_model_names, rule_rows
+from scheduling.page_selectors import catalog_model_names, load_failure_rows, rule_rows
 
 PAGE = "scheduling/rules.html"
 
@@ -37,7 +38,13 @@ def _form_for(model_name: str | None) -> RuleForm:
 
 
 def _page(request: HttpRequest, form: RuleForm | None = None) -> HttpResponse:
-    context = {"rules": rule_rows(), "form": form, "catalog": catalog_model_names(), "nav": "scheduling"}
+    context = {
+        "rules": rule_rows(),
+        "form": form,
+        "catalog": catalog_model_names(),
+        "load_failures": load_failure_rows(),
+        "nav": "scheduling",
+    }
     return render(request, PAGE, context)
 
 
@@ -100,3 +107,37 @@ def rule_delete(request: HttpRequest) -> HttpResponse:
         return outcome(request, redirect(reverse("scheduling:rules")), message, level=level)
     response = render(request, f"{PAGE}#rules", {"rules": rule_rows()}, status=200 if deleted else 404)
     return toast(response, message, level=level)
+
+
+# --- load backoff (scheduling.loadfailures): shown here and on the nodes page ---------------------------
+
+
+@require_GET
+@staff_required
+def load_failures(request: HttpRequest) -> HttpResponse:
+    """The "models failing to load" banner (a fragment; the nodes page loads it, and it refreshes itself)."""
+    if not is_htmx(request):
+        return redirect(reverse("scheduling:rules"))
+    return render(request, f"{PAGE}#load_failures", {"load_failures": load_failure_rows()})
+
+
+@require_POST
+@staff_required
+def retry_load(request: HttpRequest) -> HttpResponse:
+    """ "Retry now": forgets the model's failed loads, so the next request or reconciler tick loads it."""
+    model_name = request.POST.get("model_name", "")
+    cleared = bool(model_name) and load_failure_clear(
+        model_name=model_name, reason="retry requested on the operator pages"
+    )
+    message = (
+        f"{model_name} will be loaded again on its next request."
+        if cleared
+        else f"{model_name or '(none)'} was not waiting to retry a load."
+    )
+    level = "success" if cleared else "error"
+    if not is_htmx(request):
+        return outcome(request, redirect(reverse("scheduling:rules")), message, level=level)
+    context: dict = {"load_failures": load_failure_rows(), "rules": None}
+    if request.headers.get("HX-Current-URL", "").split("?")[0].endswith(reverse("scheduling:rules")):
+        context["rules"] = rule_rows()  # the rules table's status column changes too
+    return toast(render(request, f"{PAGE}#retry_done", context), message, level=level)

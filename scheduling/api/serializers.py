@@ -16,7 +16,8 @@ from nodes.api.admin_serializers import (
     StringMapField,
     has_bad_text,
 )
-from scheduling.models import ModelConfig, SchedulingRule
+from scheduling.loadfailures import load_failure_payload
+from scheduling.models import LoadFailure, ModelConfig, SchedulingRule
 
 MAX_OPTIONS_BYTES = 64 * 1024
 MAX_BIGINT = 2**63 - 1
@@ -116,3 +117,35 @@ class ModelConfigUpdateSerializer(ModelConfigSerializer):
     """`PUT`/`PATCH /api/models/{name}`: the name comes from the URL; when given it must be the same."""
 
     name = ModelNameField(required=False, help_text="Optional; must equal the name in the URL.")
+
+
+class LoadFailureSerializer(serializers.Serializer):
+    """The model's loads are failing: no placement path starts another backend for it before `retry_at`."""
+
+    failures = serializers.IntegerField(
+        help_text="Failed load attempts in a row (concurrent ones count once)."
+    )
+    last_error = serializers.CharField(
+        help_text="The last failed load's error, with the backend's own message."
+    )
+    since = serializers.DateTimeField(help_text="When the first of these failures happened.")
+    retry_at = serializers.DateTimeField(
+        help_text="No load is tried before this (LOCALAI_LOAD_FAILURE_BACKOFF, doubling per failure, 5 min max)."
+    )
+
+
+class ModelDetailSerializer(ModelConfigSerializer):
+    """A catalog entry as `GET /api/models/{name}` answers it: with its load backoff."""
+
+    load_failure = serializers.SerializerMethodField(
+        help_text="Null unless the model's last load failed and it has not loaded since."
+    )
+
+    class Meta(ModelConfigSerializer.Meta):
+        fields = [*ModelConfigSerializer.Meta.fields, "load_failure"]
+
+    @extend_schema_field(LoadFailureSerializer(allow_null=True))
+    def get_load_failure(self, config: ModelConfig) -> dict[str, Any] | None:
+        failure = LoadFailure.objects.filter(model_name=config.name).first()
+        payload = load_failure_payload(failure)
+        return None if payload is None else LoadFailureSerializer(payload).data

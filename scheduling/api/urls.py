@@ -11,5 +11,8 @@ urlpatterns = [
         "api/nodes/scheduling/<path:model_name>", views.RuleDetailView.as_view(), name="api-scheduling-rule"
     ),
     path("api/models", views.ModelListView.as_view(), name="api-models"),
+    path(
+        "api/models/<path:name>/retry-load", views.ModelRetryLoadView.as_view(), name="api-model-retry-load"
+    ),
     path("api/models/<path:name>", views.ModelDetailView.as_view(), name="api-model"),
 ]

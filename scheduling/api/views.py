@@ -15,10 +15,12 @@ from nodes.api.permissions import AdminAPIView
 from scheduling.api.serializers import (
     ModelConfigSerializer,
     ModelConfigUpdateSerializer,
+    ModelDetailSerializer,
     RuleSerializer,
     RuleWriteSerializer,
 )
 from scheduling.catalog import model_config_delete, model_config_upsert
+from scheduling.loadfailures import load_failure_clear
 from scheduling.models import ModelConfig, SchedulingRule
 from scheduling.selectors import rules_with_current_replicas
 from scheduling.services import rule_delete, rule_upsert
@@ -151,24 +153,24 @@ class ModelDetailView(AdminAPIView):
         fields = {**(ModelConfigSerializer(existing).data if existing else {}), **serializer.validated_data}
         config, created = model_config_upsert(**fields)
         code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
-        return Response(ModelConfigSerializer(config).data, status=code)
+        return Response(ModelDetailSerializer(config).data, status=code)
 
     @extend_schema(
         operation_id="models_retrieve",
         parameters=[NAME_PATH_PARAM],
-        responses={200: ModelConfigSerializer, **error_responses(*AUTH_ERRORS, 404)},
+        responses={200: ModelDetailSerializer, **error_responses(*AUTH_ERRORS, 404)},
         tags=["models"],
     )
     def get(self, request: Request, name: str) -> Response:
-        return Response(ModelConfigSerializer(self._config(name)).data)
+        return Response(ModelDetailSerializer(self._config(name)).data)
 
     @extend_schema(
         operation_id="models_replace",
         parameters=[NAME_PATH_PARAM],
         request=ModelConfigUpdateSerializer,
         responses={
-            200: ModelConfigSerializer,
-            201: ModelConfigSerializer,
+            200: ModelDetailSerializer,
+            201: ModelDetailSerializer,
             **error_responses(400, *AUTH_ERRORS),
         },
         description="Replaces the model (fields not given take their defaults), or creates it (201).",
@@ -183,7 +185,7 @@ class ModelDetailView(AdminAPIView):
         operation_id="models_partial_update",
         parameters=[NAME_PATH_PARAM],
         request=ModelConfigUpdateSerializer(partial=True),
-        responses={200: ModelConfigSerializer, **error_responses(400, *AUTH_ERRORS, 404)},
+        responses={200: ModelDetailSerializer, **error_responses(400, *AUTH_ERRORS, 404)},
         tags=["models"],
     )
     def patch(self, request: Request, name: str) -> Response:
@@ -199,3 +201,42 @@ class ModelDetailView(AdminAPIView):
         if not model_config_delete(name=_checked_name(name, "model")):
             raise exceptions.NotFound("No model with this name in the catalog.")
         return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+RETRY_SUFFIX = "/retry-load"
+
+
+class ModelRetryLoadView(ModelDetailView):
+    """`POST /api/models/{name}/retry-load`: "retry now" — forgets the model's failed loads, so the next
+    request (or reconciler tick) loads it at once. The other methods of this URL are those of a model whose
+    name ends in `/retry-load`."""
+
+    @extend_schema(
+        operation_id="models_retry_load",
+        parameters=[NAME_PATH_PARAM],
+        request=None,
+        responses={200: ModelDetailSerializer, **error_responses(*AUTH_ERRORS, 404)},
+        description="Clears the model's load backoff (`load_failure` becomes null): the next request or "
+        "reconciler tick tries to load it again. Answers the model.",
+        tags=["models"],
+    )
+    def post(self, request: Request, name: str) -> Response:
+        config = self._config(name)
+        load_failure_clear(model_name=config.name, reason="retry requested by an admin")
+        return Response(ModelDetailSerializer(config).data)
+
+    @extend_schema(exclude=True)
+    def get(self, request: Request, name: str) -> Response:
+        return super().get(request, name + RETRY_SUFFIX)
+
+    @extend_schema(exclude=True)
+    def put(self, request: Request, name: str) -> Response:
+        return super().put(request, name + RETRY_SUFFIX)
+
+    @extend_schema(exclude=True)
+    def patch(self, request: Request, name: str) -> Response:
+        return super().patch(request, name + RETRY_SUFFIX)
+
+    @extend_schema(exclude=True)
+    def delete(self, request: Request, name: str) -> Response:
+        return super().delete(request, name + RETRY_SUFFIX)

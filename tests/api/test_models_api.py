@@ -26,7 +26,7 @@ def test_create_list_get_put_patch_delete(api):
     assert response.json() == {**body, "vram_bytes": 0, "context_size": None}
     assert [m["name"] for m in api.get("/api/models").json()["results"]] == ["org/m:v1.5"]
     url = f"/api/models/{quote(body['name'])}"
-    assert set(api.get(url).json()) == FIELDS
+    assert set(api.get(url).json()) == FIELDS | {"load_failure"}
 
     response = api.patch(url, {"vram_bytes": 5 * 1024**3, "context_size": 4096}, format="json")
     assert response.status_code == 200
@@ -41,6 +41,7 @@ def test_create_list_get_put_patch_delete(api):
         "options": {},
         "vram_bytes": 0,
         "context_size": None,
+        "load_failure": None,
     }
     assert api.delete(url).status_code == 204
     assert api.get(url).status_code == 404

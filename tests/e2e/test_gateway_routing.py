@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from nodes.models import ModelReplica, Node
+from scheduling.catalog import model_config_upsert
 from tests.conftest import wait_until
 from tests.e2e.gateway_support import in_flight, place, start_agents_fixture, wait_in_flight_zero  # noqa: F401
 from tests.factories import GiB, ModelConfigFactory, RuleFactory
@@ -143,7 +144,8 @@ def test_load_failure_leaves_no_row_reservation_or_process(cp_server, start_agen
     assert Node.objects.get(name=agent.name).reserved_vram == 0
     wait_until(lambda: not agent.processes(), timeout=20, message="no backend process left")
     # The slot is not poisoned: with working options the same index loads and answers.
-    ModelConfigFactory(name="broken").__class__.objects.filter(name="broken").update(options={})
+    # (A catalog edit through the catalog service: it also clears the model's load backoff.)
+    model_config_upsert(name="broken", backend="echo", vram_bytes=2 * GiB)
     assert chat(cp_server.url, "broken").status_code == 200
     assert ModelReplica.objects.get(model_name="broken").replica_index == 0
 
