@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import sys
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
+
+from worker_client.agent.state import default_state_dir
 
 PROG = "localai-cluster-worker"
 REPLICA_SLOTS_LABEL = "node.replica-slots"
@@ -89,6 +92,16 @@ def parse_labels(text: str) -> dict[str, str]:
     return labels
 
 
+def parse_node_name(text: str) -> str:
+    """A node name: 1 to 255 characters, none of them control, format or line-breaking (the control plane
+    refuses those too: they could forge log lines)."""
+    if not text or len(text) > 255:
+        raise ValueError("expected 1 to 255 characters")
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp") for ch in text):
+        raise ValueError("control, format and line-breaking characters are not allowed")
+    return text
+
+
 def parse_url(text: str) -> str:
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -156,6 +169,7 @@ class AgentConfig:
     backends: dict[str, BackendCommand]
     models_path: Path
     drain_timeout: float
+    state_dir: Path  # where the node credential is kept (worker_client.agent.state)
 
     @property
     def advertise_addr(self) -> str:
@@ -194,6 +208,12 @@ _OPTIONS = {
         _Option("--backends-config", "LOCALAI_BACKENDS_CONFIG", "", "YAML: name: {command: [...], env: {}}"),
         _Option("--models-path", "LOCALAI_MODELS_PATH", "./models", "directory of model files"),
         _Option("--drain-timeout", None, "30s", argparse.SUPPRESS),
+        _Option(
+            "--state-dir",
+            "LOCALAI_AGENT_STATE_DIR",
+            None,
+            "where the node credential is kept (default: $XDG_DATA_HOME/localai-cluster-worker)",
+        ),
     )
 }
 
@@ -254,7 +274,7 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
     return AgentConfig(
         register_to=value("register_to", parse_url),
         registration_token=value("registration_token", str),
-        node_name=optional("node_name", str) or socket.gethostname(),
+        node_name=value("node_name", parse_node_name) if raw("node_name") else socket.gethostname(),
         node_type=value("node_type", parse_node_type),
         bind_host=bind_host,
         port=port,
@@ -267,4 +287,5 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         backends=value("backends_config", load_backends),
         models_path=value("models_path", Path).resolve(),
         drain_timeout=value("drain_timeout", parse_duration),
+        state_dir=(optional("state_dir", Path) or default_state_dir(environ)).expanduser().resolve(),
     )
