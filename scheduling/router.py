@@ -428,7 +428,7 @@ async def discard_unreachable(lease: Lease) -> None:
     (so a retry cannot pick it again) and stop its process in the background. The lease counts as released."""
     lease.released = True
     logger.warning(
-        "backend %s of %s on %s is unreachable: removing that replica",
+        "backend %r of %r on %r is unreachable: removing that replica",
         lease.address,
         lease.process_key,
         lease.node_name,
