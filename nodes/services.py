@@ -53,6 +53,8 @@ GiB = 1024**3
 MAX_BIGINT = 2**63 - 1
 MAX_INT = 2**31 - 1
 LABEL_MAX_LENGTH = 255
+# Labels an admin may leave on a node (auto-labels not counted); a worker sends at most as many of its own.
+MAX_NODE_LABELS = 256
 # Deadline of each StopReplica call made after an admin deletes a node.
 STOP_TIMEOUT = 5.0
 
@@ -557,11 +559,13 @@ def node_labels_replace(*, node: Node, labels: Mapping[str, str]) -> dict[str, s
 
 def node_labels_merge(*, node: Node, labels: Mapping[str, str]) -> dict[str, str]:
     """Set the given labels (insert or update), keeping every other one. Auto-label keys are ignored.
-    Returns all labels."""
+    Raises `InvalidValue` when the node would carry more than `MAX_NODE_LABELS` labels. Returns all labels."""
     wanted = _without_auto_labels(_validate_labels(labels))
     with transaction.atomic():
         locked = _lock_node(node.pk)
         _upsert_labels(locked, wanted, source=LabelSource.ADMIN)
+        if NodeLabel.objects.filter(node=locked).exclude(key__in=AUTO_LABELS).count() > MAX_NODE_LABELS:
+            raise InvalidValue(f"A node carries at most {MAX_NODE_LABELS} labels.", field="labels")
         _refresh_auto_labels(locked)
         _capacity_changed(f"labels of node {locked.name} changed")
     return node_labels(node=locked)

@@ -197,3 +197,14 @@ def test_admin_replace_makes_every_label_the_admins():
     services.node_labels_replace(node=node, labels={"zone": "z9"})
     register(node_credential=TEST_CREDENTIAL, labels={"zone": "z2"})
     assert node_labels(node=node)["zone"] == "z9"
+
+
+def test_admin_merges_cannot_take_a_node_past_256_labels():
+    from nodes.exceptions import InvalidValue
+
+    node = NodeFactory(name="w1")
+    services.node_labels_merge(node=node, labels={f"a{i}": "v" for i in range(200)})
+    with pytest.raises(InvalidValue, match="at most 256"):
+        services.node_labels_merge(node=node, labels={f"b{i}": "v" for i in range(57)})
+    assert NodeLabel.objects.filter(node=node, key__startswith="b").count() == 0
+    services.node_labels_merge(node=node, labels={f"b{i}": "v" for i in range(56)})
