@@ -94,7 +94,7 @@ class Cluster:
         command += ["--node-name", name, "--max-replicas-per-model", str(slots), "--vram", vram]
         if labels:
             command += ["--node-labels", labels]
-        command += ["--drain-timeout", "2s"]
+        command += ["--drain-timeout", "2s", "--state-dir", str(self.log_dir / "agent-state" / name)]
         self._spawn(command, f"{name}.log")
         self.agents.append((name, address))
 

@@ -91,7 +91,13 @@ def _children(host: str, port: int, state_dir: Path, agent_ports: tuple[int, int
                 str(state_dir / "celerybeat-schedule"),
             ],
         ),
-        Child("agent-1", [PYTHON, "-m", *agent, "--node-name", "local-1", "--addr", f"127.0.0.1:{first}"]),
+        Child(
+            "agent-1",
+            [
+                *(PYTHON, "-m", *agent, "--node-name", "local-1", "--addr", f"127.0.0.1:{first}"),
+                *("--state-dir", str(state_dir / "agents" / "local-1")),
+            ],
+        ),
         Child(
             "agent-2",
             [
@@ -104,6 +110,8 @@ def _children(host: str, port: int, state_dir: Path, agent_ports: tuple[int, int
                 f"127.0.0.1:{second}",
                 "--max-replicas-per-model",
                 "2",
+                "--state-dir",
+                str(state_dir / "agents" / "local-2"),
             ],
         ),
     ]

@@ -109,7 +109,7 @@ class ModelReplicaAdmin(admin.ModelAdmin):
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):
     """Keys are created with `manage.py create_api_key` (the key is shown once); here they are listed and
-    revoked."""
+    revoked, never deleted."""
 
     list_display = ("name", "prefix", "is_admin", "created_at", "last_used_at", "revoked_at")
     list_filter = ("is_admin",)
@@ -117,6 +117,10 @@ class ApiKeyAdmin(admin.ModelAdmin):
     actions = ("revoke",)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: ApiKey | None = None) -> bool:
+        # Revoke only: the gateway is open while no key was ever made, so deleting keys must not reopen it.
         return False
 
     @admin.action(description="Revoke selected keys")

@@ -21,6 +21,14 @@ class ReplicaState(models.TextChoices):
     FAILED = "failed", "Failed"
 
 
+class LabelSource(models.TextChoices):
+    """Who set a label: an admin's label wins over the worker's label of the same key."""
+
+    ADMIN = "admin", "Admin"
+    WORKER = "worker", "Worker"
+    AUTO = "auto", "Control plane"
+
+
 # Labels the control plane writes itself; workers and admins do not own them.
 LABEL_REPLICA_SLOTS = "node.replica-slots"
 LABEL_NODE_NAME = "node.name"

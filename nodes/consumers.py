@@ -98,11 +98,11 @@ class BackendLogsConsumer(AsyncJsonWebsocketConsumer):
         except asyncio.CancelledError:
             raise
         except WorkerError as error:
-            logger.info("backend logs of %s on %s: %s", key, name, error)
+            logger.info("backend logs of %r on %r: %s", key, name, error)
             with contextlib.suppress(Exception):
                 await self.send_json({"type": "error", "message": f"The agent of {name} cannot be reached."})
                 await self.close(code=CLOSE_AGENT_UNAVAILABLE)
         except Exception:
-            logger.exception("backend logs of %s on %s failed", key, name)
+            logger.exception("backend logs of %r on %r failed", key, name)
             with contextlib.suppress(Exception):
                 await self.close(code=CLOSE_AGENT_UNAVAILABLE)

@@ -26,3 +26,14 @@ class InvalidValue(NodeError, ValueError):
         self.field = field
         self.details = {field: [message]}
         super().__init__(message)
+
+
+class NameTaken(NodeError):
+    """A registration of a known name that proved neither the node's credential nor its current node token
+    (HTTP 409); nothing was changed."""
+
+    def __init__(self, *, name: str) -> None:
+        self.name = name
+        super().__init__(
+            f"node {name} is registered by another agent; delete it first or present its credential"
+        )

@@ -5,12 +5,14 @@ import uuid
 from django.db import models
 from django.db.models import Q
 
-from nodes.choices import NodeStatus, NodeType, ReplicaState
+from nodes.choices import LabelSource, NodeStatus, NodeType, ReplicaState
 
 
 class Node(models.Model):
-    """One worker agent. `name` is its identity across restarts; approval is kept apart from status so a
-    pending node that goes stale and comes back is still pending."""
+    """One worker agent. `name` names it, but only its credential proves it: a registration of a known name
+    must present `credential_hash`'s secret (the agent's state file) or the current node token. Approval is
+    kept apart from status so a pending node that goes stale and comes back is still pending;
+    `drained_by_admin` keeps an admin's drain across the agent's re-registrations."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     name = models.CharField(max_length=255, unique=True)
@@ -28,6 +30,9 @@ class Node(models.Model):
     max_replicas_override = models.IntegerField(null=True, blank=True)
     token_hash = models.CharField(max_length=64, blank=True, default="", editable=False, db_index=True)
     token_salt = models.CharField(max_length=64, blank=True, default="", editable=False)
+    # SHA-256 (hex) of the agent's node credential; empty for a node registered without one.
+    credential_hash = models.CharField(max_length=64, blank=True, default="", editable=False)
+    drained_by_admin = models.BooleanField(default=False)
     last_heartbeat = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -63,11 +68,13 @@ class Node(models.Model):
 
 
 class NodeLabel(models.Model):
-    """A `key=value` label on a node; selectors match labels by exact strings."""
+    """A `key=value` label on a node; selectors match labels by exact strings. `source` says who set it: an
+    admin's label is never overwritten by the worker's label of the same key."""
 
     node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="labels")
     key = models.CharField(max_length=255)
     value = models.CharField(max_length=255, blank=True, default="")
+    source = models.CharField(max_length=8, choices=LabelSource.choices, default=LabelSource.ADMIN)
 
     class Meta:
         ordering = ["key"]
@@ -75,6 +82,13 @@ class NodeLabel(models.Model):
 
     def __str__(self) -> str:
         return f"{self.key}={self.value}"
+
+
+class ApiKeyNotDeletable(Exception):
+    """API keys are revoked, never deleted: deleting the last one would open the gateway to everyone."""
+
+    def __init__(self) -> None:
+        super().__init__("API keys cannot be deleted; revoke them instead.")
 
 
 class ModelReplica(models.Model):
@@ -115,9 +129,15 @@ class ModelReplica(models.Model):
         return f"{self.model_name}#{self.replica_index}"
 
 
+class ApiKeyQuerySet(models.QuerySet):
+    def delete(self):  # type: ignore[override]
+        raise ApiKeyNotDeletable
+
+
 class ApiKey(models.Model):
     """A bearer key for `/v1/*` (every key) and `/api/nodes/*`, `/api/models/*` (admin keys). Only a hash is
-    stored; the key itself is shown once at creation."""
+    stored; the key itself is shown once at creation. Keys are revoked, never deleted (the gateway is open
+    only while no key was ever made): `delete()` raises, and a database trigger refuses `DELETE` too."""
 
     name = models.CharField(max_length=255)
     prefix = models.CharField(max_length=16, editable=False)
@@ -127,12 +147,17 @@ class ApiKey(models.Model):
     last_used_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
 
+    objects = ApiKeyQuerySet.as_manager()
+
     class Meta:
         ordering = ["name"]
         verbose_name = "API key"
 
     def __str__(self) -> str:
         return f"{self.name} ({self.prefix}…)"
+
+    def delete(self, *args, **kwargs):  # type: ignore[override]
+        raise ApiKeyNotDeletable
 
 
 class InFlightClaim(models.Model):

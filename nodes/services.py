@@ -30,15 +30,22 @@ from nodes.choices import (
     LABEL_GPU_VRAM,
     LABEL_NODE_NAME,
     LABEL_REPLICA_SLOTS,
+    LabelSource,
     NodeStatus,
     NodeType,
     ReplicaState,
 )
-from nodes.exceptions import InvalidTransition, InvalidValue
+from nodes.exceptions import InvalidTransition, InvalidValue, NameTaken
 from nodes.models import ModelReplica, Node, NodeLabel
 from nodes.selectors import free_replica_indexes, node_filter_selector, node_labels
 from nodes.signals import cluster_capacity_changed
-from nodes.tokens import new_token_salt, node_token_for, token_hash
+from nodes.tokens import (
+    credential_matches,
+    new_token_salt,
+    node_token_for,
+    node_token_matches,
+    token_hash,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +53,8 @@ GiB = 1024**3
 MAX_BIGINT = 2**63 - 1
 MAX_INT = 2**31 - 1
 LABEL_MAX_LENGTH = 255
+# Labels an admin may leave on a node (auto-labels not counted); a worker sends at most as many of its own.
+MAX_NODE_LABELS = 256
 # Deadline of each StopReplica call made after an admin deletes a node.
 STOP_TIMEOUT = 5.0
 
@@ -128,16 +137,27 @@ def _without_auto_labels(labels: Mapping[str, str]) -> dict[str, str]:
     return {key: value for key, value in labels.items() if key not in AUTO_LABELS}
 
 
-def _upsert_labels(node: Node, labels: Mapping[str, str]) -> None:
-    """Insert or update the given labels in one statement; other labels are untouched."""
+def _upsert_labels(node: Node, labels: Mapping[str, str], *, source: str) -> None:
+    """Insert or update the given labels in one statement, recording `source`; other labels are untouched."""
     if not labels:
         return
     NodeLabel.objects.bulk_create(
-        [NodeLabel(node=node, key=key, value=value) for key, value in labels.items()],
+        [NodeLabel(node=node, key=key, value=value, source=source) for key, value in labels.items()],
         update_conflicts=True,
         unique_fields=["node", "key"],
-        update_fields=["value"],
+        update_fields=["value", "source"],
     )
+
+
+def _refresh_worker_labels(node: Node, labels: Mapping[str, str]) -> None:
+    """The worker's word on its labels: its keys get its values, worker keys it no longer sends go, and a key
+    an admin set keeps the admin's value (admin intent wins)."""
+    admin_keys = set(
+        NodeLabel.objects.filter(node=node, source=LabelSource.ADMIN).values_list("key", flat=True)
+    )
+    wanted = {key: value for key, value in labels.items() if key not in admin_keys}
+    NodeLabel.objects.filter(node=node, source=LabelSource.WORKER).exclude(key__in=wanted).delete()
+    _upsert_labels(node, wanted, source=LabelSource.WORKER)
 
 
 def _refresh_auto_labels(node: Node) -> None:
@@ -153,7 +173,7 @@ def _refresh_auto_labels(node: Node) -> None:
         present[LABEL_GPU_VRAM] = gpu_vram_bucket(node.total_vram)
     else:
         absent.append(LABEL_GPU_VRAM)
-    _upsert_labels(node, present)
+    _upsert_labels(node, present, source=LabelSource.AUTO)
     if absent:
         NodeLabel.objects.filter(node=node, key__in=absent).delete()
 
@@ -178,6 +198,14 @@ def _reported_key(replica: Mapping[str, Any] | str) -> str:
     return replica if isinstance(replica, str) else str(replica.get("key", ""))
 
 
+def _status_when_back(node: Node) -> str:
+    """The status of a node coming back (registration, or a heartbeat after it went unhealthy/offline):
+    `draining` when an admin drained it, else `healthy` when approved, else `pending`."""
+    if not node.is_approved:
+        return NodeStatus.PENDING
+    return NodeStatus.DRAINING if node.drained_by_admin else NodeStatus.HEALTHY
+
+
 # --- registration and heartbeat -----------------------------------------------------------------------------
 
 
@@ -194,14 +222,21 @@ def node_register(
     labels: Mapping[str, str] | None = None,
     max_replicas_per_model: int = 1,
     replicas: Iterable[str] = (),
+    node_credential: str = "",
+    node_token: str = "",
 ) -> RegisterResult:
-    """Register a worker by name: a new name makes a node (`pending`, or `healthy` and approved when
-    `LOCALAI_AUTO_APPROVE_NODES`), a known one keeps its id (`healthy` if ever approved, else `pending`).
+    """Register a worker: a new name makes a node (`pending`, or `healthy` and approved when
+    `LOCALAI_AUTO_APPROVE_NODES`) whose credential is `node_credential` (when given); a known name must prove
+    it is the same agent — its stored credential, or its current node token — else `NameTaken` is raised and
+    nothing changes. A wrong credential is refused even with the right token.
 
     Guarantees: concurrent registrations of one new name make exactly one node (one gets `created=True`);
-    the worker's labels are upserted and other labels (an admin's) kept; an admin override is kept and the
-    worker's value stored; auto-labels refreshed; replica rows whose process key is not in `replicas` are
-    deleted and the listed ones kept; `reserved_vram` is 0; a new token revokes the previous one.
+    the node keeps its id, its approval (dropped when the address changes without the credential proved)
+    and an admin's drain; the worker's labels are refreshed (its keys upserted, worker keys it no longer
+    sends removed) and an admin's labels kept, also over a worker label of the same key; an admin override is
+    kept and the worker's value stored; auto-labels refreshed; every replica row is removed (its backend
+    holds the previous backend token; `replicas` the worker lists become orphans of its next heartbeats);
+    `reserved_vram` is 0; a new node token and backend token revoke the previous ones.
     """
     if not name or len(name) > 255:
         raise InvalidValue("Must be 1 to 255 characters.", field="name")
@@ -216,20 +251,41 @@ def node_register(
     ):
         _check_size(size_name, size)
     worker_labels = _without_auto_labels(_validate_labels(labels))
-    reported = {str(key) for key in replicas}
+    del replicas  # every row goes: see the docstring
     now = timezone.now()
 
     with transaction.atomic():
         # INSERT ... ON CONFLICT DO NOTHING: a concurrent registration of the same new name waits for ours
         # to commit and then finds the row, instead of failing on the unique name.
-        candidate = Node(id=uuid.uuid4(), name=name, status=NodeStatus.PENDING)
+        candidate = Node(
+            id=uuid.uuid4(),
+            name=name,
+            status=NodeStatus.PENDING,
+            credential_hash=token_hash(node_credential) if node_credential else "",
+        )
         Node.objects.bulk_create([candidate], ignore_conflicts=True)
         node = Node.objects.select_for_update().get(name=name)
         created = node.pk == candidate.pk
+        proved_credential = created or credential_matches(node, node_credential)
+        if not created:
+            wrong_credential = bool(node_credential and node.credential_hash and not proved_credential)
+            if wrong_credential or not (proved_credential or node_token_matches(node, node_token)):
+                logger.warning(
+                    "registration of node %r refused: it proved neither credential nor token", name
+                )
+                raise NameTaken(name=name)
+            if node_credential and not node.credential_hash:
+                node.credential_hash = token_hash(node_credential)
+            if address != node.address and not proved_credential and node.approved_at is not None:
+                # The node token travels to the node's address on every gRPC call; it does not prove the
+                # agent moved, so a new address must be approved again.
+                logger.warning("node %r moved to %r without its credential: approval dropped", name, address)
+                node.approved_at = None
+                node.drained_by_admin = False
 
         if settings.LOCALAI_AUTO_APPROVE_NODES and node.approved_at is None:
             node.approved_at = now
-        node.status = NodeStatus.HEALTHY if node.approved_at is not None else NodeStatus.PENDING
+        node.status = _status_when_back(node)
         node.node_type = node_type
         node.address = address
         node.total_vram = total_vram
@@ -241,26 +297,17 @@ def node_register(
         node.worker_max_replicas_per_model = max_replicas_per_model
         node.last_heartbeat = now
         node.token_salt = new_token_salt()
-        node_token = node_token_for(node)
-        node.token_hash = token_hash(node_token)
+        new_node_token = node_token_for(node)
+        node.token_hash = token_hash(new_node_token)
         node.save()
 
-        _upsert_labels(node, worker_labels)
+        _refresh_worker_labels(node, worker_labels)
         _refresh_auto_labels(node)
-
-        rows = ModelReplica.objects.filter(node=node).values_list("pk", "model_name", "replica_index")
-        gone: list[int] = []
-        kept: list[int] = []
-        for pk, model_name, replica_index in rows:
-            (kept if f"{model_name}#{replica_index}" in reported else gone).append(pk)
-        if gone:
-            ModelReplica.objects.filter(pk__in=gone).delete()
-        if kept:
-            ModelReplica.objects.filter(pk__in=kept).update(last_seen_at=now)
+        ModelReplica.objects.filter(node=node).delete()
         _capacity_changed(f"node {name} registered")
 
-    logger.info("node %s %s (%s)", name, "registered" if created else "registered again", node.status)
-    return RegisterResult(node=node, created=created, node_token=node_token)
+    logger.info("node %r %s (%s)", name, "registered" if created else "registered again", node.status)
+    return RegisterResult(node=node, created=created, node_token=new_node_token)
 
 
 def node_heartbeat(
@@ -325,7 +372,7 @@ def node_heartbeat(
 
         previous_status = locked.status
         if locked.status in (NodeStatus.OFFLINE, NodeStatus.UNHEALTHY):
-            locked.status = NodeStatus.HEALTHY if locked.is_approved else NodeStatus.PENDING
+            locked.status = _status_when_back(locked)
         old_gpu_labels = (locked.gpu_vendor, locked.total_vram and gpu_vram_bucket(locked.total_vram))
         if available_vram is not None:
             locked.available_vram = available_vram
@@ -358,7 +405,7 @@ def node_heartbeat(
             _capacity_changed(f"node {locked.name} is back")
 
     if gone:
-        logger.info("node %s: removed %d replica row(s) whose process is gone", locked.name, len(gone))
+        logger.info("node %r: removed %d replica row(s) whose process is gone", locked.name, len(gone))
     return HeartbeatResult(
         status=locked.status,
         max_replicas_per_model=locked.effective_max_replicas,
@@ -378,23 +425,30 @@ def node_approve(*, node: Node) -> Node:
             raise InvalidTransition(node=locked, action="approve", status=locked.status)
         locked.status = NodeStatus.HEALTHY
         locked.approved_at = now
-        locked.save(update_fields=["status", "approved_at", "updated_at"])
+        locked.drained_by_admin = False
+        locked.save(update_fields=["status", "approved_at", "drained_by_admin", "updated_at"])
         _capacity_changed(f"node {locked.name} approved")
     return locked
 
 
-def node_drain(*, node: Node) -> Node:
+def node_drain(*, node: Node, by_admin: bool = True) -> Node:
     """Mark an approved node `draining` at once: no new placements, no new requests to its replicas; work in
-    flight finishes. Draining a draining node changes nothing. Raises `InvalidTransition` for a node never
-    approved (resuming it would otherwise approve it)."""
+    flight finishes. An admin's drain (`by_admin`) survives the agent's re-registrations until an admin
+    resumes the node; the agent's own drain (before it deregisters) does not. Draining a draining node
+    changes only that flag. Raises `InvalidTransition` for a node never approved (resuming it would
+    otherwise approve it)."""
     with transaction.atomic():
         locked = _lock_node(node.pk)
         if locked.status == NodeStatus.DRAINING:
+            if by_admin and not locked.drained_by_admin:
+                locked.drained_by_admin = True
+                locked.save(update_fields=["drained_by_admin", "updated_at"])
             return locked
         if not locked.is_approved:
             raise InvalidTransition(node=locked, action="drain", status=locked.status)
         locked.status = NodeStatus.DRAINING
-        locked.save(update_fields=["status", "updated_at"])
+        locked.drained_by_admin = locked.drained_by_admin or by_admin
+        locked.save(update_fields=["status", "drained_by_admin", "updated_at"])
         _capacity_changed(f"node {locked.name} draining")
     return locked
 
@@ -406,7 +460,8 @@ def node_resume(*, node: Node) -> Node:
         if locked.status != NodeStatus.DRAINING:
             raise InvalidTransition(node=locked, action="resume", status=locked.status)
         locked.status = NodeStatus.HEALTHY
-        locked.save(update_fields=["status", "updated_at"])
+        locked.drained_by_admin = False
+        locked.save(update_fields=["status", "drained_by_admin", "updated_at"])
         _capacity_changed(f"node {locked.name} resumed")
     return locked
 
@@ -442,7 +497,7 @@ def node_delete(*, node: Node) -> list[str]:
                 lambda: _stop_on_agent(address=address, token=token, keys=keys, node_name=name)
             )
         _capacity_changed(f"node {name} deleted")
-    logger.info("node %s deleted (%d replica(s))", name, len(keys))
+    logger.info("node %r deleted (%d replica(s))", name, len(keys))
     return keys
 
 
@@ -454,25 +509,25 @@ def _stop_on_agent(*, address: str, token: str, keys: list[str], node_name: str)
         from nodes.agent_clients import worker_control_client
         from worker_client.errors import WorkerError
     except ImportError:  # pragma: no cover - the client ships with the project
-        logger.exception("cannot stop %s on %s: worker_client is unavailable", keys, node_name)
+        logger.exception("cannot stop %s on %r: worker_client is unavailable", keys, node_name)
         return stopped
     try:
         client = worker_control_client(address, token, timeout=STOP_TIMEOUT)
     except Exception:
-        logger.exception("cannot reach the agent of %s at %s to stop %s", node_name, address, keys)
+        logger.exception("cannot reach the agent of %r at %r to stop %s", node_name, address, keys)
         return stopped
     for key in keys:
         try:
             stopped.extend(client.stop_replica(key))
         except WorkerError as error:
-            logger.warning("agent of %s did not stop %s: %s", node_name, key, error)
+            logger.warning("agent of %r did not stop %r: %s", node_name, key, error)
             if error.connect_failed:
                 logger.warning(
-                    "agent of %s unreachable: not stopping %s", node_name, keys[keys.index(key) + 1 :]
+                    "agent of %r unreachable: not stopping %s", node_name, keys[keys.index(key) + 1 :]
                 )
                 break
         except Exception:
-            logger.exception("agent of %s did not stop %s", node_name, key)
+            logger.exception("agent of %r did not stop %r", node_name, key)
     return stopped
 
 
@@ -496,7 +551,7 @@ def node_labels_replace(*, node: Node, labels: Mapping[str, str]) -> dict[str, s
     with transaction.atomic():
         locked = _lock_node(node.pk)
         NodeLabel.objects.filter(node=locked).exclude(key__in=AUTO_LABELS).exclude(key__in=wanted).delete()
-        _upsert_labels(locked, wanted)
+        _upsert_labels(locked, wanted, source=LabelSource.ADMIN)
         _refresh_auto_labels(locked)
         _capacity_changed(f"labels of node {locked.name} replaced")
     return node_labels(node=locked)
@@ -504,11 +559,13 @@ def node_labels_replace(*, node: Node, labels: Mapping[str, str]) -> dict[str, s
 
 def node_labels_merge(*, node: Node, labels: Mapping[str, str]) -> dict[str, str]:
     """Set the given labels (insert or update), keeping every other one. Auto-label keys are ignored.
-    Returns all labels."""
+    Raises `InvalidValue` when the node would carry more than `MAX_NODE_LABELS` labels. Returns all labels."""
     wanted = _without_auto_labels(_validate_labels(labels))
     with transaction.atomic():
         locked = _lock_node(node.pk)
-        _upsert_labels(locked, wanted)
+        _upsert_labels(locked, wanted, source=LabelSource.ADMIN)
+        if NodeLabel.objects.filter(node=locked).exclude(key__in=AUTO_LABELS).count() > MAX_NODE_LABELS:
+            raise InvalidValue(f"A node carries at most {MAX_NODE_LABELS} labels.", field="labels")
         _refresh_auto_labels(locked)
         _capacity_changed(f"labels of node {locked.name} changed")
     return node_labels(node=locked)
@@ -610,7 +667,9 @@ def replica_claim_slot(
             except IntegrityError as error:
                 if not _is_unique_violation(error):
                     raise
-                logger.info("slot %s#%d on %s was taken meanwhile; trying the next", model_name, index, node)
+                logger.info(
+                    "slot %r#%d on %r was taken meanwhile; trying the next", model_name, index, node.name
+                )
         if replica is None:
             return None
         if reserve:

@@ -4,7 +4,11 @@
   the agent's WorkerControl service. It depends on the node's `token_salt`, which changes at every
   registration, so registering again invalidates the previous token. Only its SHA-256 is stored.
 - The **backend token** is what the agent gives its backend processes (`LOCALAI_GRPC_AUTH_TOKEN`) and the
-  gateway presents to them. It is stable for the node's lifetime.
+  gateway presents to them. It depends on the same salt, so it too changes at every registration: a backend
+  started after a registration refuses the token of the one before. It is answered only to the node's own
+  registration.
+- The **node credential** is the agent's own secret, kept in its state file and presented at registration
+  to prove that a known name is still the same agent. Only its SHA-256 is stored (`Node.credential_hash`).
 """
 
 from __future__ import annotations
@@ -47,5 +51,14 @@ def node_token_matches(node: Node, token: str) -> bool:
 
 
 def backend_token_for(node: Node) -> str:
-    """The token the node's backends require: HMAC-SHA256(SECRET_KEY, "backend-token:<id>"), stable per node."""
-    return _hmac_token(f"backend-token:{node.id}")
+    """The token the node's backends require: HMAC-SHA256(SECRET_KEY, "backend-token:<id>:<salt>"), new at
+    every registration (needs `id` and `token_salt`)."""
+    return _hmac_token(f"backend-token:{node.id}:{node.token_salt}")
+
+
+def credential_matches(node: Node, credential: str) -> bool:
+    """Whether `credential` is the node's stored credential (constant-time; a node without one matches
+    nothing)."""
+    if not node.credential_hash or not credential:
+        return False
+    return hmac.compare_digest(token_hash(credential), node.credential_hash)

@@ -103,9 +103,9 @@ def mark_stale_nodes_offline(*, now: datetime) -> list[str]:
         ModelReplica.objects.filter(node_id__in=ids).delete()
     names = sorted(name for _, name in nodes)
     logger.warning(
-        "node(s) offline after %.0fs without heartbeat: %s",
+        "node(s) offline after %.0fs without heartbeat: %r",
         settings.LOCALAI_STALE_NODE_THRESHOLD,
-        ", ".join(names),
+        names,
     )
     return names
 
@@ -120,22 +120,27 @@ def mark_late_nodes_unhealthy(*, now: datetime) -> list[str]:
         Node.objects.filter(late, status=NodeStatus.HEALTHY, name__in=names).update(
             status=NodeStatus.UNHEALTHY, updated_at=now
         )
-        logger.warning("node(s) unhealthy (heartbeats late): %s", ", ".join(names))
+        logger.warning("node(s) unhealthy (heartbeats late): %r", names)
     return names
 
 
 def recover_fresh_nodes(*, now: datetime) -> list[str]:
-    """A node that heartbeats again after being `unhealthy` or `offline` comes back: `healthy` when it was ever
-    approved, `pending` when it never was (a heartbeat never approves)."""
+    """A node that heartbeats again after being `unhealthy` or `offline` comes back: `draining` when an admin
+    drained it, else `healthy` when it was ever approved, `pending` when it never was (a heartbeat never
+    approves)."""
     fresh = ~_heartbeat_age_over(settings.LOCALAI_STALE_NODE_THRESHOLD / 2, now) & Q(
         last_heartbeat__isnull=False
     )
     lapsed = Node.objects.filter(fresh, status__in=[NodeStatus.UNHEALTHY, NodeStatus.OFFLINE])
     names = sorted(lapsed.values_list("name", flat=True))
     if names:
+        # An admin's drain survives the node's absence.
+        lapsed.filter(approved_at__isnull=False, drained_by_admin=True).update(
+            status=NodeStatus.DRAINING, updated_at=now
+        )
         lapsed.filter(approved_at__isnull=False).update(status=NodeStatus.HEALTHY, updated_at=now)
         lapsed.filter(approved_at__isnull=True).update(status=NodeStatus.PENDING, updated_at=now)
-        logger.info("node(s) heartbeating again: %s", ", ".join(names))
+        logger.info("node(s) heartbeating again: %r", names)
     return names
 
 
@@ -175,7 +180,7 @@ def _probe(replica: ModelReplica) -> bool:
     try:
         return backend_health(replica.address, backend_token_for(replica.node), timeout=PROBE_TIMEOUT)
     except Exception:
-        logger.exception("probe of %s on %s failed", replica.process_key, replica.node.name)
+        logger.exception("probe of %r on %r failed", replica.process_key, replica.node.name)
         return False
     finally:
         connections.close_all()
@@ -186,7 +191,7 @@ def _remove_dead_replica(replica: ModelReplica) -> str:
     from scheduling.services import replica_stop_on_node
 
     label = f"{replica.node.name}/{replica.process_key}"
-    logger.warning("replica %s failed its health probe: removing it", label)
+    logger.warning("replica %r failed its health probe: removing it", label)
     replica_remove(replica_id=replica.pk)
     replica_stop_on_node(node_id=replica.node_id, process_key=replica.process_key)
     return label

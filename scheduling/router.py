@@ -83,7 +83,8 @@ claimed AS (
     )
     AND node.id = claimed.node_id
     /*guard*/
-  RETURNING claimed.id, claimed.replica_index, claimed.address, node.id AS node_id, node.name, node.address AS node_address
+  RETURNING claimed.id, claimed.replica_index, claimed.address, node.id AS node_id, node.name, node.address AS node_address,
+            node.token_salt AS node_token_salt
 ), recorded AS (
   INSERT INTO {InFlightClaim._meta.db_table} (owner, replica_id, count)
   SELECT %(owner)s, id, 1 FROM claimed
@@ -92,7 +93,7 @@ claimed AS (
 
 _CLAIM_SQL = f"""
 WITH {_CLAIMED_CTE}
-SELECT id, replica_index, address, node_id, name, node_address FROM claimed
+SELECT id, replica_index, address, node_id, name, node_address, node_token_salt FROM claimed
 """
 
 # The gateway's key check and the claim in one round trip: nothing is claimed unless the key rule allows the
@@ -100,7 +101,8 @@ SELECT id, replica_index, address, node_id, name, node_address FROM claimed
 _AUTHORIZED_CLAIM_SQL = f"""
 WITH auth AS ({GATEWAY_AUTH_SELECT}), {_CLAIMED_CTE.replace("/*guard*/", "AND (SELECT allowed FROM auth)")}
 SELECT auth.allowed, auth.key_id, auth.key_last_used_at,
-       claimed.id, claimed.replica_index, claimed.address, claimed.node_id, claimed.name, claimed.node_address
+       claimed.id, claimed.replica_index, claimed.address, claimed.node_id, claimed.name, claimed.node_address,
+       claimed.node_token_salt
 FROM auth LEFT JOIN claimed ON true
 """
 
@@ -295,7 +297,7 @@ async def _owner() -> Any:
 
 
 def _lease(model_name: str, row: tuple, owner: Any) -> Lease:
-    replica_id, index, address, node_id, node_name, node_address = row
+    replica_id, index, address, node_id, node_name, node_address, node_token_salt = row
     return Lease(
         replica_id=replica_id,
         model_name=model_name,
@@ -304,7 +306,7 @@ def _lease(model_name: str, row: tuple, owner: Any) -> Lease:
         node_id=node_id,
         node_name=node_name,
         node_address=node_address,
-        backend_token=backend_token_for(Node(id=node_id)),
+        backend_token=backend_token_for(Node(id=node_id, token_salt=node_token_salt)),
         owner=owner,
     )
 
@@ -426,7 +428,7 @@ async def discard_unreachable(lease: Lease) -> None:
     (so a retry cannot pick it again) and stop its process in the background. The lease counts as released."""
     lease.released = True
     logger.warning(
-        "backend %s of %s on %s is unreachable: removing that replica",
+        "backend %r of %r on %r is unreachable: removing that replica",
         lease.address,
         lease.process_key,
         lease.node_name,

@@ -207,7 +207,7 @@ def replica_load(*, replica: ModelReplica, config: ModelConfig) -> PlacementResu
     except WorkerError as error:
         replica_release_failed(replica_id=replica.id)
         replica_stop_on_agent(node=node, process_key=process_key)
-        placement_logger.warning("loading %s on %s failed: %s", process_key, node.name, error)
+        placement_logger.warning("loading %r on %r failed: %r", process_key, node.name, str(error))
         metrics.PLACEMENT_FAILURES.labels(config.name, "load_failed").inc()
         raise LoadFailed(f"loading {config.name} on {node.name} failed: {error.details or error}") from error
     if not replica_mark_loaded(replica_id=replica.id, address=result.address):
@@ -216,7 +216,7 @@ def replica_load(*, replica: ModelReplica, config: ModelConfig) -> PlacementResu
         metrics.PLACEMENT_FAILURES.labels(config.name, "load_failed").inc()
         raise LoadFailed(f"the replica {process_key} on {node.name} was removed while it loaded")
     placement_logger.info(
-        "loaded %s on %s at %s in %.2fs", process_key, node.name, result.address, result.load_seconds
+        "loaded %r on %r at %r in %.2fs", process_key, node.name, result.address, result.load_seconds
     )
     metrics.PLACEMENTS.labels(config.name).inc()
     return PlacementResult(
@@ -286,7 +286,7 @@ def replica_evict(*, replica: IdleReplica) -> bool:
         Node.objects.filter(pk=replica.node_id, total_vram__gt=0).update(
             available_vram=Least(F("available_vram") + vram_bytes, F("total_vram"))
         )
-    placement_logger.info("evicted %s from %s", replica.process_key, node.name if node else replica.node_id)
+    placement_logger.info("evicted %r from %r", replica.process_key, node.name if node else replica.node_id)
     return True
 
 

@@ -20,7 +20,7 @@ def clear_all_breakers(sender, reason: str = "", **kwargs) -> None:
         unsatisfiable_ticks=0, unsatisfiable_until=None, unsatisfiable_reason=""
     )
     if cleared:
-        logger.info("cleared %d circuit breaker(s): %s", cleared, reason or "cluster capacity changed")
+        logger.info("cleared %d circuit breaker(s): %r", cleared, reason or "cluster capacity changed")
 
 
 @receiver(cluster_capacity_changed)

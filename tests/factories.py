@@ -5,11 +5,14 @@ from __future__ import annotations
 import factory
 from django.utils import timezone
 
-from nodes.choices import NodeStatus, NodeType, ReplicaState
+from nodes.choices import AUTO_LABELS, LabelSource, NodeStatus, NodeType, ReplicaState
 from nodes.models import ModelReplica, Node, NodeLabel
+from nodes.tokens import token_hash
 from scheduling.models import ModelConfig, SchedulingRule
 
 GiB = 1024**3
+# The node credential every factory node has: a test registers a factory node's name again with it.
+TEST_CREDENTIAL = "test-node-credential-0123456789abcdef"
 
 
 class NodeFactory(factory.django.DjangoModelFactory):
@@ -25,6 +28,7 @@ class NodeFactory(factory.django.DjangoModelFactory):
     approved_at = factory.LazyFunction(timezone.now)
     last_heartbeat = factory.LazyFunction(timezone.now)
     worker_max_replicas_per_model = 1
+    credential_hash = token_hash(TEST_CREDENTIAL)
 
 
 class NodeLabelFactory(factory.django.DjangoModelFactory):
@@ -34,6 +38,9 @@ class NodeLabelFactory(factory.django.DjangoModelFactory):
     node = factory.SubFactory(NodeFactory)
     key = factory.Sequence(lambda n: f"key-{n}")
     value = "value"
+    source = factory.LazyAttribute(
+        lambda label: LabelSource.AUTO if label.key in AUTO_LABELS else LabelSource.ADMIN
+    )
 
 
 class ReplicaFactory(factory.django.DjangoModelFactory):

@@ -372,7 +372,7 @@ def _agent_call(node: Node, method: str, *args):
     try:
         return getattr(_agent(node), method)(*args)
     except WorkerError as exc:
-        logger.warning("backend logs of node %s: %s", node.name, exc)
+        logger.warning("backend logs of node %r: %s", node.name, exc)
         raise AgentUnavailable(
             f"The node's agent could not be reached: {exc.code.name if exc.code else exc}."
         ) from None

@@ -143,6 +143,7 @@ class NodeSerializer(serializers.ModelSerializer):
     (`nodes.api.admin.node_queryset`)."""
 
     labels = serializers.SerializerMethodField()
+    label_sources = serializers.SerializerMethodField()
     max_replicas_per_model = serializers.IntegerField(source="effective_max_replicas", read_only=True)
     max_replicas_per_model_manually_set = serializers.SerializerMethodField()
     model_count = serializers.IntegerField(read_only=True, help_text="Replica rows on this node, any state.")
@@ -159,6 +160,7 @@ class NodeSerializer(serializers.ModelSerializer):
             "address",
             "status",
             "labels",
+            "label_sources",
             "max_replicas_per_model",
             "max_replicas_per_model_manually_set",
             "worker_max_replicas_per_model",
@@ -181,6 +183,16 @@ class NodeSerializer(serializers.ModelSerializer):
     )
     def get_labels(self, node: Node) -> dict[str, str]:
         return {label.key: label.value for label in node.labels.all()}
+
+    @extend_schema_field(
+        serializers.DictField(
+            child=serializers.ChoiceField(choices=["admin", "worker", "auto"]),
+            help_text="Who set each label: `admin` (never overwritten by the worker), `worker` (refreshed at "
+            "each registration) or `auto` (the control plane).",
+        )
+    )
+    def get_label_sources(self, node: Node) -> dict[str, str]:
+        return {label.key: label.source for label in node.labels.all()}
 
     @extend_schema_field(OpenApiTypes.BOOL)
     def get_max_replicas_per_model_manually_set(self, node: Node) -> bool:

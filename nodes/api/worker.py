@@ -22,7 +22,7 @@ from nodes.api.serializers import (
     RegisterSerializer,
     ReplicaSerializer,
 )
-from nodes.exceptions import InvalidTransition, InvalidValue
+from nodes.exceptions import InvalidTransition, InvalidValue, NameTaken
 from nodes.models import Node
 from nodes.selectors import node_replica_list
 from nodes.tokens import backend_token_for
@@ -34,10 +34,15 @@ ERR_401 = OpenApiResponse(ErrorSerializer, description="No credential, or a wron
 ERR_403 = OpenApiResponse(ErrorSerializer, description="A token of another node.")
 ERR_404 = OpenApiResponse(ErrorSerializer, description="Unknown node (deleted by an admin: register again).")
 ERR_409 = OpenApiResponse(ErrorSerializer, description="The node's status does not allow this.")
+ERR_409_NAME = OpenApiResponse(
+    ErrorSerializer,
+    description="A known name without its proof (the node's credential or current node token): nothing "
+    "changed. An admin hands a name over by deleting the node.",
+)
 
 
 def _api_errors(error: Exception) -> exceptions.APIException:
-    if isinstance(error, InvalidTransition):
+    if isinstance(error, InvalidTransition | NameTaken):
         return Conflict(str(error))
     if isinstance(error, InvalidValue):
         return exceptions.ValidationError(error.details)
@@ -52,7 +57,7 @@ class WorkerAPIView(APIView):
     permission_classes: list = []
 
     def handle_exception(self, exc: Exception) -> Response:
-        if isinstance(exc, InvalidTransition | InvalidValue | Node.DoesNotExist):
+        if isinstance(exc, InvalidTransition | InvalidValue | NameTaken | Node.DoesNotExist):
             exc = _api_errors(exc)
         return super().handle_exception(exc)
 
@@ -64,8 +69,10 @@ class NodeAPIView(WorkerAPIView):
 
 
 class RegisterView(WorkerAPIView):
-    """A new name answers 201 with a new node; a known name 200 with the same id. Every registration issues a
-    new node token (the previous one stops working) and refreshes labels, resources and replica rows."""
+    """A new name answers 201 with a new node; a known name 200 with the same id when it presents the node's
+    credential or current node token, else 409 and nothing changes. Every registration issues a new node
+    token and backend token (the previous ones stop working), refreshes labels and resources, and removes
+    the node's replica rows. The backend token is answered here only."""
 
     authentication_classes = [RegistrationTokenAuthentication]
 
@@ -79,6 +86,7 @@ class RegisterView(WorkerAPIView):
             200: OpenApiResponse(RegisterResponseSerializer, description="A known name: the same node."),
             400: ERR_400,
             401: ERR_401,
+            409: ERR_409_NAME,
         },
     )
     def post(self, request: Request) -> Response:
@@ -126,7 +134,9 @@ class HeartbeatView(NodeAPIView):
 
 
 class DrainView(NodeAPIView):
-    """No new placements or requests for this node; requests in flight finish. 409 for a node never approved."""
+    """No new placements or requests for this node; requests in flight finish. 409 for a node never approved.
+    The agent's own drain ends with its deregistration: unlike an admin's, it does not outlive a
+    re-registration."""
 
     @extend_schema(
         tags=[TAG],
@@ -137,7 +147,7 @@ class DrainView(NodeAPIView):
         responses={200: NodeStatusSerializer, 401: ERR_401, 403: ERR_403, 404: ERR_404, 409: ERR_409},
     )
     def post(self, request: Request, node_id: str) -> Response:
-        node = services.node_drain(node=request.auth)
+        node = services.node_drain(node=request.auth, by_admin=False)
         return Response(NodeStatusSerializer({"id": node.id, "status": node.status}).data)
 
 

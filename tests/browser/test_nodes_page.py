@@ -197,3 +197,27 @@ def test_nodes_page_screenshot_with_a_drawer_open(page) -> None:
     expect(page.locator(f"#node-{gpu.pk}-replicas")).to_contain_text("rep 1")
     page.locator(f"#node-{gpu.pk}-drawer summary").click()
     screenshot(page, "nodes", full_page=True)
+
+
+def test_drawer_shows_who_set_each_label(page) -> None:
+    from nodes import services
+    from tests.factories import TEST_CREDENTIAL
+
+    result = services.node_register(
+        name="sourced",
+        address="10.0.0.31:50051",
+        labels={"zone": "eu-1", "tier": "bronze"},
+        node_credential=TEST_CREDENTIAL,
+    )
+    services.node_labels_merge(node=result.node, labels={"tier": "gold", "team": "ml"})
+    node = result.node
+    page.goto("/ui/nodes/")
+    page.get_by_role("button", name="sourced", exact=True).click()
+    page.locator(f"#node-{node.pk}-drawer summary").click()
+    chips = page.locator(f"#node-{node.pk}-labels li")
+    expect(chips.filter(has_text="zone=eu-1").locator("[data-label-source]")).to_have_text("worker")
+    expect(chips.filter(has_text="tier=gold").locator("[data-label-source]")).to_have_text("admin")
+    expect(chips.filter(has_text="team=ml").locator("[data-label-source]")).to_have_text("admin")
+    expect(chips.filter(has_text="node.name=sourced").locator("[data-label-source]")).to_have_text("auto")
+    expect(chips.filter(has_text="tier=bronze")).to_have_count(0)
+    screenshot(page.locator(f"#node-{node.pk}-labels"), "nodes-label-sources")

@@ -186,6 +186,8 @@ class AgentProcess:
         self.address = f"127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "worker_client.agent", "--register-to", control_plane.url]
         command += ["--addr", self.address, "--drain-timeout", "10s", *args]
+        if "--state-dir" not in args:  # every agent keeps its node credential in a directory of its own
+            command += ["--state-dir", str(log_path.with_name(f"{log_path.stem}-state"))]
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(

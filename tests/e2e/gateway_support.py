@@ -25,8 +25,18 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 class RealAgent:
     """One agent process registered with `cp_server` under `name`."""
 
-    def __init__(self, server: ControlPlaneServer, name: str, log_path: Path, args: list[str]) -> None:
+    def __init__(
+        self,
+        server: ControlPlaneServer,
+        name: str,
+        log_path: Path,
+        args: list[str],
+        state_dir: Path | None = None,
+    ) -> None:
+        """`state_dir`: where the agent keeps its node credential; by default one per name next to the log,
+        so an agent started again under the same name comes back as the same node."""
         self.name = name
+        self.state_dir = state_dir or log_path.parent / "agent-state" / name
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -45,6 +55,8 @@ class RealAgent:
             "1s",
             "--drain-timeout",
             "2s",
+            "--state-dir",
+            str(self.state_dir),
             *args,
         ]
         self.process = subprocess.Popen(

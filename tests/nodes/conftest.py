@@ -15,6 +15,7 @@ from rest_framework.test import APIClient
 
 from nodes.signals import cluster_capacity_changed
 from tests.conftest import free_port
+from tests.factories import TEST_CREDENTIAL
 from worker_client._generated import worker_pb2, worker_pb2_grpc
 
 GiB = 1024**3
@@ -27,10 +28,11 @@ def api() -> APIClient:
 
 @pytest.fixture
 def register(api: APIClient) -> Callable[..., Any]:
-    """POST /api/node/register with a minimal valid body merged with `fields`."""
+    """POST /api/node/register with a minimal valid body (with the factories' node credential) merged with
+    `fields`."""
 
     def _register(name: str = "w1", *, token: str | None = None, **fields: Any):
-        body = {"name": name, "address": "127.0.0.1:50051", **fields}
+        body = {"name": name, "address": "127.0.0.1:50051", "node_credential": TEST_CREDENTIAL, **fields}
         headers = {"HTTP_AUTHORIZATION": f"Bearer {token}"} if token else {}
         return api.post("/api/node/register", body, format="json", **headers)
 

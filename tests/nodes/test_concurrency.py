@@ -12,7 +12,7 @@ from rest_framework.test import APIClient
 
 from nodes import services
 from nodes.models import ModelReplica, Node
-from tests.factories import NodeFactory, ReplicaFactory
+from tests.factories import TEST_CREDENTIAL, NodeFactory, ReplicaFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
 GiB = 1024**3
@@ -77,7 +77,10 @@ def test_two_claims_of_the_same_free_index_spread_to_the_next_one():
 
 
 def test_concurrent_registrations_of_one_name_make_one_node():
-    results = race(4, lambda: services.node_register(name="w1", address="127.0.0.1:1"))
+    results = race(
+        4,
+        lambda: services.node_register(name="w1", address="127.0.0.1:1", node_credential=TEST_CREDENTIAL),
+    )
     assert not [r for r in results if isinstance(r, Exception)], results
     assert Node.objects.filter(name="w1").count() == 1
     assert sorted(r.created for r in results) == [False, False, False, True]
@@ -86,7 +89,8 @@ def test_concurrent_registrations_of_one_name_make_one_node():
 
 def test_concurrent_registrations_over_http_answer_one_201_and_one_200():
     def post():
-        return APIClient().post("/api/node/register", {"name": "w1", "address": "127.0.0.1:1"}, format="json")
+        body = {"name": "w1", "address": "127.0.0.1:1", "node_credential": TEST_CREDENTIAL}
+        return APIClient().post("/api/node/register", body, format="json")
 
     results = race(2, post)
     assert not [r for r in results if isinstance(r, Exception)], results

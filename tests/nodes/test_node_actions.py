@@ -14,7 +14,7 @@ from nodes.models import ModelReplica, Node, NodeLabel
 from nodes.selectors import node_labels, node_list_schedulable
 from nodes.tokens import node_token_for
 from scheduling.models import SchedulingRule
-from tests.factories import NodeFactory, NodeLabelFactory, ReplicaFactory, RuleFactory
+from tests.factories import TEST_CREDENTIAL, NodeFactory, NodeLabelFactory, ReplicaFactory, RuleFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -89,7 +89,7 @@ def test_worker_deregister_keeps_node_approval_labels_and_override():
 def test_deregistered_node_registers_again_as_the_same_healthy_node():
     node = NodeFactory(name="w1")
     services.node_deregister(node=node)
-    result = services.node_register(name="w1", address="127.0.0.1:1")
+    result = services.node_register(name="w1", address="127.0.0.1:1", node_credential=TEST_CREDENTIAL)
     assert result.node.pk == node.pk
     assert result.node.status == NodeStatus.HEALTHY
 

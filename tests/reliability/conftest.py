@@ -71,10 +71,11 @@ class ManagedProcess:
 @pytest.fixture
 def processes(tmp_path: Path) -> Iterator[Callable[..., ManagedProcess]]:
     """`processes(name, argv, env)`: starts a subprocess; every one is stopped after the test (its log tail
-    printed, shown when the test fails)."""
+    printed, shown when the test fails). An agent keeps its node credential under `<name>-state`."""
     started: list[ManagedProcess] = []
 
     def start(name: str, argv: list[str], env: dict[str, str]) -> ManagedProcess:
+        env = {"LOCALAI_AGENT_STATE_DIR": str(tmp_path / f"{name}-state"), **env}
         process = ManagedProcess(name, argv, tmp_path / f"{name}.log", env)
         started.append(process)
         return process

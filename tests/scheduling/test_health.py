@@ -14,7 +14,7 @@ from nodes.models import ModelReplica, Node
 from nodes.tokens import backend_token_for
 from scheduling.health import health_tick
 from tests.conftest import another_session_holding
-from tests.factories import NodeFactory, ReplicaFactory
+from tests.factories import TEST_CREDENTIAL, NodeFactory, ReplicaFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -93,9 +93,24 @@ def test_pending_node_going_stale_then_registering_again_stays_pending():
         labels={},
         max_replicas_per_model=1,
         replicas=[],
+        node_credential=TEST_CREDENTIAL,
     )
     node.refresh_from_db()
     assert node.status == NodeStatus.PENDING and node.approved_at is None
+
+
+def test_admin_drained_node_heartbeating_again_comes_back_draining():
+    from nodes.services import node_drain
+
+    node = NodeFactory(last_heartbeat=_ago(120))
+    node_drain(node=node)
+    health_tick()
+    node.refresh_from_db()
+    assert node.status == NodeStatus.OFFLINE
+    Node.objects.filter(pk=node.pk).update(last_heartbeat=timezone.now())
+    health_tick()
+    node.refresh_from_db()
+    assert node.status == NodeStatus.DRAINING
 
 
 @pytest.mark.django_db(transaction=True)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from worker_client.agent.app import Agent
 from worker_client.agent.config import PROG, parse_config
 from worker_client.agent.service import CannotListen
+from worker_client.agent.state import StateError
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -19,7 +20,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per heartbeat is noise
     try:
         code = asyncio.run(Agent(config).run())
-    except CannotListen as error:
+    except (CannotListen, StateError) as error:
         sys.exit(f"{PROG}: error: {error}")
     sys.exit(code)
 

@@ -18,6 +18,7 @@ from worker_client.agent.host import detect_gpu, ram
 from worker_client.agent.logstore import LogStore
 from worker_client.agent.ports import PortAllocator, can_bind
 from worker_client.agent.service import WorkerControlService, start_server
+from worker_client.agent.state import node_credential
 from worker_client.agent.supervisor import RUNNING, Supervisor
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ class Agent:
         self.control_plane = ControlPlane(config.register_to, config.registration_token)
         self._has_gpu = detect_gpu() is not None
         self._orphan_suspects: set[str] = set()
+        # Read (or made) before serving anything: a state directory that cannot be used stops the agent.
+        self.credential = node_credential(config.state_dir, config.node_name)
 
     def node_token(self) -> str:
         """The token WorkerControl calls must present; empty (refusing everything) until registered."""
@@ -107,13 +110,28 @@ class Agent:
         return self.config.heartbeat_interval or from_server or DEFAULT_HEARTBEAT_INTERVAL
 
     async def _register(self) -> None:
-        """Registers, retrying with exponential backoff until the control plane answers 2xx."""
+        """Registers, retrying with exponential backoff until the control plane answers 2xx. Registering
+        again while running first stops every backend: they hold the previous backend token, which the new
+        registration replaces (the control plane drops their rows and places replicas again)."""
+        if self.registration is not None and self.supervisor.replicas():
+            log.warning(
+                "stopping every backend before registering again: they hold the previous backend token"
+            )
+            await self.supervisor.stop_all()
         delay = FIRST_RETRY_DELAY
         while True:
             try:
                 self.registration = await self.control_plane.register(self._registration_body())
             except ControlPlaneError as error:
-                log.warning("registration failed (%s); retrying in %.1f s", error, delay)
+                if error.status == 409:
+                    log.error(
+                        "node name %r is registered by another agent (a different credential); an admin "
+                        "must delete that node first. Retrying in %.1f s",
+                        self.config.node_name,
+                        delay,
+                    )
+                else:
+                    log.warning("registration failed (%s); retrying in %.1f s", error, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_RETRY_DELAY)
                 continue
@@ -158,7 +176,11 @@ class Agent:
         return {**vram, "total_ram": total_ram, "available_ram": available_ram}
 
     def _registration_body(self) -> dict[str, Any]:
+        proof = {"node_credential": self.credential}
+        if self.registration is not None:
+            proof["node_token"] = self.registration.node_token
         return {
+            **proof,
             "name": self.config.node_name,
             "node_type": self.config.node_type,
             "address": self.config.advertise_addr,

@@ -11,6 +11,7 @@ import re
 import socket
 import ssl
 import sys
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
+
+from worker_client.agent.state import default_state_dir
 
 PROG = "localai-cluster-worker"
 REPLICA_SLOTS_LABEL = "node.replica-slots"
@@ -88,6 +91,16 @@ def parse_labels(text: str) -> dict[str, str]:
             raise ValueError(f"expected k=v,k=v but {item!r} has no key=value")
         labels[key.strip()] = value.strip()
     return labels
+
+
+def parse_node_name(text: str) -> str:
+    """A node name: 1 to 255 characters, none of them control, format or line-breaking (the control plane
+    refuses those too: they could forge log lines)."""
+    if not text or len(text) > 255:
+        raise ValueError("expected 1 to 255 characters")
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp") for ch in text):
+        raise ValueError("control, format and line-breaking characters are not allowed")
+    return text
 
 
 def parse_url(text: str) -> str:
@@ -204,6 +217,7 @@ class AgentConfig:
     drain_timeout: float
     allowed_model_roots: tuple[Path, ...]  # besides `models_path`, which is always allowed
     tls: ServerTls | None  # None: WorkerControl is plaintext
+    state_dir: Path  # where the node credential is kept (worker_client.agent.state)
 
     @property
     def advertise_addr(self) -> str:
@@ -254,6 +268,12 @@ _OPTIONS = {
         _Option("--tls-key", "LOCALAI_TLS_KEY", None, "PEM private key of --tls-cert"),
         _Option(
             "--tls-client-ca", "LOCALAI_TLS_CLIENT_CA", None, "PEM CA: require client certificates (mTLS)"
+        ),
+        _Option(
+            "--state-dir",
+            "LOCALAI_AGENT_STATE_DIR",
+            None,
+            "where the node credential is kept (default: $XDG_DATA_HOME/localai-cluster-worker)",
         ),
     )
 }
@@ -316,7 +336,7 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
     return AgentConfig(
         register_to=value("register_to", parse_url),
         registration_token=value("registration_token", str),
-        node_name=optional("node_name", str) or socket.gethostname(),
+        node_name=value("node_name", parse_node_name) if raw("node_name") else socket.gethostname(),
         node_type=value("node_type", parse_node_type),
         bind_host=bind_host,
         port=port,
@@ -331,6 +351,7 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         drain_timeout=value("drain_timeout", parse_duration),
         allowed_model_roots=value("allowed_model_roots", parse_paths),
         tls=tls,
+        state_dir=(optional("state_dir", Path) or default_state_dir(environ)).expanduser().resolve(),
     )
 
 
