@@ -115,10 +115,12 @@ def load_failure_record(*, attempt: LoadAttempt, error: str) -> LoadFailure:
     base = float(settings.LOCALAI_LOAD_FAILURE_BACKOFF)
     error = error[:4000]
     with transaction.atomic():
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT now()")
-            now = cursor.fetchone()[0]
         row = LoadFailure.objects.select_for_update().filter(model_name=attempt.model_name).first()
+        # The clock is read once the row is locked (not the transaction's start, `now()`): a failure that waited
+        # for the lock must not write a `last_failed_at` older than the one it overwrites.
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT clock_timestamp()")
+            now = cursor.fetchone()[0]
         if row is None:
             try:
                 with transaction.atomic():
@@ -152,7 +154,7 @@ def _count_into(row: LoadFailure, attempt: LoadAttempt, error: str, now: datetim
         row.failures += 1
         row.retry_at = now + timedelta(seconds=backoff_seconds(row.failures, base=base))
     row.last_error = error
-    row.last_failed_at = now
+    row.last_failed_at = max(row.last_failed_at, now)
     row.save(update_fields=["failures", "retry_at", "last_error", "last_failed_at"])
     return counted
 
