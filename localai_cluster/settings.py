@@ -39,6 +39,8 @@ LOCALAI_PROBE_STALE_AFTER = env_seconds("LOCALAI_PROBE_STALE_AFTER", 120)
 LOCALAI_UNSATISFIABLE_TICKS = env_int("LOCALAI_UNSATISFIABLE_TICKS", 3, minimum=1)
 LOCALAI_UNSATISFIABLE_COOLDOWN = env_seconds("LOCALAI_UNSATISFIABLE_COOLDOWN", 300)
 LOCALAI_LOAD_TIMEOUT = env_seconds("LOCALAI_LOAD_TIMEOUT", 300, minimum=0.1)
+# A streamed answer whose client has not taken a piece for this long ends, and its in-flight unit comes back.
+LOCALAI_STREAM_WRITE_TIMEOUT = env_seconds("LOCALAI_STREAM_WRITE_TIMEOUT", 60, minimum=0.1)
 # How often a worker heartbeats (told to agents at registration).
 LOCALAI_HEARTBEAT_INTERVAL = env_seconds("LOCALAI_HEARTBEAT_INTERVAL", 10, minimum=0.1)
 
