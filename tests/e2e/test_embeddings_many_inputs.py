@@ -79,8 +79,9 @@ def test_the_first_failure_stops_the_other_calls(web, start_agents):
     assert "fail_embedding:boom" in answer.json()["error"]["message"]
     wait_until(lambda: in_flight("emb-fail") == [0], message="the unit back")
     made = calls_so_far(web, agent, "emb-fail")
+    print(f"calls that reached the backend: {made}")
     # The failing input went first: the calls under way were cancelled and the rest never started (with 16
     # in flight at a time, a few dozen at most got through before the failure came back, never the 2,048).
-    assert made < 1024
+    assert made < 1024, made
     # And nothing of that request reaches the backend later.
     assert calls_so_far(web, agent, "emb-fail") == made + 1
