@@ -53,6 +53,8 @@ LOCALAI_UNSATISFIABLE_COOLDOWN = env_seconds("LOCALAI_UNSATISFIABLE_COOLDOWN", 3
 LOCALAI_LOAD_TIMEOUT = env_seconds("LOCALAI_LOAD_TIMEOUT", 300, minimum=0.1)
 # First cooldown after a failed load of a model (doubles per failed attempt, up to 5 min; 0 turns it off).
 LOCALAI_LOAD_FAILURE_BACKOFF = env_seconds("LOCALAI_LOAD_FAILURE_BACKOFF", 10)
+# A streamed answer whose client has not taken a piece for this long ends, and its in-flight unit comes back.
+LOCALAI_STREAM_WRITE_TIMEOUT = env_seconds("LOCALAI_STREAM_WRITE_TIMEOUT", 60, minimum=0.1)
 # How often a worker heartbeats (told to agents at registration).
 LOCALAI_HEARTBEAT_INTERVAL = env_seconds("LOCALAI_HEARTBEAT_INTERVAL", 10, minimum=0.1)
 # The largest request body any route accepts (413 beyond it, in the route's error shape); Django's own

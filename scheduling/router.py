@@ -10,6 +10,7 @@ process is already waiting for.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -36,6 +37,8 @@ T = TypeVar("T")
 # Polling of the per-model load lock by a process that does not hold it.
 LOCK_POLL_START = 0.02
 LOCK_POLL_MAX = 0.25
+# How long `discard_unreachable` waits for the agent to stop the unreachable replica's process.
+STOP_WAIT = 5.0
 
 # Database work of the hot path (claim, release) and of the cold path (placement: waits on a lock and on
 # LoadReplica) run on separate pools, so slow loads never starve routing of threads.
@@ -152,11 +155,13 @@ class Lease:
         return f"{self.model_name}#{self.replica_index}"
 
     async def release(self) -> None:
-        """Gives the in-flight unit back; later calls do nothing. Survives cancellation of the caller."""
+        """Gives the in-flight unit back and waits for it; later calls do nothing. Never raises: the release
+        runs in a task of its own that a cancelled caller does not interrupt (and that retries a failed
+        statement, see `_give_back`)."""
         if self.released:
             return
         self.released = True
-        await asyncio.shield(_in_background(arelease(self.replica_id, self.owner)))
+        await asyncio.shield(_in_background(_give_back(self.replica_id, self.owner)))
 
     def release_soon(self) -> None:
         """Gives the in-flight unit back without waiting for it (the answer is complete and need not wait
@@ -164,7 +169,7 @@ class Lease:
         if self.released:
             return
         self.released = True
-        _in_background(arelease(self.replica_id, self.owner))
+        _in_background(_give_back(self.replica_id, self.owner))
 
 
 # --- sync: database work -----------------------------------------------------------------------------------
@@ -353,6 +358,59 @@ async def arelease(replica_id: int, owner: Any) -> None:
         await conn.execute(_RELEASE_SQL, {"owner": owner, "replica": replica_id})
 
 
+# A release whose statement failed (the database is unreachable for a moment) is tried again for about a
+# minute: a unit never given back would make its replica look busy for as long as this process lives, while a
+# repeated release can at worst give back early another unit this process holds on the replica (never below
+# what the process holds: see `_RELEASE_SQL`).
+RELEASE_RETRY_DELAYS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+
+
+async def _give_back(replica_id: int, owner: Any) -> None:
+    """`arelease`, retried after failures; logs instead of raising (it runs in the background)."""
+    for delay in (*RELEASE_RETRY_DELAYS, None):
+        try:
+            await arelease(replica_id, owner)
+            return
+        except Exception as error:
+            if delay is None:
+                logger.error("in-flight unit on replica %s not given back: %s", replica_id, error)
+                return
+            logger.warning(
+                "giving back an in-flight unit on replica %s failed (%s); retrying", replica_id, error
+            )
+            await asyncio.sleep(delay)
+
+
+async def _claim(model_name: str, *, exclude: Sequence[int], raw_key: Any = NO_AUTH) -> Lease | None:
+    """`aclaim` in a task of its own, so that the caller's cancellation (a client that disconnects) cannot
+    tear it: cancelling psycopg in the middle of the claim statement, or of the key's last-used stamp after
+    it, would leave a committed claim that no lease holds, never given back. A caller cancelled while waiting
+    leaves the claim to finish; the unit it yields is then given back at once."""
+    claiming = _in_background(aclaim(model_name, exclude=exclude, raw_key=raw_key))
+    try:
+        return await asyncio.shield(claiming)
+    except asyncio.CancelledError:
+        logger.info(
+            "the client of a request for %s went away while its replica was being claimed", model_name
+        )
+        claiming.add_done_callback(_release_orphan)
+        raise
+
+
+def _release_orphan(claiming: asyncio.Task) -> None:
+    """Done callback of a claim whose caller is gone: give back the unit it claimed, if any."""
+    if claiming.cancelled():
+        return
+    error = claiming.exception()
+    if error is not None:
+        if not isinstance(error, Unauthorized):
+            logger.warning("claim of an abandoned request failed: %s", error)
+        return
+    lease = claiming.result()
+    if lease is not None:
+        lease.release_soon()
+
+
 # --- async API ---------------------------------------------------------------------------------------------
 
 
@@ -412,12 +470,12 @@ async def acquire(model_name: str, *, exclude: Sequence[int] = (), raw_key: Any 
     With `raw_key` (the request's bearer value, or None), the gateway's key rule is checked on the same
     connection as the claim first (`Unauthorized`). A warm request costs two statements on the event loop.
     Raises `UnknownModel` (not in the catalog and no replica), `NoCapacity(reason)` or `LoadFailed`."""
-    lease = await aclaim(model_name, exclude=exclude, raw_key=raw_key)
+    lease = await _claim(model_name, exclude=exclude, raw_key=raw_key)
     if lease is not None:
         return lease
     for _round in range(2):
         await _ensure_loaded(model_name)
-        lease = await aclaim(model_name, exclude=exclude)
+        lease = await _claim(model_name, exclude=exclude)
         if lease is not None:
             return lease
     raise NoCapacity(f"no replica of {model_name} could be claimed")
@@ -425,7 +483,12 @@ async def acquire(model_name: str, *, exclude: Sequence[int] = (), raw_key: Any 
 
 async def discard_unreachable(lease: Lease) -> None:
     """The lease's backend refused the connection before any byte was exchanged: remove that one replica row
-    (so a retry cannot pick it again) and stop its process in the background. The lease counts as released."""
+    (so a retry cannot pick it again; its in-flight units go with it) and stop its process on its agent. The
+    stop is waited for (at most `STOP_WAIT`), so that it cannot reach the agent after a retry's fresh load of
+    the same process key and stop that one. The lease counts as released; when the row cannot be removed, its
+    unit is given back instead."""
+    if lease.released:
+        return
     lease.released = True
     logger.warning(
         "backend %r of %r on %r is unreachable: removing that replica",
@@ -433,7 +496,12 @@ async def discard_unreachable(lease: Lease) -> None:
         lease.process_key,
         lease.node_name,
     )
-    node = await _shielded(_hot_executor, _remove_row, lease.replica_id)
+    try:
+        node = await _shielded(_hot_executor, _remove_row, lease.replica_id)
+    except Exception as error:
+        logger.warning("could not remove replica %s: %s", lease.process_key, error)
+        await asyncio.shield(_in_background(_give_back(lease.replica_id, lease.owner)))
+        return
     if node is None:
         return
     loop = asyncio.get_running_loop()
@@ -441,6 +509,30 @@ async def discard_unreachable(lease: Lease) -> None:
     task = loop.run_in_executor(_load_executor, stop)
     _background.add(task)
     task.add_done_callback(_background.discard)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(task), STOP_WAIT)
+
+
+async def probe_replica(lease: Lease) -> bool:
+    """Probes the lease's replica now (the gRPC health check of the health monitor, `health.replica_probe`):
+    one that does not answer is removed and its process stopped before this returns. Answers whether it
+    answered. The lease is untouched (release it afterwards: a removed replica's release changes nothing).
+    Survives cancellation of the caller."""
+    from scheduling.health import replica_probe
+
+    return await _shielded(_load_executor, partial(replica_probe, replica_id=lease.replica_id))
+
+
+def probe_replica_soon(lease: Lease) -> None:
+    """`probe_replica` in the background (a stream broke after its first byte reached the client)."""
+    _in_background(_probe_logged(lease))
+
+
+async def _probe_logged(lease: Lease) -> None:
+    try:
+        await probe_replica(lease)
+    except Exception:
+        logger.exception("probe of %s on %s failed", lease.process_key, lease.node_name)
 
 
 def _remove_row(replica_id: int) -> Any:

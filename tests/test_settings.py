@@ -34,6 +34,7 @@ def _import_settings(**env: str) -> subprocess.CompletedProcess:
         ("LOCALAI_UNSATISFIABLE_TICKS", "three"),
         ("LOCALAI_AUTO_APPROVE_NODES", "maybe"),
         ("LOCALAI_LOAD_TIMEOUT", "5 minutes"),
+        ("LOCALAI_STREAM_WRITE_TIMEOUT", "forever"),
         ("DJANGO_DEBUG", "perhaps"),
         ("LOCALAI_MAX_BODY_BYTES", "ten megs"),
         ("LOCALAI_MAX_BODY_BYTES", "12"),
