@@ -150,17 +150,17 @@ def _aio_channel(address: str, tls: ChannelTls | None = None) -> grpc.aio.Channe
     return channel
 
 
-def _renew_aio_channel(address: str) -> None:
+def _renew_aio_channel(address: str, tls: ChannelTls | None = None) -> None:
     """After an `UNAVAILABLE` failure on `address`: the running loop's channel to it, unless connected, is
     replaced by a new one at the next call. A channel whose connection failed stays in TRANSIENT_FAILURE for
     its reconnect backoff and fails every call at once meanwhile, even when a new process already listens there
     (a replica loaded again on the same port after its backend died). The old one closes once its calls end."""
     loop = asyncio.get_running_loop()
     _, channels = _aio_channels.get(id(loop), (loop, {}))
-    channel = channels.get(address)
+    channel = channels.get((address, tls))
     if channel is None or channel.get_state() == grpc.ChannelConnectivity.READY:
         return
-    del channels[address]
+    del channels[(address, tls)]
     closing = loop.create_task(channel.close(grace=DEFAULT_BACKEND_TIMEOUT))
     _closing_channels.add(closing)
     closing.add_done_callback(_closing_channels.discard)
@@ -172,8 +172,8 @@ _closing_channels: set[asyncio.Task[None]] = set()
 def _forget_sync_channel(address: str, channel: grpc.Channel) -> None:
     """`_renew_aio_channel` for the sync channel a backend probe used (no other call uses a backend's)."""
     with _sync_channels_lock:
-        if _sync_channels.get(address) is channel:
-            del _sync_channels[address]
+        if _sync_channels.get((address, None)) is channel:
+            del _sync_channels[(address, None)]
     channel.close()
 
 
