@@ -13,12 +13,14 @@ handler.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from typing import Any
 
 from django.core.exceptions import RequestAborted
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.core.handlers.exception import convert_exception_to_response
+from django.db import close_old_connections
 from django.urls import set_script_prefix
 
 LEAN_URLCONF = "localai_cluster.lean_urls"
@@ -84,6 +86,24 @@ class LeanASGIHandler(ASGIHandler):
         # from the event loop) and closes resources; a streamed body was already closed by `send_response`,
         # and the gateway's responses hold no other resource.
         body_file.close()
+
+
+def with_connection_health(view: Callable[..., Any]) -> Callable[..., Any]:
+    """For a sync view served by the lean handler that uses Django's database connection (`/metrics`): what
+    Django's `request_started`/`request_finished` receivers do around each request, which this handler does
+    not send. `close_old_connections` before and after, in the view's own thread, hands the connection back
+    (to the pool, whose check replaces one that died) and drops one a database error broke, so a database
+    blip never outlives one request."""
+
+    @functools.wraps(view)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        close_old_connections()
+        try:
+            return view(*args, **kwargs)
+        finally:
+            close_old_connections()
+
+    return wrapped
 
 
 def lean_paths_router(lean_app, full_app, prefixes: tuple[str, ...]):
