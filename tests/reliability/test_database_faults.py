@@ -82,7 +82,7 @@ def test_terminated_connections_are_replaced_on_first_use(engines, processes):
     assert database_up_gauge(url) == 1
 
     killed = web_backend_pids(engines, web.pid)
-    assert len(killed) >= 3, killed
+    assert len(killed) >= 2, killed  # the in-flight owner's lock session and the gateway's pool at least
     terminate(engines, killed)
     wait_until(
         lambda: not set(killed) & set(web_backend_pids(engines, web.pid)), message="the sessions to end"
