@@ -58,14 +58,15 @@ except ValueError as exc:
     raise ImproperlyConfigured(f"DATABASE_URL: {exc}") from None
 if _database.get("ENGINE") != "django.db.backends.postgresql":
     raise ImproperlyConfigured("DATABASE_URL: only PostgreSQL (postgres://...) is supported")
-# Django's PostgreSQL backend with a pool check that cannot hang on a frozen database (see the module).
+# Django's PostgreSQL backend with a connection check that cannot hang on a frozen database (see the module).
 _database["ENGINE"] = "localai_cluster.db_backend"
 # psycopg's pool: opening a connection per request would dominate the gateway's hot path.
 _DB_POOL = env_bool("LOCALAI_DB_POOL", default=True)
 _database["CONN_MAX_AGE"] = 0
-# With the pool, Django then checks each connection as it leaves the pool: one that died while pooled (the
-# database restarted) is replaced instead of failing a request.
-_database["CONN_HEALTH_CHECKS"] = True
+# Each connection is checked as it leaves the pool by the backend below (`localai_cluster.db_backend`), not by
+# Django's health check (a round trip that hangs on a frozen database): one that died while pooled (its
+# session was terminated, the database restarted) is replaced before a statement is sent on it.
+_database["CONN_HEALTH_CHECKS"] = False
 # How long a request waits for a pooled connection (also while the database is down) before it fails; the
 # gateway then answers 503 `control_plane_unavailable`.
 LOCALAI_DB_POOL_TIMEOUT = env_seconds("LOCALAI_DB_POOL_TIMEOUT", 10, minimum=0.1)

@@ -237,8 +237,8 @@ def replica_ensure_loaded(*, model_name: str, timeout: float) -> None:
 # runs at ASGI lifespan shutdown.
 #
 # Database faults on this path (docs/reliability.md): a connection that died while pooled (its session was
-# terminated, the server restarted) is dropped and replaced by the pool's check before any statement is sent on
-# it, so the statement runs on a fresh connection instead of failing. A statement that failed after it was sent
+# terminated, the server restarted) is dropped and replaced as it is taken from the pool, before any statement
+# is sent on it (`_on_hot_connection`), so the statement runs on a live connection instead of failing. A statement that failed after it was sent
 # is never run again: its outcome is unknown, and a claim is not idempotent (run twice after a commit whose
 # answer was lost, it would hold a second unit that nobody releases). Every hot operation is bounded by
 # `LOCALAI_DB_POOL_TIMEOUT` (`_bounded`): a frozen database gives `DatabaseTimeout` (the gateway's 503), not a
@@ -290,28 +290,43 @@ async def _open_hot_pool() -> Any:
         max_size=HOT_POOL_SIZE,
         open=False,
         timeout=timeout,
-        check=_check_hot_connection,
         name="router-hot",
     )
     await pool.open()
     return pool
 
 
-async def _check_hot_connection(conn: Any) -> None:
-    """The pool's check as it hands a connection out: raises (the pool then drops the connection and hands out
-    another) when the connection is closed or its session ended while it was idle. Costs a poll of the socket;
-    a round trip only when the server sent something meanwhile."""
-    if idle_connection_suspect(conn):
-        if conn.closed:
-            raise psycopg.OperationalError("the pooled connection is closed")
-        await conn.execute("")  # raises on a session the server ended; consumes a harmless notice
+async def _dead_on_arrival(conn: Any) -> bool:
+    """Whether a connection just taken from the pool is dead: closed, or its session ended while it was idle.
+    Costs a poll of the socket; a round trip only when the server sent something meanwhile. A dead one is
+    closed (the pool then opens a replacement when it is put back)."""
+    if not idle_connection_suspect(conn):
+        return False
+    if not conn.closed:
+        try:
+            await conn.execute("")  # raises on a session the server ended; consumes a harmless notice
+            return False
+        except psycopg.Error as error:
+            logger.info("dropping a pooled connection whose session ended: %s", error)
+            await conn.close()
+    return True
 
 
 async def _on_hot_connection(work: Callable[[Any], Awaitable[T]]) -> T:
-    """`work(conn)` on a checked connection of this event loop's hot pool."""
+    """`work(conn)` on a live connection of this event loop's hot pool. Connections that died while pooled
+    are dropped one after the other, at once, until a live one (or a new one) comes: the pool's own `check`
+    would wait 1, 2, 4… s between two dead connections."""
     pool = await hot_pool()
-    async with pool.connection() as conn:
-        return await work(conn)
+    while True:
+        conn = await pool.getconn()
+        if not await _dead_on_arrival(conn):
+            break
+        await pool.putconn(conn)
+    try:
+        async with conn:
+            return await work(conn)
+    finally:
+        await pool.putconn(conn)
 
 
 async def _bounded(work: Coroutine[Any, Any, T], *, abandoned: Callable[[T], Any] | None = None) -> T:

@@ -1,10 +1,12 @@
-"""Django's PostgreSQL backend, with a pool check that never hangs.
+"""Django's PostgreSQL backend, with a connection check that neither hangs nor backs off.
 
-Django's psycopg pool checks each connection it hands out with a round trip (`check_connection`), unbounded: on
-a frozen database that check waits forever, before any statement (and its deadline) starts. Here the check
-polls the socket instead (`localai_cluster.dbhealth`): a connection whose session ended while pooled is dropped
-and replaced before a statement is sent on it, and a round trip (under the statement deadline) is made only
-when the server sent something meanwhile. Everything else is Django's backend.
+Django's psycopg pool checks each connection it hands out with a round trip (`check_connection`): unbounded, so
+on a frozen database it waits forever before any statement (and its deadline) starts; and psycopg_pool waits
+1, 2, 4… s between two connections that fail the check, so a pool full of terminated sessions takes seconds to
+drain. Here the pool has no check (`CONN_HEALTH_CHECKS` is off in settings) and each connection taken from it
+is checked by polling its socket (`localai_cluster.dbhealth`): one whose session ended while pooled is closed
+and handed back (the pool replaces it) and the next one taken at once, before any statement is sent on it.
+Everything else is Django's backend.
 """
 
 from __future__ import annotations
@@ -14,37 +16,31 @@ from typing import Any
 from django.conf import settings
 from django.db.backends.postgresql import base
 
-from localai_cluster.dbhealth import DEADLINE_MARGIN, idle_connection_suspect, statement_deadline
+from localai_cluster.dbhealth import DEADLINE_MARGIN, idle_connection_suspect, logger, statement_deadline
 
 
-def check_connection(conn: Any) -> None:
-    """The pool's check: raises (the pool then drops the connection and hands out another) when `conn` is
-    closed or its session ended while it was pooled."""
-    if idle_connection_suspect(conn):
+def dead_on_arrival(conn: Any) -> bool:
+    """Whether `conn`, just taken from the pool, is closed or its session ended while it was pooled (then it
+    is closed). A round trip, under the statement deadline, only when the server sent something meanwhile."""
+    if not idle_connection_suspect(conn):
+        return False
+    if not conn.closed:
         seconds = float(settings.LOCALAI_DB_STATEMENT_TIMEOUT)
-        with statement_deadline(conn, seconds + DEADLINE_MARGIN if seconds else 0):
-            conn.execute("")
+        try:
+            with statement_deadline(conn, seconds + DEADLINE_MARGIN if seconds else 0):
+                conn.execute("")
+            return False
+        except Exception as error:
+            logger.info("dropping a pooled connection whose session ended: %s", error)
+            conn.close()
+    return True
 
 
 class DatabaseWrapper(base.DatabaseWrapper):
-    # Django 5.2's pool property, with `check_connection` as the check (django-stubs omit these privates).
-    @property
-    def pool(self) -> Any:
-        pool_options = self.settings_dict["OPTIONS"].get("pool")
-        if self.alias == base.NO_DB_ALIAS or not pool_options:  # type: ignore[attr-defined]
-            return None
-        pools: dict[str, Any] = self._connection_pools  # type: ignore[attr-defined]
-        if self.alias not in pools:
-            from psycopg_pool import ConnectionPool
-
-            connect_kwargs = self.get_connection_params()
-            connect_kwargs["autocommit"] = True  # as Django: it sets the mode it needs afterwards
-            pool = ConnectionPool(
-                kwargs=connect_kwargs,
-                open=False,
-                configure=self._configure_connection,  # type: ignore[attr-defined]
-                check=check_connection,
-                **(pool_options if isinstance(pool_options, dict) else {}),
-            )
-            pools.setdefault(self.alias, pool)
-        return pools[self.alias]
+    def get_new_connection(self, conn_params: Any) -> Any:
+        connection = super().get_new_connection(conn_params)
+        pool = self.pool  # type: ignore[attr-defined]  # Django 5.1+; the stubs omit it
+        while pool is not None and dead_on_arrival(connection):
+            pool.putconn(connection)
+            connection = super().get_new_connection(conn_params)
+        return connection
