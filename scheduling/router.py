@@ -238,9 +238,9 @@ def replica_ensure_loaded(*, model_name: str, timeout: float) -> None:
 #
 # Database faults on this path (docs/reliability.md): a connection that died while pooled (its session was
 # terminated, the server restarted) is dropped and replaced as it is taken from the pool, before any statement
-# is sent on it (`_on_hot_connection`), so the statement runs on a live connection instead of failing. A statement that failed after it was sent
-# is never run again: its outcome is unknown, and a claim is not idempotent (run twice after a commit whose
-# answer was lost, it would hold a second unit that nobody releases). Every hot operation is bounded by
+# is sent on it (`_on_hot_connection`), so the statement runs on a live connection instead of failing. A
+# statement that failed after it was sent is never run again: its outcome is unknown, and a claim is not
+# idempotent (run twice after a commit whose answer was lost, it would hold a second unit nobody releases). Every hot operation is bounded by
 # `LOCALAI_DB_POOL_TIMEOUT` (`_bounded`): a frozen database gives `DatabaseTimeout` (the gateway's 503), not a
 # hang.
 
