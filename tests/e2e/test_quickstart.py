@@ -5,6 +5,7 @@ drain and deregister while the web process still answers them, then Celery, then
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import pty
@@ -182,6 +183,9 @@ def test_quickstart_serves_echo_1_and_a_stop_signal_stops_everything_in_order(en
             os.killpg(up.pid, signal.SIGKILL)
             up.wait()
         terminal.close()
+        for pid in _processes_mentioning(str(engine_state_dir)):  # after a failure: the engines must not stay
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _fake_child(tmp_path: Path, name: str, *, ignores_sigterm: bool = False) -> quickstart.Child:

@@ -98,6 +98,7 @@ def test_pending_node_going_stale_then_registering_again_stays_pending():
     assert node.status == NodeStatus.PENDING and node.approved_at is None
 
 
+@pytest.mark.e2e  # real echo backend processes
 @pytest.mark.django_db(transaction=True)
 def test_dead_replica_is_probed_out_alone(echo_backend):
     node = NodeFactory()
@@ -119,6 +120,7 @@ def test_dead_replica_is_probed_out_alone(echo_backend):
     assert node.status == NodeStatus.HEALTHY
 
 
+@pytest.mark.e2e  # real echo backend processes
 @pytest.mark.django_db(transaction=True)
 def test_only_unheard_replicas_are_probed_and_a_good_probe_counts_as_heard(echo_backend):
     node = NodeFactory()
