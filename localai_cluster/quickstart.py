@@ -224,8 +224,7 @@ def _supervise(children: list[Child], log_dir: Path) -> int:
                 stopping.append("exit")
         time.sleep(0.2)
     _say(f"stopping ({stopping[0]}): agents, then Celery, then web, then the engines…")
-    _stop_all(children)
-    return exit_code
+    return exit_code  # main() stops them
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
