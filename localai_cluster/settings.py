@@ -207,10 +207,11 @@ CELERY_BEAT_SCHEDULE = {
         "options": {"expires": LOCALAI_HEALTH_CHECK_INTERVAL},
     },
 }
+# localai_cluster/channel_layer.py: why the read timeout (10 s) must outlast the blocking wait (2 s).
 CHANNEL_LAYERS = {
     "default": {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL]},
+        "BACKEND": "localai_cluster.channel_layer.RedisChannelLayer",
+        "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 10, "socket_connect_timeout": 5}]},
     }
 }
 
