@@ -73,6 +73,8 @@ def usage_record(status: int, seconds: float) -> None:
         return  # no loop (a sync caller): the next `usage_flush` call sends it
     task = _flushers.get(id(loop))
     if task is None or task.done():
+        for key in [key for key, other in _flushers.items() if other.done()]:
+            del _flushers[key]  # flushers of loops that ended (test clients run a loop per request)
         _flushers[id(loop)] = loop.create_task(_flush_forever(), name="console-usage-flush")
 
 
