@@ -12,7 +12,8 @@ from playwright.sync_api import expect
 from nodes.apikeys import api_key_create
 from nodes.models import ModelReplica
 from tests.browser.conftest import screenshot
-from tests.e2e.gateway_support import start_agents_fixture, wait_in_flight_zero  # noqa: F401
+from tests.conftest import wait_until
+from tests.e2e.gateway_support import in_flight, start_agents_fixture, wait_in_flight_zero  # noqa: F401
 from tests.factories import ModelConfigFactory
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
@@ -88,3 +89,26 @@ def test_the_page_fits_narrow_and_wide_screens(page, width, height) -> None:
         box = page.get_by_role("button", name=name).bounding_box()
         assert box and box["x"] >= 0 and box["x"] + box["width"] <= width, name
     screenshot(page, f"playground-{width}", full_page=True)
+
+
+def test_stop_mid_stream_gives_the_replica_back(page, start_agents) -> None:
+    """Words arrive one by one (the answer grows on the page), and Stop ends the request: the page's door runs
+    under Django's full handler, whose disconnect handling must release the in-flight unit too."""
+    start_agents(1)
+    ModelConfigFactory(name="echo-slow", options={"options": ["delay_ms:400"]})
+    page.goto("/ui/playground/")
+    words = " ".join(f"w{index}" for index in range(40))
+    page.get_by_label("Message").fill(words)
+    page.get_by_role("button", name="Send").click()
+    answer = page.locator('#pg-transcript [data-role="assistant"] .bubble-text').last
+    expect(answer).to_contain_text("echo: w0 w1", timeout=60_000)  # part of the answer, streamed
+    expect(page.locator('[data-served="ttft"]')).to_have_text(_time())
+    assert "w39" not in answer.inner_text()
+    wait_until(lambda: in_flight("echo-slow") == [1], message="the stream's in-flight unit")
+    page.get_by_role("button", name="Stop").click()
+    expect(page.locator('#pg-transcript [data-role="assistant"]').last).to_have_class(
+        re.compile("bubble-failed")
+    )
+    expect(page.locator("#pg-chat-error")).to_be_hidden()  # stopping is not an error
+    wait_in_flight_zero("echo-slow")
+    expect(page.get_by_role("button", name="Send")).to_be_enabled()
