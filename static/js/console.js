@@ -36,6 +36,14 @@
     if (state) state.textContent = copied ? "Copied." : "Selected: press Ctrl+C to copy.";
   });
 
+  // A freshly created key takes the focus (selected: Ctrl+C copies it), so keyboard users land on it.
+  document.addEventListener("htmx:afterSettle", () => {
+    const target = $("[data-autofocus]");
+    if (!target) return;
+    target.removeAttribute("data-autofocus");
+    target.focus();
+  });
+
   /* ---------------------------------------------------------------- playground */
 
   function initPlayground(root) {

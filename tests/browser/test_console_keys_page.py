@@ -32,6 +32,7 @@ def test_create_use_and_revoke_a_key_by_keyboard(page, cp_server) -> None:
 
     created = page.locator("[data-created-key]")
     expect(created).to_contain_text("Key playwright-client created")
+    expect(page.get_by_label("New API key")).to_be_focused()  # keyboard users land on the new key
     raw = page.get_by_label("New API key").input_value()
     assert raw.startswith("lac_")
     expect(page.locator('tr[data-key="playwright-client"]')).to_contain_text("inference")
