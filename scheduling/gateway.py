@@ -572,7 +572,7 @@ def _encode_embedding(vector: list[float], encoding: str) -> list[float] | str:
 @csrf_exempt
 @require_POST
 async def embeddings(request: HttpRequest) -> HttpResponseBase:
-    """`POST /v1/embeddings`: one `Embedding` call per input string, on one replica."""
+    """`POST /v1/embeddings`: one `Embedding` call per input string, on one replica (`_embed_all`)."""
     return await _embeddings(request)
 
 
