@@ -29,6 +29,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonRespons
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
+from console.usage import usage_record
 from localai_cluster import metrics
 from localai_cluster.bounds import UnsafeJSON, loads_checked
 from scheduling import router
@@ -541,12 +542,16 @@ def _model_label(model: str, error: GatewayError | None = None) -> str:
 
 def _observe(model: str, endpoint: str, status: int, started: float) -> None:
     """Counts an answer; `model` is a catalog name or `unknown` (`_model_label`)."""
+    elapsed = time.perf_counter() - started
     metrics.GATEWAY_REQUESTS.labels(model, endpoint, str(status)).inc()
-    metrics.GATEWAY_LATENCY.labels(model, endpoint).observe(time.perf_counter() - started)
+    metrics.GATEWAY_LATENCY.labels(model, endpoint).observe(elapsed)
+    usage_record(status, elapsed)  # the overview's cluster-wide counts (console.usage), no I/O here
 
 
-async def _bad_body(request: HttpRequest, error: GatewayError) -> HttpResponse:
+async def _bad_body(request: HttpRequest, error: GatewayError, *, staff: bool = False) -> HttpResponse:
     """Answers a body error, after authentication (a client without a valid key learns nothing more)."""
+    if staff:
+        return error.response()
     try:
         await router.authorize(_bearer(request))
     except router.Unauthorized:
@@ -556,16 +561,23 @@ async def _bad_body(request: HttpRequest, error: GatewayError) -> HttpResponse:
     return error.response()
 
 
+def _served_by(response: HttpResponseBase, lease: router.Lease) -> HttpResponseBase:
+    """Names the node and replica that answered (staff answers only: API clients are not told the topology)."""
+    response["X-LocalAI-Node"] = lease.node_name
+    response["X-LocalAI-Replica"] = lease.process_key
+    return response
+
+
 async def _complete(
-    request: HttpRequest, parse: Callable[[dict[str, Any]], Completion], chat: bool
+    request: HttpRequest, parse: Callable[[dict[str, Any]], Completion], chat: bool, *, staff: bool = False
 ) -> HttpResponseBase:
     endpoint = "chat.completions" if chat else "completions"
     started = time.perf_counter()
     try:
         completion = parse(_json_body(request))
     except GatewayError as error:
-        return await _bad_body(request, error)
-    raw_key = _bearer(request)
+        return await _bad_body(request, error, staff=staff)
+    raw_key: Any = router.NO_AUTH if staff else _bearer(request)
     fields = completion.fields
     try:
         if not completion.stream:
@@ -577,7 +589,7 @@ async def _complete(
             lease.release_soon()
             body = _chat_body(completion, reply) if chat else _text_body(completion, reply)
             _observe(completion.model, endpoint, 200, started)
-            return JsonResponse(body)
+            return _served_by(JsonResponse(body), lease) if staff else JsonResponse(body)
 
         async def open_stream(lease: router.Lease) -> tuple[Reply | None, AsyncIterator[Reply]]:
             stream = _backend(lease).predict_stream(fields)
@@ -595,7 +607,7 @@ async def _complete(
     weakref.finalize(events, _release_if_leaked, lease)
     response = _EventStream(events, lease)
     _observe(completion.model, endpoint, 200, started)
-    return response
+    return _served_by(response, lease) if staff else response
 
 
 @csrf_exempt
@@ -640,19 +652,24 @@ async def _embed_all(client: BackendClient, texts: list[str]) -> list[list[float
 
 @csrf_exempt
 @require_POST
-async def embeddings(request: HttpRequest) -> HttpResponse:
+async def embeddings(request: HttpRequest) -> HttpResponseBase:
     """`POST /v1/embeddings`: one `Embedding` call per input string, on one replica (`_embed_all`)."""
+    return await _embeddings(request)
+
+
+async def _embeddings(request: HttpRequest, *, staff: bool = False) -> HttpResponseBase:
     started = time.perf_counter()
     try:
         model, texts, encoding = parse_embeddings(_json_body(request))
     except GatewayError as error:
-        return await _bad_body(request, error)
+        return await _bad_body(request, error, staff=staff)
 
     async def embed(lease: router.Lease) -> list[list[float]]:
         return await _embed_all(_backend(lease), texts)
 
     try:
-        lease, vectors = await _with_replica(model, _bearer(request), embed)
+        raw_key: Any = router.NO_AUTH if staff else _bearer(request)
+        lease, vectors = await _with_replica(model, raw_key, embed)
     except GatewayError as error:
         _observe(_model_label(model, error), "embeddings", error.status, started)
         return error.response()
@@ -668,7 +685,22 @@ async def embeddings(request: HttpRequest) -> HttpResponse:
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
     }
     _observe(model, "embeddings", 200, started)
-    return JsonResponse(body)
+    return _served_by(JsonResponse(body), lease) if staff else JsonResponse(body)
+
+
+# --- the playground's door -----------------------------------------------------------------------------------
+
+
+async def staff_chat_completions(request: HttpRequest) -> HttpResponseBase:
+    """`/v1/chat/completions` for the playground page (`console.views`), which has already checked the staff
+    session and Django's CSRF middleware the token: the same parsing, routing, streaming, release and metrics,
+    without the API key check; the answer names its node and replica (`X-LocalAI-Node`, `X-LocalAI-Replica`)."""
+    return await _complete(request, parse_chat, chat=True, staff=True)
+
+
+async def staff_embeddings(request: HttpRequest) -> HttpResponseBase:
+    """`/v1/embeddings` for the playground page, on the same terms as `staff_chat_completions`."""
+    return await _embeddings(request, staff=True)
 
 
 def _catalog() -> list[dict[str, Any]]:
