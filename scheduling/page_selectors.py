@@ -38,9 +38,11 @@ class RuleRowFields(TypedDict):
     load_failure: LoadFailure | None
 
 
-def rule_rows(now: datetime | None = None) -> list[WithAnnotations[SchedulingRule, RuleRowFields]]:
+def rule_rows(
+    now: datetime | None = None, *, load_failures: list[LoadFailure] | None = None
+) -> list[WithAnnotations[SchedulingRule, RuleRowFields]]:
     """Rules with `mode`, `selector_items`, `breaker_open` (the cooldown is running) and `load_failure` (the
-    model's loads are failing) set: two queries."""
+    model's loads are failing) set: two queries (one when the caller has read `load_failure_rows()`)."""
     now = now or timezone.now()
     # The same objects, with the row's attributes set below.
     rules = [
@@ -51,7 +53,9 @@ def rule_rows(now: datetime | None = None) -> list[WithAnnotations[SchedulingRul
         selector = rule.node_selector if isinstance(rule.node_selector, dict) else {}
         rule.selector_items = sorted(selector.items())
         rule.breaker_open = rule.unsatisfiable_until is not None and rule.unsatisfiable_until > now
-    failures = {failure.model_name: failure for failure in load_failure_rows()}
+    if load_failures is None:
+        load_failures = load_failure_rows()
+    failures = {failure.model_name: failure for failure in load_failures}
     for rule in rules:
         rule.load_failure = failures.get(rule.model_name)
     return rules

@@ -38,11 +38,12 @@ def _form_for(model_name: str | None) -> RuleForm:
 
 
 def _page(request: HttpRequest, form: RuleForm | None = None) -> HttpResponse:
+    load_failures = load_failure_rows()
     context = {
-        "rules": rule_rows(),
+        "rules": rule_rows(load_failures=load_failures),
         "form": form,
         "catalog": catalog_model_names(),
-        "load_failures": load_failure_rows(),
+        "load_failures": load_failures,
         "nav": "scheduling",
     }
     return render(request, PAGE, context)

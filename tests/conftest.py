@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -124,6 +126,41 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+AGENT_PORT_BLOCK = 16
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def agent_port() -> int:
+    """A free port for a worker agent whose next `AGENT_PORT_BLOCK - 1` ports are free too (its backends take
+    them, lowest first), outside the kernel's ephemeral range: a port from `free_port()` lies in that range, and
+    the source port of any outgoing connection on the machine (an HTTP client, another test worker) could take
+    the ports after it while a test relies on them."""
+    ephemeral_low, ephemeral_high = _ephemeral_range()
+    low, high = (10000, ephemeral_low) if ephemeral_low - 10000 > 1000 else (ephemeral_high + 1, 65535)
+    rng = random.SystemRandom()
+    for _ in range(500):
+        base = rng.randrange(low, high - AGENT_PORT_BLOCK)
+        if all(_bindable(port) for port in range(base, base + AGENT_PORT_BLOCK)):
+            return base
+    raise RuntimeError(f"no block of {AGENT_PORT_BLOCK} free ports in {low}-{high}")
 
 
 def wait_until(predicate, *, timeout: float = 15.0, interval: float = 0.05, message: str = "condition"):

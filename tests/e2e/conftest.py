@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import free_port, wait_until
+from tests.conftest import agent_port, wait_until
 from worker_client.client import WorkerControlClient
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -182,7 +182,7 @@ class AgentProcess:
         self, control_plane: FakeControlPlane, args: list[str], log_path: Path, env: dict[str, str]
     ) -> None:
         self.control_plane = control_plane
-        self.port = free_port()
+        self.port = agent_port()
         self.address = f"127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "worker_client.agent", "--register-to", control_plane.url]
         command += ["--addr", self.address, "--drain-timeout", "10s", *args]

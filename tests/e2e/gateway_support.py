@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ControlPlaneServer, free_port, wait_until
+from tests.conftest import ControlPlaneServer, agent_port, wait_until
 from tests.e2e.conftest import child_pids
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -37,7 +37,7 @@ class RealAgent:
         so an agent started again under the same name comes back as the same node."""
         self.name = name
         self.state_dir = state_dir or log_path.parent / "agent-state" / name
-        self.port = free_port()
+        self.port = agent_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = log_path.open("wb")

@@ -17,7 +17,7 @@ import psutil
 import psycopg
 import pytest
 
-from tests.conftest import free_port, wait_until
+from tests.conftest import agent_port, free_port, wait_until
 from tests.reliability.conftest import wait_http_ok, web_argv
 from tests.reliability.test_engines_down import POOL_TIMEOUT, answers_200, chat, stack_env
 
@@ -59,7 +59,7 @@ def start_stack(engines, processes, env: dict[str, str]):
         "agent",
         [
             *(sys.executable, "-m", "worker_client.agent", "--register-to", url),
-            *("--addr", f"127.0.0.1:{free_port()}", "--node-name", "reliability-agent"),
+            *("--addr", f"127.0.0.1:{agent_port()}", "--node-name", "reliability-agent"),
             *("--heartbeat-interval", "1s", "--vram", "24GiB", "--drain-timeout", "2s"),
         ],
         env,

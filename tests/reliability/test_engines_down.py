@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import free_port, wait_until
+from tests.conftest import agent_port, free_port, wait_until
 from tests.reliability.conftest import celery_worker_argv, wait_http_ok, web_argv
 
 pytestmark = [pytest.mark.e2e]
@@ -53,7 +53,7 @@ def start_web_and_agent(engines, processes, env: dict[str, str]) -> str:
         "agent",
         [
             *(sys.executable, "-m", "worker_client.agent", "--register-to", url),
-            *("--addr", f"127.0.0.1:{free_port()}", "--node-name", "reliability-agent"),
+            *("--addr", f"127.0.0.1:{agent_port()}", "--node-name", "reliability-agent"),
             *("--heartbeat-interval", "1s", "--vram", "24GiB", "--drain-timeout", "2s"),
         ],
         env,
