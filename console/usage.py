@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
+import weakref
 from dataclasses import dataclass, field
 
 from django.conf import settings
@@ -57,7 +58,8 @@ class Tally:
 
 
 _tally = Tally()
-_flushers: dict[int, asyncio.Task] = {}  # per event loop (id): one flusher task
+# One flusher task per event loop, keyed by the loop itself (a closed loop's id is reused by later loops).
+_flushers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task] = weakref.WeakKeyDictionary()
 
 
 def usage_record(status: int, seconds: float) -> None:
@@ -71,11 +73,9 @@ def usage_record(status: int, seconds: float) -> None:
         loop = asyncio.get_running_loop()
     except RuntimeError:
         return  # no loop (a sync caller): the next `usage_flush` call sends it
-    task = _flushers.get(id(loop))
+    task = _flushers.get(loop)
     if task is None or task.done():
-        for key in [key for key, other in _flushers.items() if other.done()]:
-            del _flushers[key]  # flushers of loops that ended (test clients run a loop per request)
-        _flushers[id(loop)] = loop.create_task(_flush_forever(), name="console-usage-flush")
+        _flushers[loop] = loop.create_task(_flush_forever(), name="console-usage-flush")
 
 
 def _take() -> Tally:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -260,18 +261,20 @@ class DatabaseTimeout(psycopg.OperationalError):
 
 HOT_POOL_SIZE = 10
 # One pool per event loop, created once: concurrent first requests all wait for the same opening.
-_hot_pools: dict[int, asyncio.Task] = {}
+# Keyed by the loop itself, never by `id(loop)`: a closed loop's id is reused by a later loop (tests run one loop
+# per test), which would then be handed the dead loop's pool.
+_hot_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task] = weakref.WeakKeyDictionary()
 
 
 async def hot_pool() -> Any:
     """This event loop's pool of autocommit connections to the default database."""
     loop = asyncio.get_running_loop()
-    opening = _hot_pools.get(id(loop))
+    opening = _hot_pools.get(loop)
     if opening is None:
-        opening = _hot_pools[id(loop)] = loop.create_task(_open_hot_pool())
+        opening = _hot_pools[loop] = loop.create_task(_open_hot_pool())
         # A pool that could not open (the database is down) is forgotten, so a later request tries again.
         opening.add_done_callback(
-            lambda task: _hot_pools.pop(id(loop), None) if task.cancelled() or task.exception() else None
+            lambda task: _hot_pools.pop(loop, None) if task.cancelled() or task.exception() else None
         )
     return await asyncio.shield(opening)
 
@@ -393,7 +396,7 @@ async def database_ready() -> bool:
 
 async def close_hot_pools() -> None:
     """Closes this event loop's pool (ASGI lifespan shutdown)."""
-    opening = _hot_pools.pop(id(asyncio.get_running_loop()), None)
+    opening = _hot_pools.pop(asyncio.get_running_loop(), None)
     if opening is not None and opening.done() and not opening.cancelled() and opening.exception() is None:
         await opening.result().close()
 
@@ -567,20 +570,23 @@ async def _shielded(executor: ThreadPoolExecutor, func: Callable[..., T], *args:
 
 
 # Cold loads this process is waiting for: (loop id, model) → the future of `replica_ensure_loaded`.
-_cold_loads: dict[tuple[int, str], asyncio.Future[None]] = {}
+# Per loop (the loop itself as key, see `_hot_pools`), per model.
+_cold_loads: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Future[None]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 async def _ensure_loaded(model_name: str) -> None:
     """Waits until the model has a routable replica, placing one when needed. Concurrent callers in this
     process share one wait (and one load); the wait is bounded by `LOCALAI_LOAD_TIMEOUT`."""
     loop = asyncio.get_running_loop()
-    key = (id(loop), model_name)
-    future = _cold_loads.get(key)
+    waits = _cold_loads.setdefault(loop, {})
+    future = waits.get(model_name)
     if future is None:
         timeout = float(settings.LOCALAI_LOAD_TIMEOUT)
         work = partial(_in_thread, replica_ensure_loaded, model_name=model_name, timeout=timeout)
-        future = _cold_loads[key] = loop.run_in_executor(_load_executor, work)
-        future.add_done_callback(lambda _done: _cold_loads.pop(key, None))
+        future = waits[model_name] = loop.run_in_executor(_load_executor, work)
+        future.add_done_callback(lambda _done: waits.pop(model_name, None))
     await asyncio.shield(future)
 
 

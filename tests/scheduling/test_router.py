@@ -18,6 +18,15 @@ from tests.factories import GiB, NodeFactory, NodeLabelFactory, ReplicaFactory, 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
+@pytest.fixture(autouse=True)
+async def _hot_pools_closed():
+    """These tests call the router on their own event loop (no ASGI lifespan to close its hot-path pool): the
+    pool is closed before the loop closes. Left open, the loop's shutdown cancels the pool's workers in the
+    middle of a connection attempt, and the pool's reconnect backoff then keeps the loop from closing."""
+    yield
+    await router.close_hot_pools()
+
+
 def node(name, free_gib=10, **extra):
     return NodeFactory(name=name, total_vram=free_gib * GiB, available_vram=free_gib * GiB, **extra)
 

@@ -41,6 +41,9 @@ async def closed_with(ws: WebsocketCommunicator) -> int:
     assert connected
     output = await ws.receive_output(timeout=10)
     assert output["type"] == "websocket.close"
+    # The client side of the close: the consumer gets its `websocket.disconnect` and ends now, rather than being
+    # cancelled in the middle of the channel layer's blocking read when the test's event loop closes.
+    await ws.disconnect(timeout=10)
     return output["code"]
 
 
@@ -67,6 +70,7 @@ async def test_unreachable_agent_says_so_and_closes_for_a_reconnect() -> None:
     assert (await receive(ws))["type"] == "error"
     output = await ws.receive_output(timeout=10)
     assert output == {"type": "websocket.close", "code": 4502}
+    await ws.disconnect(timeout=10)
 
 
 async def test_initial_batch_then_live_lines_none_lost_or_twice_at_the_seam(start_agent_node) -> None:
