@@ -21,6 +21,18 @@ from scheduling.models import PlacementDecision
 
 logger = logging.getLogger(__name__)
 
+# Nodes listed per record (a decision on a 1,000-node cluster would otherwise store 1,000 lines each time);
+# the others are counted per verdict in `omitted`. The dry run (`GET /api/plan`) lists every node.
+MAX_RECORDED_NODES = 64
+
+
+def _bounded(candidates: Sequence[Mapping[str, str]]) -> tuple[list[dict[str, str]], dict[str, int]]:
+    listed = [dict(candidate) for candidate in candidates[:MAX_RECORDED_NODES]]
+    omitted: dict[str, int] = {}
+    for candidate in candidates[MAX_RECORDED_NODES:]:
+        omitted[candidate["verdict"]] = omitted.get(candidate["verdict"], 0) + 1
+    return listed, omitted
+
 
 @dataclass(frozen=True)
 class DecisionRecord:
@@ -39,20 +51,23 @@ class DecisionRecord:
 def decisions_record(*, records: Iterable[DecisionRecord], now: datetime | None = None) -> int:
     """Writes the records in one statement; answers how many. Database errors are logged, not raised."""
     when = now or timezone.now()
-    rows = [
-        PlacementDecision(
-            created_at=when,
-            model_name=record.model_name[:255],
-            trigger=record.trigger,
-            outcome=record.outcome,
-            node_name=record.node_name[:255],
-            replica_index=record.replica_index,
-            duration=max(record.duration, 0.0),
-            message=record.message,
-            candidates=[dict(candidate) for candidate in record.candidates],
+    rows = []
+    for record in records:
+        listed, omitted = _bounded(record.candidates)
+        rows.append(
+            PlacementDecision(
+                created_at=when,
+                model_name=record.model_name[:255],
+                trigger=record.trigger,
+                outcome=record.outcome,
+                node_name=record.node_name[:255],
+                replica_index=record.replica_index,
+                duration=max(record.duration, 0.0),
+                message=record.message,
+                candidates=listed,
+                omitted=omitted,
+            )
         )
-        for record in records
-    ]
     if not rows:
         return 0
     try:

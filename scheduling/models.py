@@ -99,8 +99,10 @@ class PlacementDecision(models.Model):
     replica_index = models.IntegerField(null=True, blank=True)
     duration = models.FloatField(default=0.0)  # seconds
     message = models.TextField(blank=True, default="")
-    # [{"node": name, "verdict": Verdict, "detail": one line}, ...]: chosen and ranked_lower first.
+    # [{"node": name, "verdict": Verdict, "detail": one line}, ...]: chosen and ranked_lower first, then the
+    # refused nodes by name; at most `MAX_RECORDED_NODES` of them, the others counted in `omitted`.
     candidates = models.JSONField(default=list, blank=True)
+    omitted = models.JSONField(default=dict, blank=True)  # {verdict: count} of nodes not listed
 
     class Meta:
         ordering = ["-created_at", "-id"]

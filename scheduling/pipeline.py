@@ -141,18 +141,29 @@ class ClusterSnapshot:
     nodes: dict[Any, NodeSnapshot]
     replicas: list[ReplicaView]
     rules: dict[str, RuleView]
+    _rows: dict[str, dict[Any, int]] | None = field(default=None, repr=False)
 
     @property
     def live_replicas(self) -> list[ReplicaView]:
         return [replica for replica in self.replicas if replica.live]
 
+    def rows_of(self, model_name: str) -> Mapping[Any, int]:
+        """The model's rows (any state) per node id; the index is built once per snapshot."""
+        if self._rows is None:
+            self._rows = defaultdict(dict)
+            for replica in self.replicas:
+                per_node = self._rows[replica.model_name]
+                per_node[replica.node_id] = per_node.get(replica.node_id, 0) + 1
+        return self._rows.get(model_name, {})
+
     def nodes_for(self, model_name: str) -> list[NodeSnapshot]:
         """Every backend node with `replicas_of_model` counted for `model_name`."""
-        rows: dict[Any, int] = defaultdict(int)
-        for replica in self.replicas:
-            if replica.model_name == model_name:
-                rows[replica.node_id] += 1
-        return [replace(node, replicas_of_model=rows[node.id]) for node in self.nodes.values()]
+        rows = self.rows_of(model_name)
+        # Most nodes host no row of a given model: those keep the snapshot's own object (count 0).
+        return [
+            replace(node, replicas_of_model=rows[node.id]) if node.id in rows else node
+            for node in self.nodes.values()
+        ]
 
     def requirement(self, model_name: str, vram_bytes: int) -> ModelRequirement:
         rule = self.rules.get(model_name)
@@ -280,8 +291,14 @@ def selector_matches(labels: Mapping[str, str], selector: Mapping[str, str]) -> 
     return not missing_selector_label(labels, selector)
 
 
+_HEALTHY = NodeStatus.HEALTHY.value
+
+
 def gate(node: NodeSnapshot, selector: Mapping[str, str]) -> Judgement | None:
     """The checks that do not depend on the node's room: approval, drain, health, selector."""
+    labels = node.labels
+    if node.approved and node.status == _HEALTHY and all(labels.get(k) == v for k, v in selector.items()):
+        return None  # the common case, without building a verdict
     if not node.approved:
         return Judgement(Verdict.NOT_APPROVED, "not approved")
     if node.status == NodeStatus.DRAINING:
@@ -443,10 +460,16 @@ class Plan:
         }
 
 
+_ELIGIBLE = frozenset({Verdict.CHOSEN, Verdict.RANKED_LOWER})
+
+
 def _ordered(candidates: Iterable[Candidate]) -> list[Candidate]:
-    first = [c for c in candidates if c.verdict in (Verdict.CHOSEN, Verdict.RANKED_LOWER)]
-    rest = sorted((c for c in candidates if c not in first), key=lambda c: c.node)
-    return first + rest
+    """Eligible nodes in their order (chosen first), then the refused ones by name."""
+    first: list[Candidate] = []
+    rest: list[Candidate] = []
+    for candidate in candidates:
+        (first if candidate.verdict in _ELIGIBLE else rest).append(candidate)
+    return first + sorted(rest, key=lambda c: c.node)
 
 
 def evaluate(
@@ -495,21 +518,25 @@ def evaluate(
     return plan
 
 
-def choose_nodes(model: ModelRequirement, count: int, nodes: Iterable[NodeSnapshot]) -> list[NodeSnapshot]:
-    """Up to `count` placements for one model, each ranked after the previous one was counted in: replicas
-    spread across nodes before they stack (pure)."""
-    view = {node.id: node for node in nodes}
+def choose_nodes(model: ModelRequirement, count: int, eligible: Iterable[NodeSnapshot]) -> list[NodeSnapshot]:
+    """Up to `count` placements for one model among its eligible nodes (a plan's `eligible`), each ranked
+    after the previous one was counted in: replicas spread across nodes before they stack (pure)."""
+    view = {node.id: node for node in eligible}
     picks = []
     for _ in range(count):
-        best = evaluate(model, view.values()).chosen
-        if best is None:
+        if not view:
             break
+        best = min(view.values(), key=rank_key)
         picks.append(best)
-        view[best.id] = replace(
+        after = replace(
             best,
             replicas_of_model=best.replicas_of_model + 1,
             reserved_vram=best.reserved_vram + (max(model.vram_bytes, 0) if best.vram_limited else 0),
         )
+        if judge(model, after) is None:
+            view[best.id] = after
+        else:
+            del view[best.id]
     return picks
 
 

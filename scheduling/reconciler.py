@@ -125,8 +125,10 @@ def plan_rule(
     now: datetime,
     config: Settings,
     already_trimmed: frozenset = frozenset(),
+    rows_per_node: Mapping[Any, int] | None = None,
 ) -> RulePlan:
-    """Decide one rule's tick (BEHAVIOUR §5 steps 0–4)."""
+    """Decide one rule's tick (BEHAVIOUR §5 steps 0–4). `rows_per_node`: the model's rows in any state per
+    node (the snapshot's count, as the claim sees them); without it, the live `replicas` are counted."""
     plan = RulePlan(rule.model_name)
     if rule.unsatisfiable_until and rule.unsatisfiable_until > now:
         plan.skipped = True
@@ -136,10 +138,12 @@ def plan_rule(
     current = len(live)
 
     def capacity() -> tuple[int, bool]:  # only computed when a decision needs it: most ticks do not
-        rows_per_node: dict[Any, int] = defaultdict(int)
-        for replica in replicas:
-            rows_per_node[replica.node_id] += 1
-        return cluster_capacity(rule.model_name, rule.selector, nodes, rows_per_node)
+        rows = rows_per_node
+        if rows is None:
+            rows = defaultdict(int)
+            for replica in replicas:
+                rows[replica.node_id] += 1
+        return cluster_capacity(rule.model_name, rule.selector, nodes, rows)
 
     if current < rule.min_replicas:
         free, matched = capacity()
@@ -234,14 +238,16 @@ def _tick(now: datetime, config: Settings) -> TickReport:
 
     overcap = plan_overcap_trims(live, snapshot.nodes, now=now, delay=config.scale_down_delay)
     trimmed_ids = frozenset(r.id for r in overcap)
+    nodes = list(snapshot.nodes.values())
     plans = [
         plan_rule(
             rule,
             by_model.get(rule.model_name, []),
-            snapshot.nodes_for(rule.model_name),
+            nodes,
             now=now,
             config=config,
             already_trimmed=trimmed_ids,
+            rows_per_node=snapshot.rows_of(rule.model_name),
         )
         for rule in rules
     ]
@@ -368,9 +374,9 @@ def _place_all(plans: Sequence[RulePlan], snapshot: ClusterSnapshot) -> tuple[li
         if attempt.is_retry:
             count = 1
         model = snapshot.requirement(model_name, config.vram_bytes)
-        nodes = snapshot.nodes_for(model_name)
-        verdicts = pipeline.evaluate(model, nodes).records()
-        for node in pipeline.choose_nodes(model, count, nodes):
+        plan = pipeline.evaluate(model, snapshot.nodes_for(model_name))
+        verdicts = plan.records()
+        for node in pipeline.choose_nodes(model, count, plan.eligible):
             claim = pipeline.replica_claim(
                 node_id=node.id,
                 model_name=model_name,
@@ -408,18 +414,18 @@ def _place_all(plans: Sequence[RulePlan], snapshot: ClusterSnapshot) -> tuple[li
 def _chosen(
     verdicts: list[dict[str, str]], node_name: str, refused: pipeline.Judgement | None = None
 ) -> list[dict[str, str]]:
-    """The model's verdicts with `node_name` as the node chosen (or refused by its claim)."""
-    out = []
-    for verdict in verdicts:
-        if verdict["node"] == node_name:
-            if refused is None:
-                verdict = {**verdict, "verdict": Verdict.CHOSEN}
-            else:
-                verdict = {"node": node_name, "verdict": refused.verdict, "detail": refused.detail}
-        elif verdict["verdict"] == Verdict.CHOSEN:
-            verdict = {**verdict, "verdict": Verdict.RANKED_LOWER}
-        out.append(verdict)
-    return out
+    """The model's verdicts with `node_name` first, as the node chosen (or refused by its claim)."""
+    mine = next((v for v in verdicts if v["node"] == node_name), {"node": node_name, "detail": ""})
+    if refused is None:
+        first = {**mine, "verdict": Verdict.CHOSEN}
+    else:
+        first = {"node": node_name, "verdict": refused.verdict, "detail": refused.detail}
+    rest = [
+        {**v, "verdict": Verdict.RANKED_LOWER} if v["verdict"] == Verdict.CHOSEN else v
+        for v in verdicts
+        if v["node"] != node_name
+    ]
+    return [first, *rest]
 
 
 def _load_one(job: _Job) -> tuple[bool, str, DecisionRecord]:

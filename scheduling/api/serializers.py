@@ -168,6 +168,9 @@ class DecisionSerializer(serializers.ModelSerializer):
     node = serializers.CharField(source="node_name")
     time = serializers.DateTimeField(source="created_at")
     candidates = CandidateSerializer(many=True)
+    omitted = serializers.DictField(
+        child=serializers.IntegerField(), help_text="Nodes not listed in `candidates`, counted per verdict."
+    )
 
     class Meta:
         model = PlacementDecision
@@ -182,6 +185,7 @@ class DecisionSerializer(serializers.ModelSerializer):
             "duration",
             "message",
             "candidates",
+            "omitted",
         ]
 
 

@@ -57,6 +57,7 @@ def test_decisions_newest_first_with_every_filter(api):
         "duration",
         "message",
         "candidates",
+        "omitted",
     }
 
     def models(**query):

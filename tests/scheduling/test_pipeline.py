@@ -568,3 +568,18 @@ def test_the_health_loop_prunes_by_age_then_by_row_cap(settings):
     report = health_tick(now=now)
     assert report.decisions_pruned == 4
     assert sorted(PlacementDecision.objects.values_list("model_name", flat=True)) == ["m10", "m20", "m30"]
+
+
+@db
+def test_a_record_lists_at_most_64_nodes_and_counts_the_others_per_verdict():
+    from scheduling.decisions import decision_record
+
+    candidates = [{"node": "chosen", "verdict": Verdict.CHOSEN, "detail": "-"}]
+    candidates += [{"node": f"r{i:03d}", "verdict": Verdict.RANKED_LOWER, "detail": "-"} for i in range(80)]
+    candidates += [
+        {"node": f"s{i:03d}", "verdict": Verdict.SELECTOR_MISMATCH, "detail": "-"} for i in range(20)
+    ]
+    decision_record(model_name="m", trigger=Trigger.RECONCILE, outcome=Outcome.PLACED, candidates=candidates)
+    record = PlacementDecision.objects.get()
+    assert len(record.candidates) == 64 and record.candidates[0]["node"] == "chosen"
+    assert record.omitted == {Verdict.RANKED_LOWER: 17, Verdict.SELECTOR_MISMATCH: 20}
