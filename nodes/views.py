@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
 from urllib.parse import quote
 
 from django.http import Http404, HttpRequest, HttpResponse
@@ -37,7 +39,21 @@ PAGE = "nodes/nodes.html"
 
 
 def _drawer_context(node: Node) -> dict:
+    from scheduling.selectors import decisions_for_replicas
+
     replicas = drawer_replicas(node=node)
+    placed = decisions_for_replicas(
+        node_name=node.name,
+        replicas=[(item.replica.model_name, item.replica.replica_index) for item in replicas],
+    )
+
+    def placed_by(replica: ModelReplica) -> Any:
+        record = placed.get((replica.model_name, replica.replica_index))
+        started = replica.load_started_at or replica.loaded_at
+        # Not an older replica's record at the same index.
+        return record if record is not None and (started is None or record.created_at >= started) else None
+
+    replicas = [replace(item, placed_by=placed_by(item.replica)) for item in replicas]
     most, most_model = most_replicas_of_one_model(replicas)
     return {"node": node, "replicas": replicas, "most_replicas": most, "most_replicas_model": most_model}
 

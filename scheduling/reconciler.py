@@ -376,7 +376,19 @@ def _place_all(plans: Sequence[RulePlan], snapshot: ClusterSnapshot) -> tuple[li
         model = snapshot.requirement(model_name, config.vram_bytes)
         plan = pipeline.evaluate(model, snapshot.nodes_for(model_name))
         verdicts = plan.records()
-        for node in pipeline.choose_nodes(model, count, plan.eligible):
+        picks = pipeline.choose_nodes(model, count, plan.eligible)
+        if len(picks) < count:  # slots exist, but not with VRAM enough for every replica wanted
+            failed.append(f"{model_name}: {plan.refusal() if not picks else 'no room for more'}")
+            records.append(
+                DecisionRecord(
+                    model_name=model_name,
+                    trigger=trigger,
+                    outcome=Outcome.NO_CAPACITY,
+                    message=plan.refusal() if not picks else f"room for {len(picks)} of {count} replicas",
+                    candidates=verdicts,
+                )
+            )
+        for node in picks:
             claim = pipeline.replica_claim(
                 node_id=node.id,
                 model_name=model_name,
