@@ -583,3 +583,30 @@ def test_a_record_lists_at_most_64_nodes_and_counts_the_others_per_verdict():
     record = PlacementDecision.objects.get()
     assert len(record.candidates) == 64 and record.candidates[0]["node"] == "chosen"
     assert record.omitted == {Verdict.RANKED_LOWER: 17, Verdict.SELECTOR_MISMATCH: 20}
+
+
+@db
+async def test_a_warm_request_writes_no_record_and_a_cold_one_writes_exactly_one(agent):
+    """The warm path (a loaded replica is claimed) never writes a decision; the cold path (a placement) writes
+    one `placed` record with the request trigger."""
+    from asgiref.sync import sync_to_async
+
+    from scheduling import router
+
+    def setup():
+        ModelConfigFactory(name="m")
+        gpu(agent, "n1", 0, cap=2)
+
+    await sync_to_async(setup)()
+    count = sync_to_async(PlacementDecision.objects.count)
+    lease = await router.acquire("m")  # cold: places m#0
+    await lease.release()
+    records = await sync_to_async(list)(
+        PlacementDecision.objects.values_list("trigger", "outcome", "node_name")
+    )
+    assert records == [(Trigger.REQUEST, Outcome.PLACED, "n1")]
+    for _ in range(20):  # warm: m#0 is loaded
+        lease = await router.acquire("m")
+        await lease.release()
+    assert await count() == 1
+    assert await sync_to_async(ModelReplica.objects.count)() == 1
