@@ -7,3 +7,6 @@ class LocalAIClusterConfig(AppConfig):
 
     def ready(self) -> None:
         from localai_cluster import checks  # noqa: F401  (registers system checks)
+        from localai_cluster.dbhealth import install_statement_deadline
+
+        install_statement_deadline()

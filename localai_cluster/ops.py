@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import redis
 from django.conf import settings
-from django.db import connection
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.http import require_GET
 
@@ -12,15 +13,6 @@ from django.views.decorators.http import require_GET
 @require_GET
 def healthz(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"status": "ok"})
-
-
-def _database_ok() -> bool:
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1")
-        return True
-    except Exception:
-        return False
 
 
 def _redis_ok() -> bool:
@@ -33,8 +25,15 @@ def _redis_ok() -> bool:
 
 
 @require_GET
-def readyz(request: HttpRequest) -> JsonResponse:
-    checks = {"database": _database_ok(), "redis": _redis_ok()}
+async def readyz(request: HttpRequest) -> JsonResponse:
+    """200 when PostgreSQL and Redis answer, else 503 naming the ones that do not. The database is checked on
+    the gateway's own pool, whose check replaces a connection that died while idle (so a database that came
+    back reads as up on the first probe), within `LOCALAI_DB_POOL_TIMEOUT` (so a frozen one reads as down
+    instead of hanging the probe)."""
+    from scheduling.router import database_ready
+
+    database, redis_up = await asyncio.gather(database_ready(), asyncio.to_thread(_redis_ok))
+    checks = {"database": database, "redis": redis_up}
     down = [name for name, ok in checks.items() if not ok]
     if down:
         return JsonResponse({"status": "unavailable", "down": down, "checks": checks}, status=503)

@@ -62,6 +62,8 @@ LOCALAI_DECISION_RETENTION = env_seconds("LOCALAI_DECISION_RETENTION", 7 * 24 * 
 LOCALAI_DECISION_MAX_ROWS = env_int("LOCALAI_DECISION_MAX_ROWS", 100_000, minimum=100)
 # `/v1` answers carry X-LocalAI-Node and X-LocalAI-Replica (where the request ran): off by default.
 LOCALAI_EXPOSE_ROUTING_HEADERS = env_bool("LOCALAI_EXPOSE_ROUTING_HEADERS", default=False)
+# A streamed answer whose client has not taken a piece for this long ends, and its in-flight unit comes back.
+LOCALAI_STREAM_WRITE_TIMEOUT = env_seconds("LOCALAI_STREAM_WRITE_TIMEOUT", 60, minimum=0.1)
 # How often a worker heartbeats (told to agents at registration).
 LOCALAI_HEARTBEAT_INTERVAL = env_seconds("LOCALAI_HEARTBEAT_INTERVAL", 10, minimum=0.1)
 # The largest request body any route accepts (413 beyond it, in the route's error shape); Django's own
@@ -85,26 +87,52 @@ except ValueError as exc:
     raise ImproperlyConfigured(f"DATABASE_URL: {exc}") from None
 if _database.get("ENGINE") != "django.db.backends.postgresql":
     raise ImproperlyConfigured("DATABASE_URL: only PostgreSQL (postgres://...) is supported")
+# Django's PostgreSQL backend with a connection check that cannot hang on a frozen database (see the module).
+_database["ENGINE"] = "localai_cluster.db_backend"
 # psycopg's pool: opening a connection per request would dominate the gateway's hot path.
 _DB_POOL = env_bool("LOCALAI_DB_POOL", default=True)
 _database["CONN_MAX_AGE"] = 0
-# With the pool, Django then checks each connection as it leaves the pool: one that died while pooled (the
-# database restarted) is replaced instead of failing a request.
-_database["CONN_HEALTH_CHECKS"] = True
+# Each connection is checked as it leaves the pool by the backend below (`localai_cluster.db_backend`), not by
+# Django's health check (a round trip that hangs on a frozen database): one that died while pooled (its
+# session was terminated, the database restarted) is replaced before a statement is sent on it.
+_database["CONN_HEALTH_CHECKS"] = False
 # How long a request waits for a pooled connection (also while the database is down) before it fails; the
 # gateway then answers 503 `control_plane_unavailable`.
 LOCALAI_DB_POOL_TIMEOUT = env_seconds("LOCALAI_DB_POOL_TIMEOUT", 10, minimum=0.1)
-_database["OPTIONS"] = (
-    {
-        "pool": {
-            "min_size": 1,
-            "max_size": env_int("LOCALAI_DB_POOL_SIZE", 20, minimum=1),
-            "timeout": LOCALAI_DB_POOL_TIMEOUT,
+# Every control-plane statement is bounded (a frozen or unreachable database yields an error, never a hang):
+# the server cancels a statement after LOCALAI_DB_STATEMENT_TIMEOUT (0: no limit; the gateway's own statements
+# get LOCALAI_DB_POOL_TIMEOUT), a connection attempt gives up after LOCALAI_DB_CONNECT_TIMEOUT, and TCP
+# keepalives find a peer that vanished (a lost host, a cut network) on idle and busy connections. These
+# options reach every connection: Django's, the gateway's async pool and the in-flight owner's lock session.
+LOCALAI_DB_STATEMENT_TIMEOUT = env_seconds("LOCALAI_DB_STATEMENT_TIMEOUT", 30)
+LOCALAI_DB_CONNECT_TIMEOUT = env_seconds("LOCALAI_DB_CONNECT_TIMEOUT", 5, minimum=1)
+_connection_options: dict[str, object] = {
+    # libpq counts whole seconds, and treats 1 as 2.
+    "connect_timeout": max(2, int(LOCALAI_DB_CONNECT_TIMEOUT + 0.999)),
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "options": f"-c statement_timeout={int(LOCALAI_DB_STATEMENT_TIMEOUT * 1000)}",
+}
+_url_options = dict(_database.get("OPTIONS") or {})  # e.g. ?sslmode=require in DATABASE_URL
+if "options" in _url_options:
+    _connection_options["options"] = f"{_url_options.pop('options')} {_connection_options['options']}"
+_database["OPTIONS"] = {
+    **_connection_options,
+    **_url_options,
+    **(
+        {
+            "pool": {
+                "min_size": 1,
+                "max_size": env_int("LOCALAI_DB_POOL_SIZE", 20, minimum=1),
+                "timeout": LOCALAI_DB_POOL_TIMEOUT,
+            }
         }
-    }
-    if _DB_POOL
-    else {}
-)
+        if _DB_POOL
+        else {}
+    ),
+}
 DATABASES = {"default": _database}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

@@ -24,6 +24,7 @@ from django.db.models import F
 from django.db.models.functions import Greatest
 
 from localai_cluster import locks
+from localai_cluster.dbhealth import statement_deadline
 from nodes.models import InFlightClaim, ModelReplica
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,14 @@ def plain_connection_params() -> dict[str, Any]:
     for django_only in ("cursor_factory", "context", "prepare_threshold"):
         params.pop(django_only, None)
     return params
+
+
+def _deadline() -> float:
+    """How long the owner's lock session may wait for the database (a frozen one must not hold the claim path,
+    which waits for the owner id, past the gateway's own bound)."""
+    from django.conf import settings
+
+    return float(settings.LOCALAI_DB_POOL_TIMEOUT)
 
 
 class ProcessOwner:
@@ -66,7 +75,8 @@ class ProcessOwner:
     def _alive(self, now: float) -> bool:
         try:
             assert self._conn is not None
-            self._conn.execute("SELECT 1")
+            with statement_deadline(self._conn, _deadline()):
+                self._conn.execute("SELECT 1")
         except (psycopg.Error, AssertionError):
             logger.warning("the in-flight owner lock connection broke: taking a new owner id")
             return False
@@ -81,7 +91,14 @@ class ProcessOwner:
                 pass
         owner = uuid.uuid4()
         conn = psycopg.connect(**plain_connection_params(), autocommit=True)
-        conn.execute("SELECT pg_advisory_lock(%s, %s)", [locks.NAMESPACE_WEB_OWNER, locks.owner_key(owner)])
+        try:
+            with statement_deadline(conn, _deadline()):
+                conn.execute(
+                    "SELECT pg_advisory_lock(%s, %s)", [locks.NAMESPACE_WEB_OWNER, locks.owner_key(owner)]
+                )
+        except psycopg.Error:
+            conn.close()
+            raise
         self._id, self._conn, self._checked_at = owner, conn, now
 
     def close(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import struct
@@ -41,6 +42,8 @@ logger = logging.getLogger(__name__)
 RETRY_AFTER_SECONDS = 5
 MAX_MODEL_NAME = 255
 OWNED_BY = "localai-cluster"
+# `Embedding` calls one embeddings request keeps in flight on its replica at once.
+EMBEDDING_CONCURRENCY = 16
 
 
 # --- errors --------------------------------------------------------------------------------------------------
@@ -309,9 +312,13 @@ async def _with_replica(
 async def _claim_and_call(
     model: str, raw_key: str | None, call: Callable[[router.Lease], Awaitable[Any]]
 ) -> tuple[router.Lease, Any]:
-    """Claims a replica and runs `call` on it. A backend that cannot be reached before any byte was exchanged
-    loses its replica and the call is retried once elsewhere (or on a new placement); never a third time.
-    On success the caller owns the lease (and releases it); on failure it is already released."""
+    """Claims a replica and runs `call` on it (a whole non-streaming call, or a stream up to its first piece:
+    nothing has reached the client yet). A call that fails with `UNAVAILABLE` — the connection was refused,
+    reset or closed, e.g. a backend killed a moment ago — is retried once, elsewhere or on a fresh load: a
+    refused replica is removed and its process stopped at once; another is probed first (the gRPC health
+    check) and removed only when it does not answer. Never a third try.
+    On success the caller owns the lease (and releases it); on failure, or when the caller is cancelled at
+    any point, it is already released."""
     exclude: list[int] = []
     for attempt in (0, 1):
         try:
@@ -322,18 +329,32 @@ async def _claim_and_call(
             raise _unauthorized() from None
         except (UnknownModel, NoCapacity, LoadFailed) as error:
             raise _placement_error(error, model) from error
+        # From here until the lease is handed to the caller, every exit gives the unit back.
         try:
-            return lease, await call(lease)
-        except WorkerError as error:
-            if error.connect_failed and attempt == 0:
-                await router.discard_unreachable(lease)
-                exclude.append(lease.replica_id)
+            try:
+                return lease, await call(lease)
+            except WorkerError as error:
+                failure = error
+            if attempt == 0 and failure.unavailable:
+                logger.warning(
+                    "backend %s of %s on %s is unavailable (%s): retrying once",
+                    lease.address,
+                    lease.process_key,
+                    lease.node_name,
+                    failure.details,
+                )
+                if failure.connect_failed:
+                    await router.discard_unreachable(lease)
+                    exclude.append(lease.replica_id)
+                elif not await router.probe_replica(lease):
+                    exclude.append(lease.replica_id)
+                await lease.release()
                 continue
-            await lease.release()
-            raise _backend_error(error) from error
         except BaseException:
             await lease.release()
             raise
+        await lease.release()
+        raise _backend_error(failure) from failure
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -446,7 +467,10 @@ async def _sse(
                 yield chunks.piece(reply.message)
                 reply = await anext(stream, None)
         except WorkerError as error:
+            # Bytes reached the client already: no retry; the error in the stream's shape, and the replica
+            # probed now (removed if it does not answer) instead of at the next health tick.
             logger.warning("stream of %s from %s broke: %s", completion.model, lease.process_key, error)
+            router.probe_replica_soon(lease)
             yield _event(_backend_error(error).payload())
             return
         yield chunks.piece("", _finish_reason(completion, tokens))
@@ -458,6 +482,45 @@ async def _sse(
             await stream.aclose()  # type: ignore[attr-defined]
         finally:
             await lease.release()
+
+
+class _EventStream(StreamingHttpResponse):
+    """A Server-Sent Events answer that gives its in-flight unit back however it ends.
+
+    Django's ASGI handler closes the iterator `__aiter__` answers, but not the one given to the response
+    (`streaming_content` wraps it in a generator of its own), so the events' `finally` would wait for garbage
+    collection; here closing one closes the other. And a client that stops reading (its connection open, its
+    window full) would hold the unit forever: a piece not written within `LOCALAI_STREAM_WRITE_TIMEOUT` cancels
+    the request, as a disconnect does."""
+
+    def __init__(self, events: AsyncIterator[bytes], lease: router.Lease) -> None:
+        super().__init__(events, content_type="text/event-stream")
+        self._events = events
+        self._lease = lease
+        self["Cache-Control"] = "no-cache"
+        self["X-Accel-Buffering"] = "no"
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        request_task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        timeout = float(settings.LOCALAI_STREAM_WRITE_TIMEOUT)
+        async with contextlib.aclosing(self._events) as events:  # type: ignore[type-var]
+            async for part in events:
+                # The consumer writes `part` before it asks for the next one: that is the time bounded here.
+                stalled = loop.call_later(timeout, self._stalled, request_task, timeout)
+                try:
+                    yield part
+                finally:
+                    stalled.cancel()
+
+    def _stalled(self, request_task: asyncio.Task | None, timeout: float) -> None:
+        logger.warning(
+            "the client of a stream from %s stopped reading for %gs: ending the request",
+            self._lease.process_key,
+            timeout,
+        )
+        if request_task is not None:
+            request_task.cancel()
 
 
 # --- views ---------------------------------------------------------------------------------------------------
@@ -530,9 +593,7 @@ async def _complete(
         return error.response()
     events = _sse(lease, first, stream, completion, chat)
     weakref.finalize(events, _release_if_leaked, lease)
-    response = StreamingHttpResponse(events, content_type="text/event-stream")
-    response["Cache-Control"] = "no-cache"
-    response["X-Accel-Buffering"] = "no"
+    response = _EventStream(events, lease)
     _observe(completion.model, endpoint, 200, started)
     return response
 
@@ -557,10 +618,30 @@ def _encode_embedding(vector: list[float], encoding: str) -> list[float] | str:
     return vector
 
 
+async def _embed_all(client: BackendClient, texts: list[str]) -> list[list[float]]:
+    """One `Embedding` call per text, at most `EMBEDDING_CONCURRENCY` at a time, answered in the texts' order.
+    The first failure cancels the calls under way and starts no other; so does the caller's cancellation.
+    Every call has ended when this returns or raises, so none reaches the backend after the answer."""
+    vectors: list[list[float]] = [[] for _ in texts]
+    positions = iter(range(len(texts)))
+
+    async def worker() -> None:
+        for position in positions:
+            vectors[position] = await client.embedding(texts[position])
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(min(EMBEDDING_CONCURRENCY, len(texts))):
+                group.create_task(worker())
+    except BaseExceptionGroup as failures:
+        raise failures.exceptions[0] from None
+    return vectors
+
+
 @csrf_exempt
 @require_POST
 async def embeddings(request: HttpRequest) -> HttpResponse:
-    """`POST /v1/embeddings`: one `Embedding` call per input string, on one replica."""
+    """`POST /v1/embeddings`: one `Embedding` call per input string, on one replica (`_embed_all`)."""
     started = time.perf_counter()
     try:
         model, texts, encoding = parse_embeddings(_json_body(request))
@@ -568,8 +649,7 @@ async def embeddings(request: HttpRequest) -> HttpResponse:
         return await _bad_body(request, error)
 
     async def embed(lease: router.Lease) -> list[list[float]]:
-        client = _backend(lease)
-        return list(await asyncio.gather(*(client.embedding(text) for text in texts)))
+        return await _embed_all(_backend(lease), texts)
 
     try:
         lease, vectors = await _with_replica(model, _bearer(request), embed)

@@ -177,6 +177,22 @@ def probe_unheard_replicas(*, now: datetime) -> tuple[int, list[str]]:
     return len(replicas), removed
 
 
+def replica_probe(*, replica_id: int) -> bool:
+    """Probes one loaded replica now, as the tick would (a request to it broke: `scheduling.router`): one that
+    answers is marked heard-from, one that does not is removed alone and its exact process key stopped on its
+    agent. Answers whether it answered (True when there is no such loaded replica: nothing to do)."""
+    replica = (
+        ModelReplica.objects.select_related("node").filter(pk=replica_id, state=ReplicaState.LOADED).first()
+    )
+    if replica is None:
+        return True
+    if _probe(replica):
+        ModelReplica.objects.filter(pk=replica.pk).update(last_seen_at=timezone.now())
+        return True
+    _remove_dead_replica(replica)
+    return False
+
+
 def _probe(replica: ModelReplica) -> bool:
     from nodes.tokens import backend_token_for
     from worker_client.client import backend_health

@@ -10,18 +10,21 @@ process is already waiting for.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
+import psycopg
 from django.conf import settings
 from django.db import DatabaseError, connection
 
 from localai_cluster import locks
+from localai_cluster.dbhealth import idle_connection_suspect
 from nodes.apikeys import GATEWAY_AUTH_SELECT, gateway_key_hash, gateway_key_used
 from nodes.inflight import PROCESS_OWNER
 from nodes.models import InFlightClaim, ModelReplica, Node, NodeLabel
@@ -36,6 +39,8 @@ T = TypeVar("T")
 # Polling of the per-model load lock by a process that does not hold it.
 LOCK_POLL_START = 0.02
 LOCK_POLL_MAX = 0.25
+# How long `discard_unreachable` waits for the agent to stop the unreachable replica's process.
+STOP_WAIT = 5.0
 
 # Database work of the hot path (claim, release) and of the cold path (placement: waits on a lock and on
 # LoadReplica) run on separate pools, so slow loads never starve routing of threads.
@@ -152,11 +157,13 @@ class Lease:
         return f"{self.model_name}#{self.replica_index}"
 
     async def release(self) -> None:
-        """Gives the in-flight unit back; later calls do nothing. Survives cancellation of the caller."""
+        """Gives the in-flight unit back and waits for it; later calls do nothing. Never raises: the release
+        runs in a task of its own that a cancelled caller does not interrupt (and that retries a failed
+        statement, see `_give_back`)."""
         if self.released:
             return
         self.released = True
-        await asyncio.shield(_in_background(arelease(self.replica_id, self.owner)))
+        await asyncio.shield(_in_background(_give_back(self.replica_id, self.owner)))
 
     def release_soon(self) -> None:
         """Gives the in-flight unit back without waiting for it (the answer is complete and need not wait
@@ -164,7 +171,7 @@ class Lease:
         if self.released:
             return
         self.released = True
-        _in_background(arelease(self.replica_id, self.owner))
+        _in_background(_give_back(self.replica_id, self.owner))
 
 
 # --- sync: database work -----------------------------------------------------------------------------------
@@ -235,6 +242,21 @@ def replica_ensure_loaded(*, model_name: str, timeout: float) -> None:
 # Claim, release and the gateway's key check run on psycopg's async connections, on the event loop: no thread
 # hop and no GIL hand-off per request. One pool per event loop (a pool belongs to its loop); `close_hot_pools`
 # runs at ASGI lifespan shutdown.
+#
+# Database faults on this path (docs/reliability.md): a connection that died while pooled (its session was
+# terminated, the server restarted) is dropped and replaced as it is taken from the pool, before any statement
+# is sent on it (`_on_hot_connection`), so the statement runs on a live connection instead of failing. A
+# statement that failed after it was sent is never run again: its outcome is unknown, and a claim is not
+# idempotent (run twice after a commit whose answer was lost, it would hold a second unit nobody releases). Every hot operation is bounded by
+# `LOCALAI_DB_POOL_TIMEOUT` (`_bounded`): a frozen database gives `DatabaseTimeout` (the gateway's 503), not a
+# hang.
+
+
+class DatabaseTimeout(psycopg.OperationalError):
+    """A hot-path database operation did not finish within `LOCALAI_DB_POOL_TIMEOUT` (the database is frozen,
+    overloaded or unreachable). It goes on in the background until the database answers or the connection
+    fails."""
+
 
 HOT_POOL_SIZE = 10
 # One pool per event loop, created once: concurrent first requests all wait for the same opening.
@@ -263,17 +285,110 @@ async def _open_hot_pool() -> Any:
     # Asynchronous commit on these connections only: they write in-flight counters and their claim rows,
     # always together in one transaction, so a database crash can lose the last few of them but never
     # split them; the owners' claims are reclaimed after such a crash anyway (nodes.inflight).
-    options = f"{params.pop('options', '')} -c synchronous_commit=off".strip()
+    # The server cancels a hot statement after LOCALAI_DB_POOL_TIMEOUT (a lock wait, an overloaded server);
+    # `_bounded` stops waiting then even when the server cannot say so (frozen).
+    timeout = float(settings.LOCALAI_DB_POOL_TIMEOUT)
+    options = (
+        f"{params.pop('options', '')} -c synchronous_commit=off -c statement_timeout={int(timeout * 1000)}"
+    )
     pool = AsyncConnectionPool(
-        kwargs={**params, "autocommit": True, "options": options},
+        kwargs={**params, "autocommit": True, "options": options.strip()},
         min_size=1,
         max_size=HOT_POOL_SIZE,
         open=False,
-        timeout=float(settings.LOCALAI_DB_POOL_TIMEOUT),
+        timeout=timeout,
         name="router-hot",
     )
     await pool.open()
     return pool
+
+
+async def _dead_on_arrival(conn: Any) -> bool:
+    """Whether a connection just taken from the pool is dead: closed, or its session ended while it was idle.
+    Costs a poll of the socket; a round trip only when the server sent something meanwhile. A dead one is
+    closed (the pool then opens a replacement when it is put back)."""
+    if not idle_connection_suspect(conn):
+        return False
+    if not conn.closed:
+        try:
+            await conn.execute("")  # raises on a session the server ended; consumes a harmless notice
+            return False
+        except psycopg.Error as error:
+            logger.info("dropping a pooled connection whose session ended: %s", error)
+            await conn.close()
+    return True
+
+
+async def _on_hot_connection(work: Callable[[Any], Awaitable[T]]) -> T:
+    """`work(conn)` on a live connection of this event loop's hot pool. Connections that died while pooled
+    are dropped one after the other, at once, until a live one (or a new one) comes: the pool's own `check`
+    would wait 1, 2, 4… s between two dead connections."""
+    pool = await hot_pool()
+    while True:
+        conn = await pool.getconn()
+        if not await _dead_on_arrival(conn):
+            break
+        await pool.putconn(conn)
+    try:
+        async with conn:
+            return await work(conn)
+    finally:
+        await pool.putconn(conn)
+
+
+async def _bounded(work: Coroutine[Any, Any, T], *, abandoned: Callable[[T], Any] | None = None) -> T:
+    """Awaits `work` for at most `LOCALAI_DB_POOL_TIMEOUT`, then raises `DatabaseTimeout`. The work itself is
+    never interrupted (cutting a statement that may already sit in the server's input would leave its outcome
+    unknown): it goes on in the background, and when it ends with a result nobody awaits any more (the deadline
+    passed, or the caller was cancelled) `abandoned(result)` undoes it (a claim gives its unit back)."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.wait_for(asyncio.shield(task), float(settings.LOCALAI_DB_POOL_TIMEOUT))
+    except TimeoutError:
+        _abandon(task, abandoned)
+        raise DatabaseTimeout(
+            f"the database did not answer within {float(settings.LOCALAI_DB_POOL_TIMEOUT):g}s"
+        ) from None
+    except asyncio.CancelledError:
+        _abandon(task, abandoned)
+        raise
+
+
+def _abandon(task: asyncio.Future[T], abandoned: Callable[[T], Any] | None) -> None:
+    def finished(task: asyncio.Future[T]) -> None:
+        _background.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            if not isinstance(error, Unauthorized):
+                logger.warning("a database operation the gateway stopped waiting for failed: %s", error)
+        elif abandoned is not None:
+            abandoned(task.result())
+
+    _background.add(task)
+    task.add_done_callback(finished)
+
+
+def _release_abandoned(lease: Lease | None) -> None:
+    """A claim that landed after its caller stopped waiting (deadline passed, or the client went away): its
+    unit is given back at once."""
+    if lease is not None:
+        lease.release_soon()
+
+
+async def database_ready() -> bool:
+    """Whether a statement runs on this event loop's hot pool within `LOCALAI_DB_POOL_TIMEOUT` (`/readyz`)."""
+
+    async def ping(conn: Any) -> None:
+        await conn.execute("SELECT 1")
+
+    try:
+        await _bounded(_on_hot_connection(ping))
+    except psycopg.Error as error:
+        logger.warning("readiness: the database is unavailable: %s", error)
+        return False
+    return True
 
 
 async def close_hot_pools() -> None:
@@ -313,30 +428,41 @@ def _lease(model_name: str, row: tuple, owner: Any) -> Lease:
 
 async def aclaim(model_name: str, *, exclude: Sequence[int] = (), raw_key: Any = NO_AUTH) -> Lease | None:
     """`replica_pick_and_claim` on the event loop. With `raw_key` (a bearer value or None), the gateway's key
-    rule is checked in the same statement, and `Unauthorized` raised (nothing claimed) when it fails."""
-    owner = await _owner()
-    params = {"model": model_name, "exclude": list(exclude), "owner": owner}
-    pool = await hot_pool()
-    async with pool.connection() as conn:
-        if raw_key is NO_AUTH:
-            row = await (await conn.execute(_CLAIM_SQL, params)).fetchone()
-        else:
+    rule is checked in the same statement, and `Unauthorized` raised (nothing claimed) when it fails. Bounded
+    by `LOCALAI_DB_POOL_TIMEOUT` (`DatabaseTimeout`). The claim runs in a task of its own that neither the
+    deadline nor the caller's cancellation (a client that disconnects) interrupts: cancelling psycopg in the
+    middle of the claim statement, or of the key's last-used stamp after it, would leave a committed claim that
+    no lease holds; a claim that lands after its caller stopped waiting is given back at once."""
+
+    async def claim() -> Lease | None:
+        owner = await _owner()
+        params = {"model": model_name, "exclude": list(exclude), "owner": owner}
+
+        async def run(conn: Any) -> tuple | None:
+            if raw_key is NO_AUTH:
+                return await (await conn.execute(_CLAIM_SQL, params)).fetchone()
             params["hash"] = gateway_key_hash(raw_key)
             allowed, key_id, key_last_used_at, *claimed = await (
                 await conn.execute(_AUTHORIZED_CLAIM_SQL, params)
             ).fetchone()
             await _admit(conn, allowed, key_id, key_last_used_at)
-            row = tuple(claimed) if claimed[0] is not None else None
-    return None if row is None else _lease(model_name, row, owner)
+            return tuple(claimed) if claimed[0] is not None else None
+
+        row = await _on_hot_connection(run)
+        return None if row is None else _lease(model_name, row, owner)
+
+    return await _bounded(claim(), abandoned=_release_abandoned)
 
 
 async def authorize(raw_key: str | None) -> None:
     """The gateway's key rule alone (requests that claim nothing: `/v1/models`, a rejected body); raises
-    `Unauthorized`."""
-    pool = await hot_pool()
-    async with pool.connection() as conn:
+    `Unauthorized`, or `DatabaseTimeout` after `LOCALAI_DB_POOL_TIMEOUT`."""
+
+    async def check(conn: Any) -> None:
         cursor = await conn.execute(GATEWAY_AUTH_SELECT, {"hash": gateway_key_hash(raw_key)})
         await _admit(conn, *await cursor.fetchone())
+
+    await _bounded(_on_hot_connection(check))
 
 
 async def _admit(conn: Any, allowed: bool, key_id: int | None, key_last_used_at: Any) -> None:
@@ -347,10 +473,41 @@ async def _admit(conn: Any, allowed: bool, key_id: int | None, key_last_used_at:
 
 
 async def arelease(replica_id: int, owner: Any) -> None:
-    """`replica_release` on the event loop."""
-    pool = await hot_pool()
-    async with pool.connection() as conn:
+    """`replica_release` on the event loop. Waits at most `LOCALAI_DB_POOL_TIMEOUT`: a release the database
+    does not answer in time (frozen) goes on in the background and gives the unit back when it resumes."""
+
+    async def release(conn: Any) -> None:
         await conn.execute(_RELEASE_SQL, {"owner": owner, "replica": replica_id})
+
+    try:
+        await _bounded(_on_hot_connection(release))
+    except DatabaseTimeout as error:
+        logger.warning(
+            "release of a unit on replica %s is still waiting for the database: %s", replica_id, error
+        )
+
+
+# A release whose statement failed (the database is unreachable for a moment) is tried again for about a
+# minute: a unit never given back would make its replica look busy for as long as this process lives, while a
+# repeated release can at worst give back early another unit this process holds on the replica (never below
+# what the process holds: see `_RELEASE_SQL`).
+RELEASE_RETRY_DELAYS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+
+
+async def _give_back(replica_id: int, owner: Any) -> None:
+    """`arelease`, retried after failures; logs instead of raising (it runs in the background)."""
+    for delay in (*RELEASE_RETRY_DELAYS, None):
+        try:
+            await arelease(replica_id, owner)
+            return
+        except Exception as error:
+            if delay is None:
+                logger.error("in-flight unit on replica %s not given back: %s", replica_id, error)
+                return
+            logger.warning(
+                "giving back an in-flight unit on replica %s failed (%s); retrying", replica_id, error
+            )
+            await asyncio.sleep(delay)
 
 
 # --- async API ---------------------------------------------------------------------------------------------
@@ -366,7 +523,12 @@ def _in_thread(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 
 def _in_hot_thread(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Runs database work in a hot-path thread, keeping its connection for the next hop unless it failed."""
+    """Runs database work in a hot-path thread, keeping its connection for the next hop unless it failed. A
+    kept connection whose session ended meanwhile is handed back first (the pool's check replaces it), so the
+    work runs on a live one."""
+    kept = connection.connection
+    if kept is not None and not connection.in_atomic_block and idle_connection_suspect(kept):
+        connection.close()
     try:
         return func(*args, **kwargs)
     except DatabaseError:
@@ -425,7 +587,12 @@ async def acquire(model_name: str, *, exclude: Sequence[int] = (), raw_key: Any 
 
 async def discard_unreachable(lease: Lease) -> None:
     """The lease's backend refused the connection before any byte was exchanged: remove that one replica row
-    (so a retry cannot pick it again) and stop its process in the background. The lease counts as released."""
+    (so a retry cannot pick it again; its in-flight units go with it) and stop its process on its agent. The
+    stop is waited for (at most `STOP_WAIT`), so that it cannot reach the agent after a retry's fresh load of
+    the same process key and stop that one. The lease counts as released; when the row cannot be removed, its
+    unit is given back instead."""
+    if lease.released:
+        return
     lease.released = True
     logger.warning(
         "backend %r of %r on %r is unreachable: removing that replica",
@@ -433,7 +600,12 @@ async def discard_unreachable(lease: Lease) -> None:
         lease.process_key,
         lease.node_name,
     )
-    node = await _shielded(_hot_executor, _remove_row, lease.replica_id)
+    try:
+        node = await _shielded(_hot_executor, _remove_row, lease.replica_id)
+    except Exception as error:
+        logger.warning("could not remove replica %s: %s", lease.process_key, error)
+        await asyncio.shield(_in_background(_give_back(lease.replica_id, lease.owner)))
+        return
     if node is None:
         return
     loop = asyncio.get_running_loop()
@@ -441,6 +613,30 @@ async def discard_unreachable(lease: Lease) -> None:
     task = loop.run_in_executor(_load_executor, stop)
     _background.add(task)
     task.add_done_callback(_background.discard)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(task), STOP_WAIT)
+
+
+async def probe_replica(lease: Lease) -> bool:
+    """Probes the lease's replica now (the gRPC health check of the health monitor, `health.replica_probe`):
+    one that does not answer is removed and its process stopped before this returns. Answers whether it
+    answered. The lease is untouched (release it afterwards: a removed replica's release changes nothing).
+    Survives cancellation of the caller."""
+    from scheduling.health import replica_probe
+
+    return await _shielded(_load_executor, partial(replica_probe, replica_id=lease.replica_id))
+
+
+def probe_replica_soon(lease: Lease) -> None:
+    """`probe_replica` in the background (a stream broke after its first byte reached the client)."""
+    _in_background(_probe_logged(lease))
+
+
+async def _probe_logged(lease: Lease) -> None:
+    try:
+        await probe_replica(lease)
+    except Exception:
+        logger.exception("probe of %s on %s failed", lease.process_key, lease.node_name)
 
 
 def _remove_row(replica_id: int) -> Any:

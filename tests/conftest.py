@@ -13,6 +13,27 @@ from collections.abc import Iterator
 import pytest
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every coroutine test closes the gateway's hot-path pool of its event loop before the loop closes (the
+    ASGI lifespan does it in production). Left open, the loop's shutdown cancels the pool's workers in the
+    middle of a connection attempt, and the pool's reconnect backoff then keeps the loop from closing for
+    minutes."""
+    import inspect
+
+    for item in items:
+        function = getattr(item, "function", None)
+        if function is not None and inspect.iscoroutinefunction(function):
+            item.fixturenames.append("_hot_pools_closed")  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+async def _hot_pools_closed():
+    yield
+    from scheduling.router import close_hot_pools
+
+    await close_hot_pools()
+
+
 @pytest.fixture(scope="session")
 def django_db_modify_db_settings(request: pytest.FixtureRequest) -> None:
     """Test databases named per test run (and per xdist worker), so two runs on one machine sharing the

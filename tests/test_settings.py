@@ -34,9 +34,12 @@ def _import_settings(**env: str) -> subprocess.CompletedProcess:
         ("LOCALAI_UNSATISFIABLE_TICKS", "three"),
         ("LOCALAI_AUTO_APPROVE_NODES", "maybe"),
         ("LOCALAI_LOAD_TIMEOUT", "5 minutes"),
+        ("LOCALAI_STREAM_WRITE_TIMEOUT", "forever"),
         ("DJANGO_DEBUG", "perhaps"),
         ("LOCALAI_MAX_BODY_BYTES", "ten megs"),
         ("LOCALAI_MAX_BODY_BYTES", "12"),
+        ("LOCALAI_DB_STATEMENT_TIMEOUT", "soon"),
+        ("LOCALAI_DB_CONNECT_TIMEOUT", "500ms"),
     ],
 )
 def test_bad_setting_stops_startup_naming_the_variable(name, value):
@@ -110,3 +113,37 @@ def test_bad_grpc_tls_settings_stop_startup_naming_the_variable(env, named):
     result = _import_settings(**env)
     assert result.returncode != 0
     assert named in result.stderr
+
+
+@pytest.mark.django_db
+def test_every_connection_is_bounded_and_the_server_enforces_the_statement_timeout():
+    """statement_timeout, connect_timeout and keepalives reach the real session (from Django's settings)."""
+    options = settings.DATABASES["default"]["OPTIONS"]
+    assert options["keepalives"] == 1 and options["connect_timeout"] >= 2
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW statement_timeout")
+        shown = cursor.fetchone()[0]
+    assert shown == f"{int(settings.LOCALAI_DB_STATEMENT_TIMEOUT)}s"
+
+
+def test_query_options_of_database_url_are_kept():
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from localai_cluster import settings as s; o = s.DATABASES['default']['OPTIONS'];"
+            "print(o['sslmode'], o['options'], o['connect_timeout'])",
+        ],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "DATABASE_URL": "postgres://u@db.example:5432/cp?sslmode=require",
+            "LOCALAI_DB_STATEMENT_TIMEOUT": "1500ms",
+            "LOCALAI_DB_CONNECT_TIMEOUT": "3s",
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["require", "-c", "statement_timeout=1500", "3"]

@@ -35,6 +35,9 @@ _CHANNEL_OPTIONS = (
     # busy agent's handshake times out ("timed out before receiving SETTINGS frame"); the default is 20 s.
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_metadata_size", 64 * 1024),  # room for a failed load's stderr lines in the status message
+    # Subchannels of this channel only: gRPC shares them process-wide by default, so a channel made to replace
+    # one whose connection failed (`_renew_aio_channel`) would inherit its reconnect backoff.
+    ("grpc.use_local_subchannel_pool", 1),
 )
 
 T = TypeVar("T")
@@ -147,6 +150,33 @@ def _aio_channel(address: str, tls: ChannelTls | None = None) -> grpc.aio.Channe
     return channel
 
 
+def _renew_aio_channel(address: str, tls: ChannelTls | None = None) -> None:
+    """After an `UNAVAILABLE` failure on `address`: the running loop's channel to it, unless connected, is
+    replaced by a new one at the next call. A channel whose connection failed stays in TRANSIENT_FAILURE for
+    its reconnect backoff and fails every call at once meanwhile, even when a new process already listens there
+    (a replica loaded again on the same port after its backend died). The old one closes once its calls end."""
+    loop = asyncio.get_running_loop()
+    _, channels = _aio_channels.get(id(loop), (loop, {}))
+    channel = channels.get((address, tls))
+    if channel is None or channel.get_state() == grpc.ChannelConnectivity.READY:
+        return
+    del channels[(address, tls)]
+    closing = loop.create_task(channel.close(grace=DEFAULT_BACKEND_TIMEOUT))
+    _closing_channels.add(closing)
+    closing.add_done_callback(_closing_channels.discard)
+
+
+_closing_channels: set[asyncio.Task[None]] = set()
+
+
+def _forget_sync_channel(address: str, channel: grpc.Channel) -> None:
+    """`_renew_aio_channel` for the sync channel a backend probe used (no other call uses a backend's)."""
+    with _sync_channels_lock:
+        if _sync_channels.get((address, None)) is channel:
+            del _sync_channels[(address, None)]
+    channel.close()
+
+
 # --- messages -------------------------------------------------------------------------------------------
 
 
@@ -232,6 +262,13 @@ class _Caller:
     def _error(self, error: grpc.RpcError, method: str) -> WorkerError:
         return WorkerError.from_rpc_error(error, address=self.address, method=method)
 
+    def _aerror(self, error: grpc.RpcError, method: str) -> WorkerError:
+        """`_error` of an aio call; after `UNAVAILABLE`, the next call gets a fresh channel."""
+        failure = self._error(error, method)
+        if failure.unavailable:
+            _renew_aio_channel(self.address)
+        return failure
+
     def _call(self, stub: Any, method: str, request: Any, timeout: float | None = None) -> Any:
         try:
             return getattr(stub, method)(request, timeout=timeout or self.timeout, metadata=self._metadata)
@@ -245,7 +282,7 @@ class _Caller:
             )
             return await call
         except grpc.RpcError as error:
-            raise self._error(error, method) from error
+            raise self._aerror(error, method) from error
 
     async def _astream(
         self, stub: Any, method: str, request: Any, convert: Callable[[Any], T], timeout: float | None
@@ -258,7 +295,7 @@ class _Caller:
                 received = True
                 yield convert(message)
         except grpc.RpcError as error:
-            failure = self._error(error, method)
+            failure = self._aerror(error, method)
             failure.connect_failed = failure.connect_failed and not received
             raise failure from error
         finally:
@@ -442,9 +479,12 @@ class BackendClient(_Caller):
 
 def backend_health(address: str, token: str, timeout: float = DEFAULT_HEALTH_TIMEOUT) -> bool:
     """Blocking probe: whether the backend at `address` answers `Health` with OK within `timeout`."""
-    stub = backend_pb2_grpc.BackendStub(_sync_channel(address))
+    channel = _sync_channel(address)
+    stub = backend_pb2_grpc.BackendStub(channel)
     try:
         reply = stub.Health(backend_pb2.HealthMessage(), timeout=timeout, metadata=bearer_metadata(token))
-    except grpc.RpcError:
+    except grpc.RpcError as error:
+        if error.code() == grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
+            _forget_sync_channel(address, channel)
         return False
     return bool(reply.message == b"OK")

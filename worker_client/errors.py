@@ -18,8 +18,10 @@ class WorkerError(Exception):
     """A call to an agent or a backend failed.
 
     `retryable` says whether trying again (here or on another replica) can help; `connect_failed` says the
-    call never reached the server, so not a byte of the request was processed; `details` is the server's
-    status message (for a failed `LoadReplica`, it ends with the backend's last stderr lines).
+    call never reached the server, so not a byte of the request was processed; `unavailable` says the server
+    could not be reached or the connection to it broke (status `UNAVAILABLE`: refused, reset, closed, stream
+    removed), whatever the message's wording; `details` is the server's status message (for a failed
+    `LoadReplica`, it ends with the backend's last stderr lines).
     """
 
     def __init__(
@@ -36,6 +38,10 @@ class WorkerError(Exception):
         self.retryable = retryable
         self.connect_failed = connect_failed
         self.details = details
+
+    @property
+    def unavailable(self) -> bool:
+        return self.code == grpc.StatusCode.UNAVAILABLE
 
     @classmethod
     def from_rpc_error(cls, error: grpc.RpcError, *, address: str, method: str) -> WorkerError:

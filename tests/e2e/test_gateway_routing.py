@@ -105,7 +105,7 @@ def test_stream_that_breaks_after_bytes_ends_with_an_error_and_is_released(cp_se
     assert agent.load_count("breaks") == loads_before  # no retry, no new load
 
 
-def test_non_streaming_backend_error_answers_502_and_releases(cp_server, start_agents):
+def test_non_streaming_call_to_a_killed_backend_is_retried_and_releases(cp_server, start_agents):
     (agent,) = start_agents(1)
     ModelConfigFactory(name="dies", options={"options": ["delay_ms:300"]})
     place("dies")
@@ -115,8 +115,8 @@ def test_non_streaming_backend_error_answers_502_and_releases(cp_server, start_a
         time.sleep(0.3)
         os.kill(backend_pid(agent, "dies#0"), signal.SIGKILL)
         answer = pending.result()
-    assert answer.status_code == 502
-    assert answer.json()["error"]["code"] == "backend_error"
+    # UNAVAILABLE before any byte reached the client: retried once, here on a fresh load (issue 12 item 2).
+    assert answer.status_code == 200, answer.text
     wait_in_flight_zero("dies")
 
 

@@ -194,3 +194,28 @@ async def test_concurrent_first_requests_share_one_hot_pool():
         await router.close_hot_pools()
     assert await router.hot_pool() is not pools[0]  # closed and forgotten: the next request opens a new one
     await router.close_hot_pools()
+
+
+async def test_a_release_whose_statement_fails_is_retried():
+    """The release meets a pooled connection the server terminated: it is tried again on another connection
+    (never raised, never lost), so the unit comes back."""
+    from asgiref.sync import sync_to_async
+
+    await sync_to_async(ReplicaFactory)(node=await sync_to_async(node)("n1"), model_name="m")
+    lease = await router.acquire("m")
+    pool = await router.hot_pool()
+    try:
+        held = [await pool.getconn() for _ in range(pool.get_stats()["pool_size"])]  # every pooled connection
+        pids = [conn.info.backend_pid for conn in held]
+        for conn in held:
+            await pool.putconn(conn)
+
+        def terminate() -> None:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", [pids])
+
+        await sync_to_async(terminate)()
+        await lease.release()
+        assert await sync_to_async(flights)() == {"n1": 0}
+    finally:
+        await router.close_hot_pools()

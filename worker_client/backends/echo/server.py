@@ -3,8 +3,10 @@
 Answers are derived from the request alone: the reply is "echo: <last user message>" (or the prompt), cut to
 `Tokens` whitespace-separated words; token counts are word counts. `ModelOptions.Options` knobs: `delay_ms:N`
 (delay before each token), `load_ms:N` (LoadModel takes that long), `fail_load:true` (LoadModel fails and says
-why on stderr). With `LOCALAI_GRPC_AUTH_TOKEN` set, calls without `authorization: Bearer <token>` are refused.
-Every request except `Health` prints one line to stdout.
+why on stderr), `fail_embedding:TEXT` (the embedding of exactly TEXT fails with `INTERNAL`). With
+`LOCALAI_GRPC_AUTH_TOKEN` set, calls without `authorization: Bearer <token>` are refused. Every request except
+`Health` prints one line to stdout; `Embedding` lines carry a running count (`Embedding #N chars=...`), so a
+test can tell how many calls arrived.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class Knobs:
     delay_ms: int = 0
     load_ms: int = 0
     fail_load: bool = False
+    fail_embedding: str | None = None
 
     @classmethod
     def parse(cls, options: list[str]) -> Knobs:
@@ -43,6 +46,7 @@ class Knobs:
             delay_ms=int(values.get("delay_ms", 0)),
             load_ms=int(values.get("load_ms", 0)),
             fail_load=values.get("fail_load", "").lower() == "true",
+            fail_embedding=values.get("fail_embedding"),
         )
 
 
@@ -80,6 +84,7 @@ class EchoBackend(backend_pb2_grpc.BackendServicer):
     def __init__(self) -> None:
         self.knobs = Knobs()
         self.state = backend_pb2.StatusResponse.UNINITIALIZED
+        self.embeddings = 0
 
     async def Health(
         self, request: backend_pb2.HealthMessage, context: grpc.aio.ServicerContext
@@ -132,7 +137,10 @@ class EchoBackend(backend_pb2_grpc.BackendServicer):
         self, request: backend_pb2.PredictOptions, context: grpc.aio.ServicerContext
     ) -> backend_pb2.EmbeddingResult:
         text = request.Embeddings or request.Prompt
-        log_request("Embedding", f"chars={len(text)}")
+        self.embeddings += 1
+        log_request("Embedding", f"#{self.embeddings} chars={len(text)}")
+        if self.knobs.fail_embedding is not None and text == self.knobs.fail_embedding:
+            await context.abort(grpc.StatusCode.INTERNAL, f"fail_embedding:{text} was given")
         return backend_pb2.EmbeddingResult(embeddings=embedding_of(text))
 
     async def Status(
