@@ -19,7 +19,8 @@ import uuid
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import quote
 
 import psycopg
 from django.conf import settings
@@ -539,6 +540,21 @@ def _model_label(model: str, error: GatewayError | None = None) -> str:
     return UNKNOWN_MODEL_LABEL
 
 
+ResponseT = TypeVar("ResponseT", bound=HttpResponseBase)
+
+
+def _routed(response: ResponseT, lease: router.Lease) -> ResponseT:
+    """With `LOCALAI_EXPOSE_ROUTING_HEADERS`, the answer names where it ran: `X-LocalAI-Node` (the node's name)
+    and `X-LocalAI-Replica` (the replica's process key). Off by default: they describe the cluster."""
+    if settings.LOCALAI_EXPOSE_ROUTING_HEADERS:  # percent-encoded beyond printable ASCII
+        response["X-LocalAI-Node"] = quote(lease.node_name, safe=_HEADER_SAFE)
+        response["X-LocalAI-Replica"] = quote(lease.process_key, safe=_HEADER_SAFE)
+    return response
+
+
+_HEADER_SAFE = "!#$&'()*+,/:;=?@[]~"
+
+
 def _observe(model: str, endpoint: str, status: int, started: float) -> None:
     """Counts an answer; `model` is a catalog name or `unknown` (`_model_label`)."""
     metrics.GATEWAY_REQUESTS.labels(model, endpoint, str(status)).inc()
@@ -577,7 +593,7 @@ async def _complete(
             lease.release_soon()
             body = _chat_body(completion, reply) if chat else _text_body(completion, reply)
             _observe(completion.model, endpoint, 200, started)
-            return JsonResponse(body)
+            return _routed(JsonResponse(body), lease)
 
         async def open_stream(lease: router.Lease) -> tuple[Reply | None, AsyncIterator[Reply]]:
             stream = _backend(lease).predict_stream(fields)
@@ -595,7 +611,7 @@ async def _complete(
     weakref.finalize(events, _release_if_leaked, lease)
     response = _EventStream(events, lease)
     _observe(completion.model, endpoint, 200, started)
-    return response
+    return _routed(response, lease)
 
 
 @csrf_exempt
@@ -668,7 +684,7 @@ async def embeddings(request: HttpRequest) -> HttpResponse:
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
     }
     _observe(model, "embeddings", 200, started)
-    return JsonResponse(body)
+    return _routed(JsonResponse(body), lease)
 
 
 def _catalog() -> list[dict[str, Any]]:

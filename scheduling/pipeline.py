@@ -266,6 +266,30 @@ def cluster_snapshot() -> ClusterSnapshot:
     return ClusterSnapshot(nodes, replicas, rules)
 
 
+# --- the warm path's definition in SQL ------------------------------------------------------------------
+
+
+def routable_replica_sql(replica: str, node: str, model_param: str) -> str:
+    """The SQL condition "this replica may serve a request now" over `replica` and `node` aliases: the
+    replica `loaded`, its node approved, `healthy`, a backend, and carrying every `key=value` of the model's
+    rule's selector (exact strings) — `gate` above, for the router's one-statement claim (BEHAVIOUR §3)."""
+    return f"""{replica}.state = '{ReplicaState.LOADED.value}'
+  AND {node}.status = '{NodeStatus.HEALTHY.value}'
+  AND {node}.node_type = '{NodeType.BACKEND.value}'
+  AND {node}.approved_at IS NOT NULL
+  AND NOT EXISTS (
+    SELECT 1
+    FROM {SchedulingRule._meta.db_table} s
+    CROSS JOIN LATERAL jsonb_each(CASE WHEN jsonb_typeof(s.node_selector) = 'object'
+                                       THEN s.node_selector ELSE '{{}}'::jsonb END) AS sel
+    WHERE s.model_name = {model_param}
+      AND NOT EXISTS (
+        SELECT 1 FROM {NodeLabel._meta.db_table} l
+        WHERE l.node_id = {node}.id AND l.key = sel.key AND to_jsonb(l.value) = sel.value
+      )
+  )"""
+
+
 # --- eligibility (pure) -----------------------------------------------------------------------------------
 
 
