@@ -28,6 +28,7 @@ from typing import Any
 import psycopg.errors
 from django.db import IntegrityError, transaction
 from django.db.models import F
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from nodes.choices import NodeStatus, NodeType, ReplicaState
@@ -191,26 +192,9 @@ def cluster_snapshot() -> ClusterSnapshot:
     for node_id, key, value in NodeLabel.objects.values_list("node_id", "key", "value"):
         labels[node_id][key] = value
     replicas = [
-        ReplicaView(
-            r["id"],
-            r["node_id"],
-            r["model_name"],
-            r["replica_index"],
-            r["state"],
-            r["in_flight"],
-            r["last_used"] or r["loaded_at"],
-            r["vram_bytes"],
-        )
-        for r in ModelReplica.objects.values(
-            "id",
-            "node_id",
-            "model_name",
-            "replica_index",
-            "state",
-            "in_flight",
-            "last_used",
-            "loaded_at",
-            "vram_bytes",
+        ReplicaView(*row)
+        for row in ModelReplica.objects.annotate(idle_since=Coalesce("last_used", "loaded_at")).values_list(
+            "id", "node_id", "model_name", "replica_index", "state", "in_flight", "idle_since", "vram_bytes"
         )
     ]
     in_flight: dict[Any, int] = defaultdict(int)
