@@ -94,9 +94,11 @@ def test_decisions_page_filters_and_shows_every_verdict(page, agent) -> None:
     expect(row).to_contain_text("small")
     expect(row).to_contain_text("gpu-3")
     page.get_by_label("Outcome").select_option("")
+    expect(page.locator("tr[data-decision]")).to_have_count(3)
     page.get_by_label("Model").fill("big")
+    refused = page.locator('tr[data-decision]:has(td.model-name:text-is("big"))')
+    expect(refused).to_have_count(1)
     expect(page.locator("tr[data-decision]")).to_have_count(1)
-    refused = page.locator("tr[data-decision]").first
     refused.locator("summary").click()
     verdicts = refused.locator("[data-verdict]")
     expect(verdicts).to_have_count(3)
