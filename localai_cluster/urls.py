@@ -17,4 +17,5 @@ urlpatterns = [
     path("", include("scheduling.gateway_urls")),  # /v1/*
     path("", include("nodes.urls")),  # /ui/nodes/*
     path("", include("scheduling.urls")),  # /ui/scheduling/*
+    path("", include("console.urls")),  # /ui/ (overview), /ui/keys/*, /ui/playground/*
 ]

@@ -30,6 +30,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonRespons
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
+from console.usage import usage_record
 from localai_cluster import metrics
 from localai_cluster.bounds import UnsafeJSON, loads_checked
 from scheduling import router
@@ -543,10 +544,11 @@ def _model_label(model: str, error: GatewayError | None = None) -> str:
 ResponseT = TypeVar("ResponseT", bound=HttpResponseBase)
 
 
-def _routed(response: ResponseT, lease: router.Lease) -> ResponseT:
-    """With `LOCALAI_EXPOSE_ROUTING_HEADERS`, the answer names where it ran: `X-LocalAI-Node` (the node's name)
-    and `X-LocalAI-Replica` (the replica's process key). Off by default: they describe the cluster."""
-    if settings.LOCALAI_EXPOSE_ROUTING_HEADERS:  # percent-encoded beyond printable ASCII
+def _routed(response: ResponseT, lease: router.Lease, *, staff: bool = False) -> ResponseT:
+    """The answer names where it ran — `X-LocalAI-Node` (the node's name) and `X-LocalAI-Replica` (the
+    replica's process key) — for the playground's staff answers always, for API clients only with
+    `LOCALAI_EXPOSE_ROUTING_HEADERS` (off by default: they describe the cluster's topology)."""
+    if staff or settings.LOCALAI_EXPOSE_ROUTING_HEADERS:  # percent-encoded beyond printable ASCII
         response["X-LocalAI-Node"] = quote(lease.node_name, safe=_HEADER_SAFE)
         response["X-LocalAI-Replica"] = quote(lease.process_key, safe=_HEADER_SAFE)
     return response
@@ -557,12 +559,16 @@ _HEADER_SAFE = "!#$&'()*+,/:;=?@[]~"
 
 def _observe(model: str, endpoint: str, status: int, started: float) -> None:
     """Counts an answer; `model` is a catalog name or `unknown` (`_model_label`)."""
+    elapsed = time.perf_counter() - started
     metrics.GATEWAY_REQUESTS.labels(model, endpoint, str(status)).inc()
-    metrics.GATEWAY_LATENCY.labels(model, endpoint).observe(time.perf_counter() - started)
+    metrics.GATEWAY_LATENCY.labels(model, endpoint).observe(elapsed)
+    usage_record(status, elapsed)  # the overview's cluster-wide counts (console.usage), no I/O here
 
 
-async def _bad_body(request: HttpRequest, error: GatewayError) -> HttpResponse:
+async def _bad_body(request: HttpRequest, error: GatewayError, *, staff: bool = False) -> HttpResponse:
     """Answers a body error, after authentication (a client without a valid key learns nothing more)."""
+    if staff:
+        return error.response()
     try:
         await router.authorize(_bearer(request))
     except router.Unauthorized:
@@ -573,15 +579,15 @@ async def _bad_body(request: HttpRequest, error: GatewayError) -> HttpResponse:
 
 
 async def _complete(
-    request: HttpRequest, parse: Callable[[dict[str, Any]], Completion], chat: bool
+    request: HttpRequest, parse: Callable[[dict[str, Any]], Completion], chat: bool, *, staff: bool = False
 ) -> HttpResponseBase:
     endpoint = "chat.completions" if chat else "completions"
     started = time.perf_counter()
     try:
         completion = parse(_json_body(request))
     except GatewayError as error:
-        return await _bad_body(request, error)
-    raw_key = _bearer(request)
+        return await _bad_body(request, error, staff=staff)
+    raw_key: Any = router.NO_AUTH if staff else _bearer(request)
     fields = completion.fields
     try:
         if not completion.stream:
@@ -593,7 +599,7 @@ async def _complete(
             lease.release_soon()
             body = _chat_body(completion, reply) if chat else _text_body(completion, reply)
             _observe(completion.model, endpoint, 200, started)
-            return _routed(JsonResponse(body), lease)
+            return _routed(JsonResponse(body), lease, staff=staff)
 
         async def open_stream(lease: router.Lease) -> tuple[Reply | None, AsyncIterator[Reply]]:
             stream = _backend(lease).predict_stream(fields)
@@ -611,7 +617,7 @@ async def _complete(
     weakref.finalize(events, _release_if_leaked, lease)
     response = _EventStream(events, lease)
     _observe(completion.model, endpoint, 200, started)
-    return _routed(response, lease)
+    return _routed(response, lease, staff=staff)
 
 
 @csrf_exempt
@@ -656,19 +662,24 @@ async def _embed_all(client: BackendClient, texts: list[str]) -> list[list[float
 
 @csrf_exempt
 @require_POST
-async def embeddings(request: HttpRequest) -> HttpResponse:
+async def embeddings(request: HttpRequest) -> HttpResponseBase:
     """`POST /v1/embeddings`: one `Embedding` call per input string, on one replica (`_embed_all`)."""
+    return await _embeddings(request)
+
+
+async def _embeddings(request: HttpRequest, *, staff: bool = False) -> HttpResponseBase:
     started = time.perf_counter()
     try:
         model, texts, encoding = parse_embeddings(_json_body(request))
     except GatewayError as error:
-        return await _bad_body(request, error)
+        return await _bad_body(request, error, staff=staff)
 
     async def embed(lease: router.Lease) -> list[list[float]]:
         return await _embed_all(_backend(lease), texts)
 
     try:
-        lease, vectors = await _with_replica(model, _bearer(request), embed)
+        raw_key: Any = router.NO_AUTH if staff else _bearer(request)
+        lease, vectors = await _with_replica(model, raw_key, embed)
     except GatewayError as error:
         _observe(_model_label(model, error), "embeddings", error.status, started)
         return error.response()
@@ -684,7 +695,22 @@ async def embeddings(request: HttpRequest) -> HttpResponse:
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
     }
     _observe(model, "embeddings", 200, started)
-    return _routed(JsonResponse(body), lease)
+    return _routed(JsonResponse(body), lease, staff=staff)
+
+
+# --- the playground's door -----------------------------------------------------------------------------------
+
+
+async def staff_chat_completions(request: HttpRequest) -> HttpResponseBase:
+    """`/v1/chat/completions` for the playground page (`console.views`), which has already checked the staff
+    session and Django's CSRF middleware the token: the same parsing, routing, streaming, release and metrics,
+    without the API key check; the answer names its node and replica (`X-LocalAI-Node`, `X-LocalAI-Replica`)."""
+    return await _complete(request, parse_chat, chat=True, staff=True)
+
+
+async def staff_embeddings(request: HttpRequest) -> HttpResponseBase:
+    """`/v1/embeddings` for the playground page, on the same terms as `staff_chat_completions`."""
+    return await _embeddings(request, staff=True)
 
 
 def _catalog() -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ from django.db.models import Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from console.samples import metric_sample_take
 from localai_cluster import locks
 from localai_cluster.metrics import TICK_DURATION
 from nodes.choices import NodeStatus, NodeType, ReplicaState
@@ -80,6 +81,7 @@ def health_tick(*, now: datetime | None = None) -> HealthReport:
         report.probed, report.removed = probe_unheard_replicas(now=now)
         report.reclaimed = inflight_reclaim_dead_owners()
         report.decisions_pruned = decisions_prune(now=now)
+        metric_sample_take(now=now)  # the overview's charts (console.samples)
     report.duration = time.monotonic() - started
     TICK_DURATION.labels("health").observe(report.duration)
     return report

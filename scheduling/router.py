@@ -423,13 +423,29 @@ async def aclaim(model_name: str, *, exclude: Sequence[int] = (), raw_key: Any =
             allowed, key_id, key_last_used_at, *claimed = await (
                 await conn.execute(_AUTHORIZED_CLAIM_SQL, params)
             ).fetchone()
-            await _admit(conn, allowed, key_id, key_last_used_at)
+            if not allowed:
+                raise Unauthorized()  # the statement claimed nothing
+            if key_id is not None:
+                # The claim has committed: a failure of the stamp (a row lock held past the statement timeout,
+                # a connection that broke) must not lose the claimed unit, so it is logged, not raised.
+                try:
+                    await gateway_key_used(conn, key_id, key_last_used_at)
+                except psycopg.Error as error:
+                    logger.warning("last-used stamp of API key %s failed: %s", key_id, error)
             return tuple(claimed) if claimed[0] is not None else None
 
         row = await _on_hot_connection(run)
         return None if row is None else _lease(model_name, row, owner)
 
-    return await _bounded(claim(), abandoned=_release_abandoned)
+    try:
+        return await _bounded(claim(), abandoned=_release_abandoned)
+    except asyncio.CancelledError:
+        logger.info(
+            "the client of a request for %r went away while its replica was being claimed; a unit it "
+            "claims is given back",
+            model_name,
+        )
+        raise
 
 
 async def authorize(raw_key: str | None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import threading
 import time
@@ -32,6 +33,36 @@ async def _hot_pools_closed():
     from scheduling.router import close_hot_pools
 
     await close_hot_pools()
+
+
+def _is_controller(config: pytest.Config) -> bool:
+    """The process pytest was started as (not an xdist worker)."""
+    return not hasattr(config, "workerinput")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A test run that gets SIGTERM (CI cancels a job) or SIGHUP (its terminal closes) ends as after a Ctrl-C:
+    pytest tears down and the process exits through its exit hooks, so the engines it started stop."""
+    if _is_controller(config):
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, _interrupt)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The controller lets go of the embedded engines the settings module started for this run: the last user
+    stops each server, so a `./dev up` that uses the same engines keeps them."""
+    if not _is_controller(config):
+        return
+    from django.conf import settings
+
+    from localai_cluster import embedded
+
+    if settings.configured:
+        embedded.release(settings.STATE_DIR)
 
 
 @pytest.fixture(scope="session")
@@ -136,6 +167,23 @@ class ControlPlaneServer:
     def stop(self) -> None:
         self._server.should_exit = True
         self._thread.join(timeout=10)
+
+
+@pytest.fixture
+def engine_state_dir() -> Iterator:
+    """A fresh state folder for embedded engines of its own, outside pytest's `tmp_path`: as root, pgserver runs
+    PostgreSQL as the `pgserver` user, and every pytest run that starts on the machine sets its
+    `/tmp/pytest-of-root` back to mode 0700, locking that user out of a data folder beneath it."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    base = Path(tempfile.mkdtemp(prefix="localai-engines-"))
+    base.chmod(0o755)
+    try:
+        yield base / ".state"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from playwright.sync_api import expect
 from tests.browser.conftest import screenshot
 from tests.ui.agents import AgentNode
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.e2e]  # real agents
 
 
 def test_live_lines_scope_switch_filter_and_reconnect(page, start_agent_node) -> None:

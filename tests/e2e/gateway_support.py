@@ -123,11 +123,19 @@ def start_agents_fixture(
     """`start_agents(2, slots=2, vram="24GiB", labels="k=v")`: registered, approved agents with echo backends."""
     agents: list[RealAgent] = []
 
-    def start(count: int = 1, *, slots: int = 1, vram: str = "24GiB", labels: str = "") -> list[RealAgent]:
+    def start(
+        count: int = 1,
+        *,
+        slots: int = 1,
+        vram: str = "24GiB",
+        labels: str = "",
+        heartbeat_interval: str = "1s",
+    ) -> list[RealAgent]:
         started = []
         for _ in range(count):
             name = f"gw-{os.getpid()}-{len(agents)}"
             args = ["--max-replicas-per-model", str(slots), "--vram", vram]
+            args += ["--heartbeat-interval", heartbeat_interval]  # after the default of 1 s: this one wins
             if labels:
                 args += ["--node-labels", labels]
             agent = RealAgent(cp_server, name, tmp_path / f"{name}.log", args)

@@ -48,3 +48,20 @@ def test_backends_die_with_a_killed_agent(agent: AgentProcess) -> None:
     os.kill(agent.pid, signal.SIGKILL)
     agent.process.wait(30)
     wait_until(lambda: not any(is_alive(pid) for pid in pids), timeout=30, message="backends to die")
+
+
+def test_an_unreachable_control_plane_does_not_hold_the_shutdown(
+    control_plane: FakeControlPlane, start_agent
+) -> None:
+    """The in-flight count lives in the control plane: when it cannot be reached the agent cannot wait for it, so
+    it does not sit out its drain timeout (an hour here; the wait below is far shorter); backends still stop."""
+    agent = start_agent(control_plane, "--drain-timeout", "1h", "--max-replicas-per-model", "2")
+    pids = {agent.client().load_replica("m", index, "echo", {"Model": "m"}).pid for index in (0, 1)}
+    control_plane.in_flight = 1
+    control_plane.stop()  # connections refused from now on
+    agent.process.send_signal(signal.SIGTERM)
+    assert agent.process.wait(60) == 0
+    assert not any(map(is_alive, pids))
+    log = agent.log()
+    assert "drain failed" in log and "not waiting for in-flight requests" in log
+    assert "deregister failed" in log

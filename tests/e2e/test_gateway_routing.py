@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -77,8 +76,6 @@ def test_in_flight_released_when_the_client_disconnects_mid_stream(cp_server, st
         assert in_flight("slow") == [1]
     # The client closed the connection mid-stream.
     wait_in_flight_zero("slow")
-    time.sleep(0.5)
-    assert in_flight("slow") == [0]
 
 
 def test_stream_that_breaks_after_bytes_ends_with_an_error_and_is_released(cp_server, start_agents):
@@ -112,7 +109,7 @@ def test_non_streaming_call_to_a_killed_backend_is_retried_and_releases(cp_serve
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(chat, cp_server.url, "dies", "a b c d e f")
         wait_until(lambda: in_flight("dies") == [1], timeout=20, message="the request in flight")
-        time.sleep(0.3)
+        wait_until(lambda: predict_count(agent, "dies") == 1, timeout=20, message="the backend to get it")
         os.kill(backend_pid(agent, "dies#0"), signal.SIGKILL)
         answer = pending.result()
     # UNAVAILABLE before any byte reached the client: retried once, here on a fresh load (issue 12 item 2).
@@ -184,7 +181,10 @@ def test_no_capacity_answers_503_with_reason_and_retry_after(cp_server, start_ag
 
 
 def test_eviction_takes_an_idle_replica_but_never_below_min(cp_server, start_agents):
-    (agent,) = start_agents(1, vram="10GiB")
+    # No heartbeat after registration: a heartbeat the agent built just before the eviction's stop, answered
+    # after it, would report old#0's VRAM as used once more and make the placement of "new" answer 503 for an
+    # interval. Without heartbeats the node's figures are the control plane's own bookkeeping.
+    (agent,) = start_agents(1, vram="10GiB", heartbeat_interval="1h")
     ModelConfigFactory(name="old", vram_bytes=8 * GiB)
     ModelConfigFactory(name="new", vram_bytes=8 * GiB)
     ModelConfigFactory(name="third", vram_bytes=8 * GiB)
@@ -197,17 +197,14 @@ def test_eviction_takes_an_idle_replica_but_never_below_min(cp_server, start_age
 
     rule.delete()
     answer = chat(cp_server.url, "new")
-    if answer.status_code == 503:
-        # A heartbeat the agent built just before the eviction's stop can report old#0's VRAM as used for one
-        # more interval; the client's retry after Retry-After is answered (the agent heartbeats every second).
-        time.sleep(1.5)
-        answer = chat(cp_server.url, "new")
-    assert answer.status_code == 200
+    assert answer.status_code == 200, answer.text
     assert not ModelReplica.objects.filter(model_name="old").exists()
     wait_until(
         lambda: [p.process_key for p in agent.processes()] == ["new#0"], timeout=20, message="old#0 stopped"
     )
-    # A busy replica is never evicted: hold "new" in flight and ask for a third model.
+    # A busy replica is never evicted: hold "new" in flight and ask for a third model. The gateway releases the
+    # answered request's unit after the answer: wait for that release, or it would undo the 1 set here.
+    wait_in_flight_zero("new")
     ModelReplica.objects.filter(model_name="new").update(in_flight=1)
     assert chat(cp_server.url, "third").status_code == 503
     ModelReplica.objects.filter(model_name="new").update(in_flight=0)

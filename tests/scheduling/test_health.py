@@ -113,6 +113,7 @@ def test_admin_drained_node_heartbeating_again_comes_back_draining():
     assert node.status == NodeStatus.DRAINING
 
 
+@pytest.mark.e2e  # real echo backend processes
 @pytest.mark.django_db(transaction=True)
 def test_dead_replica_is_probed_out_alone(echo_backend):
     node = NodeFactory()
@@ -134,6 +135,7 @@ def test_dead_replica_is_probed_out_alone(echo_backend):
     assert node.status == NodeStatus.HEALTHY
 
 
+@pytest.mark.e2e  # real echo backend processes
 @pytest.mark.django_db(transaction=True)
 def test_only_unheard_replicas_are_probed_and_a_good_probe_counts_as_heard(echo_backend):
     node = NodeFactory()

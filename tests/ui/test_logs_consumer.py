@@ -15,7 +15,7 @@ from localai_cluster.asgi import application
 from tests.factories import NodeFactory
 from tests.ui.agents import AgentNode
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]  # real agents
 
 
 def session_cookie(*, staff: bool) -> bytes:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import ipaddress
 import logging
@@ -13,7 +12,13 @@ from typing import Any
 import grpc
 
 from worker_client.agent.config import AgentConfig
-from worker_client.agent.controlplane import ControlPlane, ControlPlaneError, Registration, TokenRejected
+from worker_client.agent.controlplane import (
+    ControlPlane,
+    ControlPlaneError,
+    ControlPlaneUnreachable,
+    Registration,
+    TokenRejected,
+)
 from worker_client.agent.host import detect_gpu, ram
 from worker_client.agent.logstore import LogStore
 from worker_client.agent.ports import PortAllocator, can_bind
@@ -28,6 +33,9 @@ FIRST_RETRY_DELAY = 0.5
 MAX_RETRY_DELAY = 10.0
 DRAIN_POLL_SECONDS = 0.5
 SERVER_STOP_GRACE = 1.0
+# Each control-plane call made while shutting down (drain, in-flight poll, deregister) waits at most this long:
+# a control plane that does not answer must not hold the agent's shutdown.
+SHUTDOWN_CALL_TIMEOUT = 3.0
 
 
 def _is_loopback(host: str) -> bool:
@@ -201,29 +209,45 @@ class Agent:
     # --- shutdown ---
 
     async def _shutdown(self, server: grpc.aio.Server) -> None:
-        """Drain (bounded), stop serving, stop every backend, deregister."""
+        """Drain (bounded), stop serving, stop every backend, deregister.
+
+        The in-flight count lives in the control plane's database: the agent cannot see the requests routed to
+        its backends. So when the control plane cannot be reached, nothing can stop new requests from being
+        routed here nor tell when the running ones end: the agent does not wait (its backends still get their
+        SIGTERM grace period to finish what they are doing) and tries to deregister once, briefly."""
         if self.registration is not None:
             await self._drain(self.registration)
         await server.stop(SERVER_STOP_GRACE)
         await self.supervisor.stop_all()
         if self.registration is not None:
-            with contextlib.suppress(ControlPlaneError):
-                await self.control_plane.deregister(self.registration)
+            try:
+                await self.control_plane.deregister(self.registration, timeout=SHUTDOWN_CALL_TIMEOUT)
+            except ControlPlaneError as error:
+                log.warning("deregister failed (%s); the control plane will mark this node offline", error)
+            else:
                 log.info("deregistered node %s", self.registration.id)
         await self.control_plane.aclose()
 
     async def _drain(self, node: Registration) -> None:
-        """Asks the control plane to drain this node and waits until its in-flight count is 0."""
+        """Asks the control plane to drain this node and waits until its in-flight count is 0, at most
+        `drain_timeout`; returns at once when the control plane cannot be reached."""
         try:
-            await self.control_plane.drain(node)
+            await self.control_plane.drain(node, timeout=SHUTDOWN_CALL_TIMEOUT)
+        except (ControlPlaneUnreachable, TokenRejected) as error:
+            log.warning("drain failed (%s); not waiting for in-flight requests", error)
+            return
         except ControlPlaneError as error:
             log.warning("drain failed: %s", error)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.drain_timeout
         while loop.time() < deadline:
             try:
-                if await self.control_plane.in_flight(node) == 0:
+                if await self.control_plane.in_flight(node, timeout=SHUTDOWN_CALL_TIMEOUT) == 0:
+                    log.info("drained: no request in flight")
                     return
+            except (ControlPlaneUnreachable, TokenRejected) as error:
+                log.warning("cannot read in-flight count (%s); not waiting any longer", error)
+                return
             except ControlPlaneError as error:
                 log.warning("cannot read in-flight count: %s", error)
             await asyncio.sleep(min(DRAIN_POLL_SECONDS, max(0.0, deadline - loop.time())))

@@ -19,6 +19,10 @@ class ControlPlaneError(Exception):
         self.status = status
 
 
+class ControlPlaneUnreachable(ControlPlaneError):
+    """No answer at all: connection refused or reset, DNS failure, timeout."""
+
+
 class TokenRejected(ControlPlaneError):
     """401, 403 or 404 on a node call: the token was revoked or the node deleted; register again."""
 
@@ -58,12 +62,20 @@ class ControlPlane:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _request(self, method: str, path: str, token: str, body: dict[str, Any] | None = None) -> Any:
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        token: str,
+        body: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
         try:
-            response = await self._http.request(method, path, json=body, headers=headers)
+            response = await self._http.request(method, path, json=body, headers=headers, **extra)
         except httpx.HTTPError as error:
-            raise ControlPlaneError(f"{method} {path}: {error!r}") from error
+            raise ControlPlaneUnreachable(f"{method} {path}: {error!r}") from error
         if response.status_code in TOKEN_REJECTED_STATUSES and path != "/api/node/register":
             raise TokenRejected(f"{method} {path}: {response.status_code}", response.status_code)
         if not response.is_success:
@@ -85,17 +97,17 @@ class ControlPlane:
         answer = await self._request("POST", f"/api/node/{node.id}/heartbeat", node.node_token, body)
         return answer if isinstance(answer, dict) else {}
 
-    async def drain(self, node: Registration) -> None:
-        await self._request("POST", f"/api/node/{node.id}/drain", node.node_token)
+    async def drain(self, node: Registration, timeout: float | None = None) -> None:
+        await self._request("POST", f"/api/node/{node.id}/drain", node.node_token, timeout=timeout)
 
-    async def in_flight(self, node: Registration) -> int:
+    async def in_flight(self, node: Registration, timeout: float | None = None) -> int:
         """The sum of `in_flight` over the node's replicas (GET /api/node/{id}/models)."""
-        answer = await self._request("GET", f"/api/node/{node.id}/models", node.node_token)
+        answer = await self._request("GET", f"/api/node/{node.id}/models", node.node_token, timeout=timeout)
         replicas = answer.get("results", []) if isinstance(answer, dict) else answer
         try:
             return sum(int(replica.get("in_flight") or 0) for replica in replicas)
         except (AttributeError, TypeError, ValueError) as error:
             raise ControlPlaneError(f"malformed models answer: {error!r}") from error
 
-    async def deregister(self, node: Registration) -> None:
-        await self._request("POST", f"/api/node/{node.id}/deregister", node.node_token)
+    async def deregister(self, node: Registration, timeout: float | None = None) -> None:
+        await self._request("POST", f"/api/node/{node.id}/deregister", node.node_token, timeout=timeout)
