@@ -55,6 +55,15 @@ LOCALAI_UNSATISFIABLE_COOLDOWN = env_seconds("LOCALAI_UNSATISFIABLE_COOLDOWN", 3
 LOCALAI_LOAD_TIMEOUT = env_seconds("LOCALAI_LOAD_TIMEOUT", 300, minimum=0.1)
 # First cooldown after a failed load of a model (doubles per failed attempt, up to 5 min; 0 turns it off).
 LOCALAI_LOAD_FAILURE_BACKOFF = env_seconds("LOCALAI_LOAD_FAILURE_BACKOFF", 10)
+# Deadline of every short WorkerControl call to an agent (stop, admin calls, the logs stream's opening); a
+# load waits LOCALAI_LOAD_TIMEOUT on top of it.
+LOCALAI_AGENT_CALL_TIMEOUT = env_seconds("LOCALAI_AGENT_CALL_TIMEOUT", 10, minimum=0.1)
+# Placement decision records (scheduling.PlacementDecision): kept this long, and at most this many rows;
+# the health loop prunes them.
+LOCALAI_DECISION_RETENTION = env_seconds("LOCALAI_DECISION_RETENTION", 7 * 24 * 3600, minimum=60)
+LOCALAI_DECISION_MAX_ROWS = env_int("LOCALAI_DECISION_MAX_ROWS", 100_000, minimum=100)
+# `/v1` answers carry X-LocalAI-Node and X-LocalAI-Replica (where the request ran): off by default.
+LOCALAI_EXPOSE_ROUTING_HEADERS = env_bool("LOCALAI_EXPOSE_ROUTING_HEADERS", default=False)
 # A streamed answer whose client has not taken a piece for this long ends, and its in-flight unit comes back.
 LOCALAI_STREAM_WRITE_TIMEOUT = env_seconds("LOCALAI_STREAM_WRITE_TIMEOUT", 60, minimum=0.1)
 # How often a worker heartbeats (told to agents at registration).

@@ -9,6 +9,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
 
+from nodes import services
 from nodes.models import ApiKey, ModelReplica, Node, NodeLabel
 
 RESOURCE_FIELDS = (
@@ -42,12 +43,10 @@ class ModelReplicaInline(admin.TabularInline):
         return False
 
 
-def _node_action(verb: str, service_name: str) -> Callable:
+def _node_action(verb: str, service: Callable[..., Node]) -> Callable:
     def action(modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: QuerySet[Node]) -> None:
-        from nodes import services
         from nodes.exceptions import NodeError
 
-        service = getattr(services, service_name)
         done = []
         for node in queryset:
             try:
@@ -58,7 +57,7 @@ def _node_action(verb: str, service_name: str) -> Callable:
         if done:
             modeladmin.message_user(request, f"{verb}: {', '.join(done)}", messages.SUCCESS)
 
-    action.__name__ = service_name
+    action.__name__ = service.__name__
     action.short_description = f"{verb} selected nodes"  # type: ignore[attr-defined]
     return action
 
@@ -82,9 +81,9 @@ class NodeAdmin(admin.ModelAdmin):
     fields = ("id", "name", "node_type", "address", "status", "max_replicas_override", *RESOURCE_FIELDS)
     inlines = (NodeLabelInline, ModelReplicaInline)
     actions = (
-        _node_action("Approved", "node_approve"),
-        _node_action("Draining", "node_drain"),
-        _node_action("Resumed", "node_resume"),
+        _node_action("Approved", services.node_approve),
+        _node_action("Draining", services.node_drain),
+        _node_action("Resumed", services.node_resume),
     )
 
     @admin.display(description="slots")

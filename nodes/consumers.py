@@ -20,6 +20,7 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.conf import settings
 
 from nodes.agent_clients import async_worker_control_client
 from nodes.models import Node
@@ -32,8 +33,6 @@ logger = logging.getLogger(__name__)
 CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
 CLOSE_AGENT_UNAVAILABLE = 4502
-# Deadline of the initial GetLogs call.
-INITIAL_TIMEOUT = 10.0
 
 
 def line_payload(line: LogLine) -> dict[str, Any]:
@@ -79,7 +78,7 @@ class BackendLogsConsumer(AsyncJsonWebsocketConsumer):
                 await self.relay
 
     async def _relay(self, name: str, address: str, token: str, key: str) -> None:
-        client = async_worker_control_client(address, token, timeout=INITIAL_TIMEOUT)
+        client = async_worker_control_client(address, token, timeout=settings.LOCALAI_AGENT_CALL_TIMEOUT)
         try:
             initial = await client.get_logs(key)
             last_seq = max((line.seq for line in initial), default=0)

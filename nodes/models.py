@@ -7,6 +7,9 @@ from django.db.models import Q
 
 from nodes.choices import LabelSource, NodeStatus, NodeType, ReplicaState
 
+# The one spelling of a replica's process key, `<model>#<index>`, shared with the agent.
+from worker_client.agent.keys import process_key as process_key
+
 
 class Node(models.Model):
     """One worker agent. `name` names it, but only its credential proves it: a registration of a known name
@@ -126,7 +129,7 @@ class ModelReplica(models.Model):
 
     @property
     def process_key(self) -> str:
-        return f"{self.model_name}#{self.replica_index}"
+        return process_key(self.model_name, self.replica_index)
 
 
 class ApiKeyQuerySet(models.QuerySet):

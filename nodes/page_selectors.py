@@ -7,7 +7,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, TypedDict, cast
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 from django.db.models import Count, Q, QuerySet, Sum, Value
 from django.db.models.functions import Coalesce
@@ -165,6 +165,7 @@ class DrawerReplica:
 
     replica: ModelReplica
     show_index: bool  # the node hosts more than one replica of this model: show the `rep N` pill
+    placed_by: Any = None  # the `placed` decision record of this replica (scheduling.PlacementDecision)
 
     @property
     def process_key(self) -> str:

@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-import psycopg.errors
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import transaction
 from django.db.models import F
 from django.db.models.functions import Greatest
 from django.utils import timezone
@@ -36,8 +35,8 @@ from nodes.choices import (
     ReplicaState,
 )
 from nodes.exceptions import InvalidTransition, InvalidValue, NameTaken
-from nodes.models import ModelReplica, Node, NodeLabel
-from nodes.selectors import free_replica_indexes, node_filter_selector, node_labels
+from nodes.models import ModelReplica, Node, NodeLabel, process_key
+from nodes.selectors import node_labels
 from nodes.signals import cluster_capacity_changed
 from nodes.tokens import (
     credential_matches,
@@ -55,8 +54,6 @@ MAX_INT = 2**31 - 1
 LABEL_MAX_LENGTH = 255
 # Labels an admin may leave on a node (auto-labels not counted); a worker sends at most as many of its own.
 MAX_NODE_LABELS = 256
-# Deadline of each StopReplica call made after an admin deletes a node.
-STOP_TIMEOUT = 5.0
 
 
 # Heartbeat intervals a freshly loaded replica may go unlisted (its load raced the heartbeat).
@@ -188,10 +185,6 @@ def _check_size(name: str, value: int | None) -> None:
 def _check_cap(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_INT:
         raise InvalidValue("Must be a whole number, at least 1.", field=name)
-
-
-def _is_schedulable(node: Node) -> bool:
-    return node.is_approved and node.status == NodeStatus.HEALTHY and node.node_type == NodeType.BACKEND
 
 
 def _reported_key(replica: Mapping[str, Any] | str) -> str:
@@ -353,7 +346,7 @@ def node_heartbeat(
         gone: list[int] = []
         reserved = 0
         for pk, model_name, replica_index, state, load_started_at, loaded_at, vram_bytes in rows:
-            key = f"{model_name}#{replica_index}"
+            key = process_key(model_name, replica_index)
             known.add(key)
             if key in listed:
                 seen.append(pk)
@@ -485,7 +478,7 @@ def node_delete(*, node: Node) -> list[str]:
     with transaction.atomic():
         locked = _lock_node(node.pk)
         keys = [
-            f"{model_name}#{replica_index}"
+            process_key(model_name, replica_index)
             for model_name, replica_index in ModelReplica.objects.filter(node=locked)
             .order_by("model_name", "replica_index")
             .values_list("model_name", "replica_index")
@@ -512,7 +505,7 @@ def _stop_on_agent(*, address: str, token: str, keys: list[str], node_name: str)
         logger.exception("cannot stop %s on %r: worker_client is unavailable", keys, node_name)
         return stopped
     try:
-        client = worker_control_client(address, token, timeout=STOP_TIMEOUT)
+        client = worker_control_client(address, token, timeout=settings.LOCALAI_AGENT_CALL_TIMEOUT)
     except Exception:
         logger.exception("cannot reach the agent of %r at %r to stop %s", node_name, address, keys)
         return stopped
@@ -539,6 +532,26 @@ def replica_stop_on_agent(*, node: Node, process_key: str) -> list[str]:
     return _stop_on_agent(
         address=node.address, token=node_token_for(node), keys=[process_key], node_name=node.name
     )
+
+
+def replica_unload(*, node: Node, replicas: Iterable[ModelReplica]) -> list[str]:
+    """Unloads these replica rows of the node (API and page): each row goes at once (no new request reaches
+    it; requests in flight on it are cut off), then — after commit — the agent is asked to stop exactly
+    their process keys. Returns the keys of the rows removed (a row already gone is skipped)."""
+    removed = [
+        replica.process_key
+        for replica in replicas
+        if replica.node_id == node.pk and replica_remove(replica_id=replica.id) is not None
+    ]
+    if removed:
+
+        def stop() -> None:
+            for key in removed:
+                replica_stop_on_agent(node=node, process_key=key)
+
+        transaction.on_commit(stop)
+        logger.info("unloaded %r from %r", removed, node.name)
+    return removed
 
 
 # --- labels and override ------------------------------------------------------------------------------------
@@ -611,73 +624,6 @@ def node_override_reset(*, node: Node) -> Node:
 # --- replicas -----------------------------------------------------------------------------------------------
 
 
-def _is_unique_violation(error: IntegrityError) -> bool:
-    return isinstance(error.__cause__, psycopg.errors.UniqueViolation)
-
-
-def replica_claim_slot(
-    *,
-    node_id: Any,
-    model_name: str,
-    vram_bytes: int = 0,
-    backend: str = "",
-    selector: Mapping[str, str] | None = None,
-) -> ModelReplica | None:
-    """Claim a slot for one replica of the model on the node, in one short transaction: lock the node row,
-    re-check it is schedulable (and matches `selector` when given), has a free slot and — when the node
-    reports VRAM — `available − reserved ≥ vram_bytes`; insert a `loading` row at the lowest free index (a
-    unique violation means another scheduler took it: try the next one); add the reservation.
-
-    Returns the row (with `node` set), or None when it does not fit; never raises for a lost race. A node
-    reporting 0 total VRAM is placed on by slots alone and nothing is reserved on it.
-    """
-    _check_size("vram_bytes", vram_bytes)
-    now = timezone.now()
-    with transaction.atomic():
-        node = Node.objects.select_for_update().filter(pk=node_id).first()
-        if node is None or not _is_schedulable(node):
-            return None
-        if selector and not node_filter_selector(Node.objects.filter(pk=node.pk), selector).exists():
-            return None
-        reserve = vram_bytes if node.total_vram > 0 else 0
-        if reserve and node.available_vram - node.reserved_vram < reserve:
-            return None
-        cap = node.effective_max_replicas
-        taken = list(
-            ModelReplica.objects.filter(node=node, model_name=model_name).values_list(
-                "replica_index", flat=True
-            )
-        )
-        if len(taken) >= cap:
-            return None
-        replica = None
-        for index in free_replica_indexes(cap=cap, taken=taken):
-            try:
-                with transaction.atomic():
-                    replica = ModelReplica.objects.create(
-                        node=node,
-                        model_name=model_name,
-                        replica_index=index,
-                        state=ReplicaState.LOADING,
-                        load_started_at=now,
-                        vram_bytes=reserve,
-                        backend=backend,
-                    )
-                break
-            except IntegrityError as error:
-                if not _is_unique_violation(error):
-                    raise
-                logger.info(
-                    "slot %r#%d on %r was taken meanwhile; trying the next", model_name, index, node.name
-                )
-        if replica is None:
-            return None
-        if reserve:
-            Node.objects.filter(pk=node.pk).update(reserved_vram=F("reserved_vram") + reserve)
-            node.reserved_vram += reserve
-    return replica
-
-
 def replica_mark_loaded(*, replica_id: Any, address: str) -> bool:
     """`loading` → `loaded` on the same row, with the agent's address and `loaded_at`. False when the row is
     gone or not loading (it was removed meanwhile: the caller should stop the process)."""
@@ -707,24 +653,3 @@ def replica_remove(*, replica_id: Any) -> ModelReplica | None:
                 reserved_vram=Greatest(F("reserved_vram") - release, 0)
             )
     return replica
-
-
-def replica_release_failed(*, replica_id: Any) -> None:
-    """A load failed: delete the row and release exactly its reservation (never below 0)."""
-    replica_remove(replica_id=replica_id)
-
-
-def replica_in_flight_claim(*, replica_id: Any) -> bool:
-    """One request starts on a `loaded` replica: `in_flight + 1` and `last_used = now` in one guarded UPDATE.
-    True when the replica was still loaded."""
-    return (
-        ModelReplica.objects.filter(pk=replica_id, state=ReplicaState.LOADED).update(
-            in_flight=F("in_flight") + 1, last_used=timezone.now()
-        )
-        == 1
-    )
-
-
-def replica_in_flight_release(*, replica_id: Any) -> None:
-    """One request ended: `in_flight − 1`, never below 0."""
-    ModelReplica.objects.filter(pk=replica_id, in_flight__gt=0).update(in_flight=F("in_flight") - 1)

@@ -8,6 +8,9 @@ toast saying what happened (or the server's error); without HTMX it redirects ba
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
 from urllib.parse import quote
 
 from django.http import Http404, HttpRequest, HttpResponse
@@ -19,7 +22,7 @@ from localai_cluster.htmx import is_htmx, outcome, staff_required, toast
 from nodes import services
 from nodes.exceptions import InvalidTransition, InvalidValue
 from nodes.forms import CapacityForm, LabelForm, LabelRemoveForm
-from nodes.models import ModelReplica, Node
+from nodes.models import ModelReplica, Node, process_key
 from nodes.page_selectors import (
     cluster_stats,
     drawer_replicas,
@@ -36,7 +39,21 @@ PAGE = "nodes/nodes.html"
 
 
 def _drawer_context(node: Node) -> dict:
+    from scheduling.selectors import decisions_for_replicas
+
     replicas = drawer_replicas(node=node)
+    placed = decisions_for_replicas(
+        node_name=node.name,
+        replicas=[(item.replica.model_name, item.replica.replica_index) for item in replicas],
+    )
+
+    def placed_by(replica: ModelReplica) -> Any:
+        record = placed.get((replica.model_name, replica.replica_index))
+        started = replica.load_started_at or replica.loaded_at
+        # Not an older replica's record at the same index.
+        return record if record is not None and (started is None or record.created_at >= started) else None
+
+    replicas = [replace(item, placed_by=placed_by(item.replica)) for item in replicas]
     most, most_model = most_replicas_of_one_model(replicas)
     return {"node": node, "replicas": replicas, "most_replicas": most, "most_replicas_model": most_model}
 
@@ -106,10 +123,12 @@ def node_replicas(request: HttpRequest, node_id: uuid.UUID) -> HttpResponse:
 # --- node actions ---------------------------------------------------------------------------------------
 
 
-def _transition(request: HttpRequest, node_id: uuid.UUID, action: str, done: str) -> HttpResponse:
+def _transition(
+    request: HttpRequest, node_id: uuid.UUID, action: Callable[..., Node], done: str
+) -> HttpResponse:
     node = get_object_or_404(Node, pk=node_id)
     try:
-        getattr(services, f"node_{action}")(node=node)
+        action(node=node)
     except InvalidTransition as exc:
         return _error(request, str(exc), status=409, node_id=node.pk)
     message = f"Node {node.name} {done}."
@@ -122,19 +141,19 @@ def _transition(request: HttpRequest, node_id: uuid.UUID, action: str, done: str
 @require_POST
 @staff_required
 def node_approve(request: HttpRequest, node_id: uuid.UUID) -> HttpResponse:
-    return _transition(request, node_id, "approve", "approved")
+    return _transition(request, node_id, services.node_approve, "approved")
 
 
 @require_POST
 @staff_required
 def node_drain(request: HttpRequest, node_id: uuid.UUID) -> HttpResponse:
-    return _transition(request, node_id, "drain", "is draining: no new placements or requests")
+    return _transition(request, node_id, services.node_drain, "is draining: no new placements or requests")
 
 
 @require_POST
 @staff_required
 def node_resume(request: HttpRequest, node_id: uuid.UUID) -> HttpResponse:
-    return _transition(request, node_id, "resume", "resumed")
+    return _transition(request, node_id, services.node_resume, "resumed")
 
 
 @require_POST
@@ -265,11 +284,12 @@ def replica_unload(request: HttpRequest, node_id: uuid.UUID, replica_id: int) ->
     """Unloads exactly one replica: its row goes at once (no new request reaches it), then its agent is asked
     to stop exactly its process key. Requests in flight on it are cut off (the confirm says so)."""
     node = get_object_or_404(Node, pk=node_id)
-    replica = ModelReplica.objects.filter(pk=replica_id, node=node).first()
-    if replica is None or services.replica_remove(replica_id=replica_id) is None:
+    removed = services.replica_unload(
+        node=node, replicas=ModelReplica.objects.filter(pk=replica_id, node=node)
+    )
+    if not removed:
         return _error(request, "That replica is already gone.", status=404, node_id=node.pk)
-    services.replica_stop_on_agent(node=node, process_key=replica.process_key)
-    message = f"Unloaded {replica.process_key} from {node.name}."
+    message = f"Unloaded {removed[0]} from {node.name}."
     if not is_htmx(request):
         return outcome(request, _back(request, node.pk), message)
     context = {**_drawer_context(node), "stats": cluster_stats()}
@@ -293,7 +313,7 @@ def replica_logs(request: HttpRequest, node_id: uuid.UUID, key: str) -> HttpResp
         | ({index} if index is not None else set())
     )
     scopes = [
-        {"label": f"Replica {i}", "key": f"{model_name}#{i}", "current": i == index} for i in indexes
+        {"label": f"Replica {i}", "key": process_key(model_name, i), "current": i == index} for i in indexes
     ] + [{"label": "All merged", "key": model_name, "current": index is None}]
     for scope in scopes:
         scope["url"] = reverse("nodes:logs", args=[node.pk, scope["key"]])

@@ -19,7 +19,8 @@ import uuid
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import quote
 
 import psycopg
 from django.conf import settings
@@ -540,6 +541,22 @@ def _model_label(model: str, error: GatewayError | None = None) -> str:
     return UNKNOWN_MODEL_LABEL
 
 
+ResponseT = TypeVar("ResponseT", bound=HttpResponseBase)
+
+
+def _routed(response: ResponseT, lease: router.Lease, *, staff: bool = False) -> ResponseT:
+    """The answer names where it ran — `X-LocalAI-Node` (the node's name) and `X-LocalAI-Replica` (the
+    replica's process key) — for the playground's staff answers always, for API clients only with
+    `LOCALAI_EXPOSE_ROUTING_HEADERS` (off by default: they describe the cluster's topology)."""
+    if staff or settings.LOCALAI_EXPOSE_ROUTING_HEADERS:  # percent-encoded beyond printable ASCII
+        response["X-LocalAI-Node"] = quote(lease.node_name, safe=_HEADER_SAFE)
+        response["X-LocalAI-Replica"] = quote(lease.process_key, safe=_HEADER_SAFE)
+    return response
+
+
+_HEADER_SAFE = "!#$&'()*+,/:;=?@[]~"
+
+
 def _observe(model: str, endpoint: str, status: int, started: float) -> None:
     """Counts an answer; `model` is a catalog name or `unknown` (`_model_label`)."""
     elapsed = time.perf_counter() - started
@@ -559,13 +576,6 @@ async def _bad_body(request: HttpRequest, error: GatewayError, *, staff: bool = 
     except (DatabaseError, psycopg.Error) as db_error:
         return _database_unavailable(db_error).response()
     return error.response()
-
-
-def _served_by(response: HttpResponseBase, lease: router.Lease) -> HttpResponseBase:
-    """Names the node and replica that answered (staff answers only: API clients are not told the topology)."""
-    response["X-LocalAI-Node"] = lease.node_name
-    response["X-LocalAI-Replica"] = lease.process_key
-    return response
 
 
 async def _complete(
@@ -589,7 +599,7 @@ async def _complete(
             lease.release_soon()
             body = _chat_body(completion, reply) if chat else _text_body(completion, reply)
             _observe(completion.model, endpoint, 200, started)
-            return _served_by(JsonResponse(body), lease) if staff else JsonResponse(body)
+            return _routed(JsonResponse(body), lease, staff=staff)
 
         async def open_stream(lease: router.Lease) -> tuple[Reply | None, AsyncIterator[Reply]]:
             stream = _backend(lease).predict_stream(fields)
@@ -607,7 +617,7 @@ async def _complete(
     weakref.finalize(events, _release_if_leaked, lease)
     response = _EventStream(events, lease)
     _observe(completion.model, endpoint, 200, started)
-    return _served_by(response, lease) if staff else response
+    return _routed(response, lease, staff=staff)
 
 
 @csrf_exempt
@@ -685,7 +695,7 @@ async def _embeddings(request: HttpRequest, *, staff: bool = False) -> HttpRespo
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
     }
     _observe(model, "embeddings", 200, started)
-    return _served_by(JsonResponse(body), lease) if staff else JsonResponse(body)
+    return _routed(JsonResponse(body), lease, staff=staff)
 
 
 # --- the playground's door -----------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from localai_cluster.metrics import TICK_DURATION
 from nodes.choices import NodeStatus, NodeType, ReplicaState
 from nodes.inflight import inflight_reclaim_dead_owners
 from nodes.models import ModelReplica, Node
+from scheduling.decisions import decisions_prune
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class HealthReport:
     probed: int = 0
     removed: list[str] = field(default_factory=list)  # "<node>/<process key>"
     reclaimed: dict[str, int] = field(default_factory=dict)  # web process owner → in-flight units given back
+    decisions_pruned: int = 0  # placement decision records past their retention or the row cap
     duration: float = 0.0
 
     def lines(self) -> list[str]:
@@ -60,6 +62,7 @@ class HealthReport:
             f"probed: {self.probed} replica(s)",
             f"removed: {', '.join(self.removed) or '-'}",
             f"in-flight reclaimed from dead web processes: {sum(self.reclaimed.values())}",
+            f"decision records pruned: {self.decisions_pruned}",
         ]
 
 
@@ -77,6 +80,7 @@ def health_tick(*, now: datetime | None = None) -> HealthReport:
         report.recovered = recover_fresh_nodes(now=now)
         report.probed, report.removed = probe_unheard_replicas(now=now)
         report.reclaimed = inflight_reclaim_dead_owners()
+        report.decisions_pruned = decisions_prune(now=now)
         metric_sample_take(now=now)  # the overview's charts (console.samples)
     report.duration = time.monotonic() - started
     TICK_DURATION.labels("health").observe(report.duration)

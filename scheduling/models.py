@@ -3,6 +3,8 @@ from __future__ import annotations
 from django.db import models
 from django.db.models import F, Q
 
+from scheduling.choices import Outcome, Trigger
+
 
 class ModelConfig(models.Model):
     """A catalog entry: what the router and the reconciler load when a model has no replica yet."""
@@ -82,3 +84,32 @@ class LoadFailure(models.Model):
 
     def __str__(self) -> str:
         return f"{self.model_name}: {self.failures} failed load(s)"
+
+
+class PlacementDecision(models.Model):
+    """One placement attempt, eviction, trim or breaker trip, with every node's verdict (scheduling.pipeline).
+    Written off the warm path; pruned by the health loop (`LOCALAI_DECISION_RETENTION`,
+    `LOCALAI_DECISION_MAX_ROWS`)."""
+
+    created_at = models.DateTimeField(db_index=True)
+    model_name = models.CharField(max_length=255)
+    trigger = models.CharField(max_length=16, choices=Trigger.choices)
+    outcome = models.CharField(max_length=16, choices=Outcome.choices)
+    node_name = models.CharField(max_length=255, blank=True, default="")
+    replica_index = models.IntegerField(null=True, blank=True)
+    duration = models.FloatField(default=0.0)  # seconds
+    message = models.TextField(blank=True, default="")
+    # [{"node": name, "verdict": Verdict, "detail": one line}, ...]: chosen and ranked_lower first, then the
+    # refused nodes by name; at most `MAX_RECORDED_NODES` of them, the others counted in `omitted`.
+    candidates = models.JSONField(default=list, blank=True)
+    omitted = models.JSONField(default=dict, blank=True)  # {verdict: count} of nodes not listed
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [
+            models.Index(fields=["model_name", "-created_at"], name="decision_model_time"),
+            models.Index(fields=["node_name", "model_name", "replica_index"], name="decision_replica"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.model_name} {self.outcome}"

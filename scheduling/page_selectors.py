@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, TypedDict, cast
 
 from django.utils import timezone
 
-from scheduling.models import LoadFailure, ModelConfig, SchedulingRule
+from scheduling.choices import Outcome, Verdict
+from scheduling.models import LoadFailure, ModelConfig, PlacementDecision, SchedulingRule
 from scheduling.selectors import rules_with_current_replicas
 
 if TYPE_CHECKING:
@@ -36,6 +37,8 @@ class RuleRowFields(TypedDict):
     selector_items: list[tuple[str, str]]
     breaker_open: bool
     load_failure: LoadFailure | None
+    short: bool
+    why_short: str
 
 
 def rule_rows(
@@ -58,7 +61,35 @@ def rule_rows(
     failures = {failure.model_name: failure for failure in load_failures}
     for rule in rules:
         rule.load_failure = failures.get(rule.model_name)
+        rule.short = (
+            rule.breaker_open or rule.unsatisfiable_ticks > 0 or rule.current_replicas < rule.min_replicas
+        )
+    reasons = last_refusals(model_names=[rule.model_name for rule in rules if rule.short])
+    for rule in rules:
+        rule.why_short = reasons.get(rule.model_name, "") if rule.short else ""
     return rules
+
+
+def refusal_line(candidates: list[dict[str, str]]) -> str:
+    """`gpu-3: selector gpu=a100 missing; gpu-4: 2/2 slots used; …` — the refused nodes of a record."""
+    eligible = (Verdict.CHOSEN, Verdict.RANKED_LOWER)
+    return "; ".join(f"{c['node']}: {c['detail']}" for c in candidates if c.get("verdict") not in eligible)
+
+
+def last_refusals(*, model_names: list[str]) -> dict[str, str]:
+    """For each model, the per-node reasons of its last `no_capacity` or `tripped` decision: one query
+    (none without models)."""
+    if not model_names:
+        return {}
+    records = (
+        PlacementDecision.objects.filter(
+            model_name__in=model_names, outcome__in=[Outcome.NO_CAPACITY, Outcome.TRIPPED]
+        )
+        .order_by("model_name", "-created_at", "-id")
+        .distinct("model_name")
+        .values_list("model_name", "candidates")
+    )
+    return {name: refusal_line(candidates) for name, candidates in records}
 
 
 def load_failure_rows() -> list[LoadFailure]:

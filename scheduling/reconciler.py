@@ -12,67 +12,25 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.conf import settings
 from django.db import connections
-from django.db.models import Q
 from django.utils import timezone
 
 from localai_cluster import locks
 from localai_cluster.metrics import BREAKER_TRIPS, TICK_DURATION
-from nodes.choices import NodeStatus, NodeType, ReplicaState
-from nodes.models import ModelReplica, Node, NodeLabel
-from scheduling import placement
-from scheduling.models import SchedulingRule
+from nodes.choices import ReplicaState
+from scheduling import pipeline
+from scheduling.choices import Outcome, Trigger, Verdict
+from scheduling.decisions import DecisionRecord, decisions_record
+from scheduling.models import ModelConfig, SchedulingRule
+from scheduling.pipeline import ClusterSnapshot, NodeSnapshot, ReplicaView, RuleView
+from scheduling.placement import LoadFailed
 
 logger = logging.getLogger(__name__)
-
-LIVE_STATES = (ReplicaState.LOADING, ReplicaState.LOADED)
-
-
-# --- the snapshot (plain data) --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class NodeView:
-    id: Any
-    name: str
-    schedulable: bool  # approved, healthy, backend
-    effective_cap: int
-    total_vram: int
-    available_vram: int
-    reserved_vram: int
-    address: str = ""
-    labels: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ReplicaView:
-    id: Any
-    node_id: Any
-    model_name: str
-    replica_index: int
-    state: str
-    in_flight: int
-    idle_since: datetime | None  # last use, else load time
-
-    @property
-    def process_key(self) -> str:
-        return f"{self.model_name}#{self.replica_index}"
-
-
-@dataclass(frozen=True)
-class RuleView:
-    id: Any
-    model_name: str
-    selector: Mapping[str, str]
-    min_replicas: int
-    max_replicas: int
-    unsatisfiable_until: datetime | None
-    unsatisfiable_ticks: int
 
 
 @dataclass(frozen=True)
@@ -104,19 +62,26 @@ class RulePlan:
     breaker: tuple[int, datetime | None, str] | None = None
     tripped: bool = False
     skipped: bool = False
+    burst: bool = False  # a placement for burst load (every replica busy), not for the minimum
     reason: str = ""
 
 
 def cluster_capacity(
-    model_name: str, selector: Mapping[str, str], nodes: Iterable[NodeView], rows_per_node: Mapping[Any, int]
+    model_name: str,
+    selector: Mapping[str, str],
+    nodes: Iterable[NodeSnapshot],
+    rows_per_node: Mapping[Any, int],
 ) -> tuple[int, bool]:
-    """Free slots for the model over schedulable nodes matching the selector (rows in any live state count,
-    each node clamped at 0), and whether any schedulable node matches at all."""
+    """Free slots for the model over the nodes the pipeline's gate lets through (approved, healthy, not
+    draining, matching the selector; a node's used slots are its rows of the model in any state, or the live
+    rows given when more; each node clamped at 0), and whether any node
+    passes the gate at all."""
     capacity, matched = 0, False
     for node in nodes:
-        if node.schedulable and placement.selector_matches(node.labels, selector):
+        if pipeline.gate(node, selector) is None:
             matched = True
-            capacity += max(node.effective_cap - rows_per_node.get(node.id, 0), 0)
+            used = max(node.replicas_of_model, rows_per_node.get(node.id, 0))
+            capacity += max(node.effective_cap - used, 0)
     return capacity, matched
 
 
@@ -132,7 +97,7 @@ def _trim_order(replica: ReplicaView) -> tuple[int, datetime]:
 
 
 def plan_overcap_trims(
-    replicas: Sequence[ReplicaView], nodes: Mapping[Any, NodeView], *, now: datetime, delay: float
+    replicas: Sequence[ReplicaView], nodes: Mapping[Any, NodeSnapshot], *, now: datetime, delay: float
 ) -> list[ReplicaView]:
     """Replicas beyond their node's effective cap (an admin lowered it), trimmed once idle, highest index
     first, whatever the rule says. Nothing is evicted at the moment the cap shrinks."""
@@ -155,13 +120,15 @@ def plan_overcap_trims(
 def plan_rule(
     rule: RuleView,
     replicas: Sequence[ReplicaView],
-    nodes: Sequence[NodeView],
+    nodes: Sequence[NodeSnapshot],
     *,
     now: datetime,
     config: Settings,
     already_trimmed: frozenset = frozenset(),
+    rows_per_node: Mapping[Any, int] | None = None,
 ) -> RulePlan:
-    """Decide one rule's tick (BEHAVIOUR §5 steps 0–4)."""
+    """Decide one rule's tick (BEHAVIOUR §5 steps 0–4). `rows_per_node`: the model's rows in any state per
+    node (the snapshot's count, as the claim sees them); without it, the live `replicas` are counted."""
     plan = RulePlan(rule.model_name)
     if rule.unsatisfiable_until and rule.unsatisfiable_until > now:
         plan.skipped = True
@@ -171,16 +138,18 @@ def plan_rule(
     current = len(live)
 
     def capacity() -> tuple[int, bool]:  # only computed when a decision needs it: most ticks do not
-        rows_per_node: dict[Any, int] = defaultdict(int)
-        for replica in replicas:
-            rows_per_node[replica.node_id] += 1
-        return cluster_capacity(rule.model_name, rule.selector, nodes, rows_per_node)
+        rows = rows_per_node
+        if rows is None:
+            rows = defaultdict(int)
+            for replica in replicas:
+                rows[replica.node_id] += 1
+        return cluster_capacity(rule.model_name, rule.selector, nodes, rows)
 
     if current < rule.min_replicas:
         free, matched = capacity()
         if free == 0:
             ticks = rule.unsatisfiable_ticks + 1
-            plan.reason = placement.REASON_NO_MATCHING_NODE if not matched else placement.REASON_NO_FREE_SLOT
+            plan.reason = pipeline.REASON_NO_MATCHING_NODE if not matched else pipeline.REASON_NO_FREE_SLOT
             until = None
             if ticks >= config.breaker_ticks:
                 until = now + timedelta(seconds=config.breaker_cooldown)
@@ -200,6 +169,7 @@ def plan_rule(
         # Burst load: capacity 0 here is not a misconfiguration, so no breaker.
         plan.place = 1 if capacity()[0] > 0 else 0
         plan.reason = "all replicas busy"
+        plan.burst = True
         return plan
 
     floor = max(rule.min_replicas, 1)
@@ -212,83 +182,9 @@ def plan_rule(
 # --- the snapshot (queries) -----------------------------------------------------------------------------
 
 
-@dataclass
-class Snapshot:
-    rules: list[RuleView]
-    replicas: list[ReplicaView]
-    nodes: dict[Any, NodeView]
-
-
-def load_snapshot() -> Snapshot:
+def load_snapshot() -> ClusterSnapshot:
     """Everything a tick decides from, in a fixed number of queries whatever the cluster's size."""
-    rules = [
-        RuleView(
-            r["id"],
-            r["model_name"],
-            r["node_selector"] or {},
-            r["min_replicas"],
-            r["max_replicas"],
-            r["unsatisfiable_until"],
-            r["unsatisfiable_ticks"],
-        )
-        for r in SchedulingRule.objects.filter(Q(min_replicas__gt=0) | Q(max_replicas__gt=0)).values(
-            "id",
-            "model_name",
-            "node_selector",
-            "min_replicas",
-            "max_replicas",
-            "unsatisfiable_until",
-            "unsatisfiable_ticks",
-        )
-    ]
-    replicas = [
-        ReplicaView(
-            r["id"],
-            r["node_id"],
-            r["model_name"],
-            r["replica_index"],
-            r["state"],
-            r["in_flight"],
-            r["last_used"] or r["loaded_at"],
-        )
-        for r in ModelReplica.objects.filter(state__in=LIVE_STATES).values(
-            "id", "node_id", "model_name", "replica_index", "state", "in_flight", "last_used", "loaded_at"
-        )
-    ]
-    labels: dict[Any, dict[str, str]] = defaultdict(dict)
-    for node_id, key, value in NodeLabel.objects.values_list("node_id", "key", "value"):
-        labels[node_id][key] = value
-    nodes = {
-        n["id"]: NodeView(
-            id=n["id"],
-            name=n["name"],
-            schedulable=(
-                n["status"] == NodeStatus.HEALTHY
-                and n["approved_at"] is not None
-                and n["node_type"] == NodeType.BACKEND
-            ),
-            effective_cap=n["max_replicas_override"] or n["worker_max_replicas_per_model"],
-            total_vram=n["total_vram"],
-            available_vram=n["available_vram"],
-            reserved_vram=n["reserved_vram"],
-            address=n["address"],
-            labels=labels.get(n["id"], {}),
-        )
-        for n in Node.objects.values(
-            "id",
-            "name",
-            "status",
-            "approved_at",
-            "node_type",
-            "max_replicas_override",
-            "worker_max_replicas_per_model",
-            "total_vram",
-            "available_vram",
-            "reserved_vram",
-            "address",
-        )
-    }
-    return Snapshot(rules, replicas, nodes)
+    return pipeline.cluster_snapshot()
 
 
 # --- the tick -------------------------------------------------------------------------------------------
@@ -334,48 +230,69 @@ def reconcile_tick(*, now: datetime | None = None) -> TickReport:
 def _tick(now: datetime, config: Settings) -> TickReport:
     report = TickReport()
     snapshot = load_snapshot()
+    live = snapshot.live_replicas
     by_model: dict[str, list[ReplicaView]] = defaultdict(list)
-    for replica in snapshot.replicas:
+    for replica in live:
         by_model[replica.model_name].append(replica)
+    rules = [rule for rule in snapshot.rules.values() if rule.min_replicas > 0 or rule.max_replicas > 0]
 
-    overcap = plan_overcap_trims(snapshot.replicas, snapshot.nodes, now=now, delay=config.scale_down_delay)
+    overcap = plan_overcap_trims(live, snapshot.nodes, now=now, delay=config.scale_down_delay)
     trimmed_ids = frozenset(r.id for r in overcap)
+    nodes = list(snapshot.nodes.values())
     plans = [
         plan_rule(
             rule,
             by_model.get(rule.model_name, []),
-            list(snapshot.nodes.values()),
+            nodes,
             now=now,
             config=config,
             already_trimmed=trimmed_ids,
+            rows_per_node=snapshot.rows_of(rule.model_name),
         )
-        for rule in snapshot.rules
+        for rule in rules
     ]
-    rules_by_model = {rule.model_name: rule for rule in snapshot.rules}
     skipped_models = {plan.model_name for plan in plans if plan.skipped}
+    vram = dict(
+        ModelConfig.objects.filter(
+            name__in=[plan.model_name for plan in plans if plan.breaker or plan.place]
+        ).values_list("name", "vram_bytes")
+    )
 
-    _apply_breakers(plans, rules_by_model, report)
+    _apply_breakers(plans, snapshot, vram, report)
     to_trim = [r for r in overcap if r.model_name not in skipped_models]
     to_trim += [r for plan in plans for r in plan.trim]
     report.trimmed = _trim(to_trim, snapshot.nodes)
-    placements = [
-        (plan.model_name, rules_by_model[plan.model_name].selector, plan.place)
-        for plan in plans
-        if plan.place
-    ]
+    placements = [plan for plan in plans if plan.place]
     if placements:
-        placed, failed = _place_all(placements, snapshot, by_model)
+        placed, failed = _place_all(placements, snapshot)
         report.placed, report.failed = placed, failed
     return report
 
 
-def _apply_breakers(plans: Iterable[RulePlan], rules: Mapping[str, RuleView], report: TickReport) -> None:
+def _apply_breakers(
+    plans: Iterable[RulePlan], snapshot: ClusterSnapshot, vram: Mapping[str, int], report: TickReport
+) -> None:
+    """Writes each rule's breaker; a rule short of capacity gets a `no_capacity` decision record (a tripped
+    one `tripped`) with every node's verdict."""
+    records = []
     for plan in plans:
         if plan.breaker is None:
             continue
         ticks, until, reason = plan.breaker
-        SchedulingRule.objects.filter(pk=rules[plan.model_name].id).update(
+        SchedulingRule.objects.filter(pk=snapshot.rules[plan.model_name].id).update(
             unsatisfiable_ticks=ticks, unsatisfiable_until=until, unsatisfiable_reason=reason
+        )
+        if not ticks:
+            continue
+        verdicts = snapshot.evaluate(snapshot.requirement(plan.model_name, vram.get(plan.model_name, 0)))
+        records.append(
+            DecisionRecord(
+                model_name=plan.model_name,
+                trigger=Trigger.RECONCILE,
+                outcome=Outcome.TRIPPED if plan.tripped else Outcome.NO_CAPACITY,
+                message=verdicts.refusal(),
+                candidates=verdicts.records(),
+            )
         )
         if plan.tripped:
             BREAKER_TRIPS.labels(plan.model_name).inc()
@@ -387,79 +304,45 @@ def _apply_breakers(plans: Iterable[RulePlan], rules: Mapping[str, RuleView], re
                 ticks,
                 until.isoformat() if until else "-",
             )
+    decisions_record(records=records)
 
 
-def _trim(replicas: Iterable[ReplicaView], nodes: Mapping[Any, NodeView]) -> list[str]:
-    """Unload each replica by its exact process key, skipping any that a request claimed meanwhile."""
+def _trim(replicas: Iterable[ReplicaView], nodes: Mapping[Any, NodeSnapshot]) -> list[str]:
+    """Unload each replica by its exact process key, skipping any that a request claimed meanwhile; each
+    trim writes a `trimmed` decision record."""
     from scheduling.services import replica_evict
 
-    trimmed = []
+    trimmed, records = [], []
     for replica in replicas:
-        idle = placement.IdleReplica(
-            id=replica.id,
-            node_id=replica.node_id,
-            model_name=replica.model_name,
-            replica_index=replica.replica_index,
-            last_used=replica.idle_since,
-        )
-        if replica_evict(replica=idle):
+        if replica_evict(replica=replica):
             node = nodes.get(replica.node_id)
-            trimmed.append(f"{replica.process_key} on {node.name if node else replica.node_id}")
+            node_name = node.name if node else str(replica.node_id)
+            trimmed.append(f"{replica.process_key} on {node_name}")
+            records.append(
+                DecisionRecord(
+                    model_name=replica.model_name,
+                    trigger=Trigger.RECONCILE,
+                    outcome=Outcome.TRIMMED,
+                    node_name=node_name,
+                    replica_index=replica.replica_index,
+                    message=f"trimmed {replica.process_key} from {node_name}: idle above the rule's bounds",
+                )
+            )
+    decisions_record(records=records)
     return trimmed
 
 
-def choose_nodes(
-    model: placement.ModelRequirement, count: int, candidates: Iterable[placement.NodeSnapshot]
-) -> list[placement.NodeSnapshot]:
-    """Up to `count` placements for one model, each ranked after the previous one was counted in: replicas
-    spread across nodes before they stack (pure)."""
-    view = {node.id: node for node in candidates}
-    picks = []
-    for _ in range(count):
-        ranked = placement.place(model, view.values())
-        if not ranked.candidates:
-            break
-        best = ranked.candidates[0]
-        picks.append(best)
-        view[best.id] = replace(
-            best,
-            replicas_of_model=best.replicas_of_model + 1,
-            reserved_vram=best.reserved_vram + max(model.vram_bytes, 0),
-        )
-    return picks
+@dataclass
+class _Job:
+    replica: Any
+    config: Any
+    node_name: str
+    attempt: Any
+    trigger: str
+    candidates: list[dict[str, str]]
 
 
-def _node_snapshots(
-    model_name: str, snapshot: Snapshot, replicas: Sequence[ReplicaView]
-) -> list[placement.NodeSnapshot]:
-    rows: dict[Any, int] = defaultdict(int)
-    for replica in replicas:
-        rows[replica.node_id] += 1
-    in_flight: dict[Any, int] = defaultdict(int)
-    for replica in snapshot.replicas:
-        in_flight[replica.node_id] += replica.in_flight
-    return [
-        placement.NodeSnapshot(
-            id=node.id,
-            name=node.name,
-            effective_cap=node.effective_cap,
-            replicas_of_model=rows[node.id],
-            total_vram=node.total_vram,
-            available_vram=node.available_vram,
-            reserved_vram=node.reserved_vram,
-            in_flight=in_flight[node.id],
-            labels=node.labels,
-        )
-        for node in snapshot.nodes.values()
-        if node.schedulable
-    ]
-
-
-def _place_all(
-    requests: Sequence[tuple[str, Mapping[str, str], int]],
-    snapshot: Snapshot,
-    by_model: Mapping[str, Sequence[ReplicaView]],
-) -> tuple[list[str], list[str]]:
+def _place_all(plans: Sequence[RulePlan], snapshot: ClusterSnapshot) -> tuple[list[str], list[str]]:
     """Claim every slot first (short transactions, one node row lock each), then run the slow loads in
     parallel, so `min = 8` over 4 nodes converges in one load time, and one failed load stops nothing else.
 
@@ -467,14 +350,17 @@ def _place_all(
     same cluster-wide backoff as the router's), and once it is over gets one probe load, not `count`. The
     circuit breaker is not involved: it counts ticks without capacity, and a model that fails to load has
     capacity."""
-    from nodes.services import replica_claim_slot
     from scheduling.loadfailures import LoadBackingOff, load_attempts_begin
-    from scheduling.models import ModelConfig
 
-    configs = ModelConfig.objects.in_bulk([name for name, _, _ in requests], field_name="name")
-    attempts = load_attempts_begin(model_names=[name for name, _, _ in requests])
-    claimed, failed = [], []
-    for model_name, selector, count in requests:
+    names = [plan.model_name for plan in plans]
+    configs = ModelConfig.objects.in_bulk(names, field_name="name")
+    attempts = load_attempts_begin(model_names=names)
+    claimed: list[_Job] = []
+    failed: list[str] = []
+    records: list[DecisionRecord] = []
+    for rule_plan in plans:
+        model_name, count = rule_plan.model_name, rule_plan.place
+        trigger = Trigger.BURST if rule_plan.burst else Trigger.RECONCILE
         config = configs.get(model_name)
         if config is None:
             logger.warning("rule for %s cannot be satisfied: the model is not in the catalog", model_name)
@@ -487,44 +373,105 @@ def _place_all(
             continue
         if attempt.is_retry:
             count = 1
-        model = placement.ModelRequirement(model_name, config.vram_bytes, dict(selector))
-        for node in choose_nodes(
-            model, count, _node_snapshots(model_name, snapshot, by_model.get(model_name, []))
-        ):
-            replica = replica_claim_slot(
-                node_id=node.id, model_name=model_name, vram_bytes=config.vram_bytes, backend=config.backend
+        model = snapshot.requirement(model_name, config.vram_bytes)
+        plan = pipeline.evaluate(model, snapshot.nodes_for(model_name))
+        verdicts = plan.records()
+        picks = pipeline.choose_nodes(model, count, plan.eligible)
+        if len(picks) < count:  # slots exist, but not with VRAM enough for every replica wanted
+            failed.append(f"{model_name}: {plan.refusal() if not picks else 'no room for more'}")
+            records.append(
+                DecisionRecord(
+                    model_name=model_name,
+                    trigger=trigger,
+                    outcome=Outcome.NO_CAPACITY,
+                    message=plan.refusal() if not picks else f"room for {len(picks)} of {count} replicas",
+                    candidates=verdicts,
+                )
             )
-            if replica is None:
-                failed.append(f"{model_name} on {node.name}: slot taken meanwhile")
+        for node in picks:
+            claim = pipeline.replica_claim(
+                node_id=node.id,
+                model_name=model_name,
+                vram_bytes=config.vram_bytes,
+                backend=config.backend,
+                selector=model.selector,
+            )
+            if claim.replica is None:
+                assert claim.refused is not None
+                failed.append(f"{model_name} on {node.name}: {claim.refused.detail} (claimed meanwhile)")
+                records.append(
+                    DecisionRecord(
+                        model_name=model_name,
+                        trigger=trigger,
+                        outcome=Outcome.NO_CAPACITY,
+                        message=f"the claim on {node.name} was refused: {claim.refused.detail}",
+                        candidates=_chosen(verdicts, node.name, claim.refused),
+                    )
+                )
                 continue
-            claimed.append((replica, config, node.name, attempt))
+            claimed.append(
+                _Job(claim.replica, config, node.name, attempt, trigger, _chosen(verdicts, node.name))
+            )
+    decisions_record(records=records)
     if not claimed:
         return [], failed
     with ThreadPoolExecutor(max_workers=min(LOAD_CONCURRENCY, len(claimed))) as pool:
-        outcomes = list(pool.map(lambda job: _load_one(*job), claimed))
-    placed = [text for ok, text in outcomes if ok]
-    failed += [text for ok, text in outcomes if not ok]
+        outcomes = list(pool.map(_load_one, claimed))
+    decisions_record(records=[record for _ok, _text, record in outcomes])
+    placed = [text for ok, text, _record in outcomes if ok]
+    failed += [text for ok, text, _record in outcomes if not ok]
     return placed, failed
 
 
-def _load_one(replica, config, node_name: str, attempt) -> tuple[bool, str]:
+def _chosen(
+    verdicts: list[dict[str, str]], node_name: str, refused: pipeline.Judgement | None = None
+) -> list[dict[str, str]]:
+    """The model's verdicts with `node_name` first, as the node chosen (or refused by its claim)."""
+    mine = next((v for v in verdicts if v["node"] == node_name), {"node": node_name, "detail": ""})
+    if refused is None:
+        first = {**mine, "verdict": Verdict.CHOSEN}
+    else:
+        first = {"node": node_name, "verdict": refused.verdict, "detail": refused.detail}
+    rest = [
+        {**v, "verdict": Verdict.RANKED_LOWER} if v["verdict"] == Verdict.CHOSEN else v
+        for v in verdicts
+        if v["node"] != node_name
+    ]
+    return [first, *rest]
+
+
+def _load_one(job: _Job) -> tuple[bool, str, DecisionRecord]:
     from scheduling.loadfailures import load_failure_clear, load_failure_note
-    from scheduling.placement import LoadFailed
     from scheduling.services import replica_load
 
-    label = f"{replica.model_name}#{replica.replica_index} on {node_name}"
+    replica = job.replica
+    label = f"{replica.process_key} on {job.node_name}"
+    started = time.monotonic()
+
+    def record(outcome: str, message: str) -> DecisionRecord:
+        return DecisionRecord(
+            model_name=replica.model_name,
+            trigger=job.trigger,
+            outcome=outcome,
+            node_name=job.node_name,
+            replica_index=replica.replica_index,
+            duration=time.monotonic() - started,
+            message=message,
+            candidates=job.candidates,
+        )
+
     try:
-        replica_load(replica=replica, config=config)
+        replica_load(replica=replica, config=job.config)
         load_failure_clear(model_name=replica.model_name, reason="loaded")
-        return True, label
+        return True, label, record(Outcome.PLACED, f"placed {label}")
     except LoadFailed as error:
         try:
-            load_failure_note(attempt=attempt, error=error)
+            load_failure_note(attempt=job.attempt, error=error)
         except Exception:
             logger.exception("recording the failed load of %s failed", label)
-        return False, f"{label}: {error}"
+        return False, f"{label}: {error}", record(Outcome.LOAD_FAILED, str(error))
     except Exception as error:  # a fault in one load must not stop the others
         logger.exception("loading %s failed", label)
-        return False, f"{label}: {error}"
+        return False, f"{label}: {error}", record(Outcome.LOAD_FAILED, str(error))
     finally:
         connections.close_all()

@@ -28,9 +28,9 @@ from localai_cluster import locks
 from localai_cluster.dbhealth import idle_connection_suspect
 from nodes.apikeys import GATEWAY_AUTH_SELECT, gateway_key_hash, gateway_key_used
 from nodes.inflight import PROCESS_OWNER
-from nodes.models import InFlightClaim, ModelReplica, Node, NodeLabel
+from nodes.models import InFlightClaim, ModelReplica, Node, process_key
 from nodes.tokens import backend_token_for
-from scheduling.models import SchedulingRule
+from scheduling.pipeline import routable_replica_sql
 from scheduling.placement import NoCapacity, UnknownModel
 
 logger = logging.getLogger(__name__)
@@ -50,26 +50,13 @@ STOP_WAIT = 5.0
 _hot_executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="router-db")
 _load_executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="router-load")
 
+# Which replicas may serve a request: `scheduling.pipeline` owns the definition (states, selector matching).
 _ROUTABLE = f"""
 FROM {ModelReplica._meta.db_table} r
 JOIN {Node._meta.db_table} n ON n.id = r.node_id
 WHERE r.model_name = %(model)s
-  AND r.state = 'loaded'
-  AND n.status = 'healthy'
-  AND n.node_type = 'backend'
-  AND n.approved_at IS NOT NULL
   AND NOT (r.id = ANY(%(exclude)s))
-  AND NOT EXISTS (
-    SELECT 1
-    FROM {SchedulingRule._meta.db_table} s
-    CROSS JOIN LATERAL jsonb_each(CASE WHEN jsonb_typeof(s.node_selector) = 'object'
-                                       THEN s.node_selector ELSE '{{}}'::jsonb END) AS sel
-    WHERE s.model_name = %(model)s
-      AND NOT EXISTS (
-        SELECT 1 FROM {NodeLabel._meta.db_table} l
-        WHERE l.node_id = n.id AND l.key = sel.key AND to_jsonb(l.value) = sel.value
-      )
-  )
+  AND {routable_replica_sql("r", "n", "%(model)s")}
 """
 
 # Pick and claim in one statement (one round trip, one commit): the best routable replica — fewest in-flight,
@@ -155,7 +142,7 @@ class Lease:
 
     @property
     def process_key(self) -> str:
-        return f"{self.model_name}#{self.replica_index}"
+        return process_key(self.model_name, self.replica_index)
 
     async def release(self) -> None:
         """Gives the in-flight unit back and waits for it; later calls do nothing. Never raises: the release
@@ -176,18 +163,6 @@ class Lease:
 
 
 # --- sync: database work -----------------------------------------------------------------------------------
-
-
-def replica_pick_and_claim(*, model_name: str, exclude: Sequence[int] = ()) -> Lease | None:
-    """Claims one in-flight unit on the best routable replica of `model_name`: `loaded`, on a healthy,
-    approved backend node matching the model's rule's selector now; fewest in-flight first (ties: most
-    effective free VRAM on its node, then least recently used). The unit is recorded under this process's
-    owner id in the same statement. None when there is no routable replica."""
-    owner = PROCESS_OWNER.id()
-    with connection.cursor() as cursor:
-        cursor.execute(_CLAIM_SQL, {"model": model_name, "exclude": list(exclude), "owner": owner})
-        row = cursor.fetchone()
-    return None if row is None else _lease(model_name, row, owner)
 
 
 def replica_release(replica_id: int, owner: Any) -> None:
@@ -430,7 +405,10 @@ def _lease(model_name: str, row: tuple, owner: Any) -> Lease:
 
 
 async def aclaim(model_name: str, *, exclude: Sequence[int] = (), raw_key: Any = NO_AUTH) -> Lease | None:
-    """`replica_pick_and_claim` on the event loop. With `raw_key` (a bearer value or None), the gateway's key
+    """Claims one in-flight unit on the best routable replica of `model_name` (`_CLAIM_SQL`: `loaded`, on a
+    healthy, approved backend node matching the model's rule's selector now, as `scheduling.pipeline`
+    defines it; fewest in-flight first, ties: most effective free VRAM on its node, then least recently used),
+    recorded under this process's owner id in the same statement; None when there is none. With `raw_key` (a bearer value or None), the gateway's key
     rule is checked in the same statement, and `Unauthorized` raised (nothing claimed) when it fails. Bounded
     by `LOCALAI_DB_POOL_TIMEOUT` (`DatabaseTimeout`). The claim runs in a task of its own that neither the
     deadline nor the caller's cancellation (a client that disconnects) interrupts: cancelling psycopg in the

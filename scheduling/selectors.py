@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, TypedDict
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypedDict
 
-from django.db.models import Count, IntegerField, OuterRef, QuerySet, Subquery, Value
+from django.db.models import Count, IntegerField, OuterRef, Q, QuerySet, Subquery, Value
 from django.db.models.functions import Coalesce
 
 from nodes.choices import ReplicaState
 from nodes.models import ModelReplica
-from scheduling.models import SchedulingRule
+from scheduling.choices import Outcome
+from scheduling.models import PlacementDecision, SchedulingRule
 
 if TYPE_CHECKING:
     from django_stubs_ext import WithAnnotations
@@ -35,3 +37,38 @@ def rules_with_current_replicas() -> QuerySet[WithAnnotations[SchedulingRule, Cu
     return SchedulingRule.objects.annotate(
         current_replicas=Coalesce(Subquery(current, output_field=IntegerField()), Value(0))
     ).order_by("model_name")
+
+
+def decisions_filtered(
+    *, model: str = "", node: str = "", outcome: str = "", since: datetime | None = None
+) -> QuerySet[PlacementDecision]:
+    """Placement decision records newest first, filtered: `model` exactly, `node` (the node placed on, or any
+    node a record's candidates name), `outcome`, `since` (at or after)."""
+    queryset = PlacementDecision.objects.order_by("-created_at", "-id")
+    if model:
+        queryset = queryset.filter(model_name=model)
+    if node:
+        queryset = queryset.filter(Q(node_name=node) | Q(candidates__contains=[{"node": node}]))
+    if outcome:
+        queryset = queryset.filter(outcome=outcome)
+    if since is not None:
+        queryset = queryset.filter(created_at__gte=since)
+    return queryset
+
+
+def decisions_for_replicas(*, node_name: str, replicas: list[tuple[str, int]]) -> dict[tuple[str, int], Any]:
+    """The latest `placed` record of each (model, index) on the node: one query."""
+    if not replicas:
+        return {}
+    wanted = set(replicas)
+    found: dict[tuple[str, int], Any] = {}
+    rows = PlacementDecision.objects.filter(
+        node_name=node_name,
+        outcome=Outcome.PLACED,
+        model_name__in={model for model, _ in replicas},
+    ).order_by("-created_at", "-id")
+    for record in rows[:500]:
+        key = (record.model_name, record.replica_index)
+        if key in wanted and key not in found:
+            found[key] = record
+    return found

@@ -3,38 +3,32 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Count, F, Q, Sum
-from django.db.models.functions import Coalesce, Least
+from django.db.models import F
+from django.db.models.functions import Least
 
 from localai_cluster import metrics
 from nodes.agent_clients import worker_control_client
-from nodes.choices import NodeStatus, NodeType, ReplicaState
+from nodes.choices import ReplicaState
 from nodes.models import ModelReplica, Node
 from nodes.services import (
-    replica_claim_slot,
     replica_mark_loaded,
-    replica_release_failed,
     replica_remove,
     replica_stop_on_agent,
 )
 from nodes.tokens import node_token_for
+from scheduling import pipeline
+from scheduling.choices import Outcome, Trigger, Verdict
+from scheduling.decisions import decision_record
 from scheduling.loadfailures import load_attempt_begin, load_failure_clear, load_failure_note
 from scheduling.models import ModelConfig, SchedulingRule
-from scheduling.placement import (
-    IdleReplica,
-    LoadFailed,
-    ModelRequirement,
-    NoCapacity,
-    NodeSnapshot,
-    UnknownModel,
-    choose_eviction,
-    place,
-)
+from scheduling.pipeline import ModelRequirement
+from scheduling.placement import LoadFailed, NoCapacity, UnknownModel
 from worker_client.errors import WorkerError
 
 # --- scheduling rules (admin API: /api/nodes/scheduling) ---------------------------------------------------
@@ -74,8 +68,6 @@ def rule_delete(*, model_name: str) -> bool:
 # --- placement (router and reconciler share this: BEHAVIOUR §4) -------------------------------------------
 placement_logger = logging.getLogger("scheduling.placement")
 
-# Deadline of the short WorkerControl calls (stop); a load waits LOCALAI_LOAD_TIMEOUT on top of it.
-CONTROL_CALL_TIMEOUT = 10.0
 
 # `ModelOptions` fields a catalog entry's `options` may set, by their proto name or LocalAI's YAML name.
 _MODEL_OPTION_FIELDS = {
@@ -128,7 +120,7 @@ class PlacementResult:
 
     @property
     def process_key(self) -> str:
-        return f"{self.model_name}#{self.replica_index}"
+        return pipeline.process_key(self.model_name, self.replica_index)
 
 
 def model_options_for(config: ModelConfig) -> dict[str, Any]:
@@ -148,36 +140,21 @@ def model_options_for(config: ModelConfig) -> dict[str, Any]:
     return values
 
 
-def placement_snapshot(*, model_name: str) -> list[NodeSnapshot]:
-    """Schedulable nodes (approved, `healthy`, `backend`) as seen for placing `model_name`: two queries."""
-    nodes = (
-        Node.objects.filter(approved_at__isnull=False, status=NodeStatus.HEALTHY, node_type=NodeType.BACKEND)
-        .annotate(
-            model_rows=Count("replicas", filter=Q(replicas__model_name=model_name)),
-            node_in_flight=Coalesce(Sum("replicas__in_flight"), 0),
-        )
-        .prefetch_related("labels")
-    )
-    return [
-        NodeSnapshot(
-            id=node.id,
-            name=node.name,
-            effective_cap=node.effective_max_replicas,
-            replicas_of_model=node.model_rows,
-            total_vram=node.total_vram,
-            available_vram=node.available_vram,
-            reserved_vram=node.reserved_vram,
-            in_flight=node.node_in_flight,
-            labels={label.key: label.value for label in node.labels.all()},
-        )
-        for node in nodes
-    ]
-
-
-def _model_requirement(config: ModelConfig) -> tuple[ModelRequirement, dict[str, str]]:
+def model_requirement(config: ModelConfig) -> ModelRequirement:
+    """What a new replica of a catalog entry needs: its VRAM, and its rule's selector (none without a rule)."""
     rule = SchedulingRule.objects.filter(model_name=config.name).only("node_selector").first()
     selector = dict(rule.node_selector) if rule and isinstance(rule.node_selector, dict) else {}
-    return ModelRequirement(config.name, config.vram_bytes, selector), selector
+    return ModelRequirement(config.name, config.vram_bytes, selector)
+
+
+def placement_plan(*, model_name: str) -> pipeline.Plan:
+    """The dry run: what placing one replica of a catalog model would do now — every node's verdict, the
+    node chosen, or the replica an eviction would unload — without claiming or loading anything. Raises
+    `UnknownModel` for a model the catalog does not know."""
+    config = ModelConfig.objects.filter(name=model_name).first()
+    if config is None:
+        raise UnknownModel(f"the model {model_name!r} is not in the catalog")
+    return pipeline.cluster_snapshot().evaluate(model_requirement(config))
 
 
 def replica_stop_on_node(*, node_id: Any, process_key: str) -> None:
@@ -193,8 +170,8 @@ def replica_load(*, replica: ModelReplica, config: ModelConfig) -> PlacementResu
     address. Failure or timeout → the row deleted, exactly its reservation released, the agent told to stop
     exactly that key, and `LoadFailed` raised."""
     node = Node.objects.only("id", "name", "address", "token_salt").get(pk=replica.node_id)
-    client = worker_control_client(node.address, node_token_for(node), CONTROL_CALL_TIMEOUT)
-    process_key = f"{replica.model_name}#{replica.replica_index}"
+    client = worker_control_client(node.address, node_token_for(node), settings.LOCALAI_AGENT_CALL_TIMEOUT)
+    process_key = replica.process_key
     try:
         result = client.load_replica(
             replica.model_name,
@@ -205,7 +182,7 @@ def replica_load(*, replica: ModelReplica, config: ModelConfig) -> PlacementResu
             load_timeout=settings.LOCALAI_LOAD_TIMEOUT,
         )
     except WorkerError as error:
-        replica_release_failed(replica_id=replica.id)
+        replica_remove(replica_id=replica.id)
         replica_stop_on_agent(node=node, process_key=process_key)
         placement_logger.warning("loading %r on %r failed: %r", process_key, node.name, str(error))
         metrics.PLACEMENT_FAILURES.labels(config.name, "load_failed").inc()
@@ -230,42 +207,7 @@ def replica_load(*, replica: ModelReplica, config: ModelConfig) -> PlacementResu
     )
 
 
-def _eviction_candidates(
-    model: ModelRequirement, nodes: list[NodeSnapshot]
-) -> tuple[list[IdleReplica], dict[str, int], dict[str, int]]:
-    """Idle loaded replicas on the given nodes, and the replica counts and rule minimums of their models."""
-    rows = ModelReplica.objects.filter(
-        node_id__in=[node.id for node in nodes], state=ReplicaState.LOADED, in_flight=0
-    ).exclude(model_name=model.name)
-    idle = [
-        IdleReplica(
-            id=row.id,
-            node_id=row.node_id,
-            model_name=row.model_name,
-            replica_index=row.replica_index,
-            last_used=row.last_used or row.loaded_at,
-            vram_bytes=row.vram_bytes,
-        )
-        for row in rows.only(
-            "id", "node_id", "model_name", "replica_index", "last_used", "loaded_at", "vram_bytes"
-        )
-    ]
-    models = {replica.model_name for replica in idle}
-    counts = dict(
-        ModelReplica.objects.filter(
-            model_name__in=models, state__in=[ReplicaState.LOADING, ReplicaState.LOADED]
-        )
-        .values_list("model_name")
-        .annotate(count=Count("id"))
-        .values_list("model_name", "count")
-    )
-    minimums = dict(
-        SchedulingRule.objects.filter(model_name__in=models).values_list("model_name", "min_replicas")
-    )
-    return idle, counts, minimums
-
-
-def replica_evict(*, replica: IdleReplica) -> bool:
+def replica_evict(*, replica: pipeline.ReplicaView) -> bool:
     """Unloads exactly this idle replica: flips it `loaded` → `unloading` only while its in-flight is 0 (so
     no request can claim it any more), asks its agent to stop exactly its key, and removes the row. VRAM the
     worker already counted as used (a replica a heartbeat listed) is credited to the node until the next
@@ -290,13 +232,15 @@ def replica_evict(*, replica: IdleReplica) -> bool:
     return True
 
 
-def replica_place(*, model_name: str) -> PlacementResult:
-    """Places and loads one new replica of a catalog model (BEHAVIOUR §4).
+def replica_place(*, model_name: str, trigger: str = Trigger.REQUEST) -> PlacementResult:
+    """Places and loads one new replica of a catalog model (BEHAVIOUR §4) through `scheduling.pipeline`.
 
-    Ranks the schedulable nodes, claims a slot on each in turn until one claim wins (a lost race moves to
-    the next), then loads it outside any transaction. When nothing fits, evicts the least recently used idle
-    replica whose removal makes room and tries again once. Raises `UnknownModel` (not in the catalog),
-    `NoCapacity(reason)` (nothing fits), or `LoadFailed` (the load failed; row, reservation and process gone;
+    Plans on a fresh snapshot and claims on the eligible nodes best first (each claim re-judges its node under
+    the row lock); the load then runs outside any transaction. When every claim lost a race, it plans once
+    more on a fresh snapshot; when no node is eligible, it evicts the plan's victim (the least recently used
+    idle replica whose removal makes room) and plans once more. Every attempt writes one decision record
+    (and the eviction its own). Raises `UnknownModel` (not in the catalog), `NoCapacity(reason)` — the
+    reason names each node's verdict — or `LoadFailed` (the load failed; row, reservation and process gone;
     the failure starts or doubles the model's cooldown) — `LoadBackingOff` (nothing started) while it runs.
     Call it from sync code; from async code run it in a thread. Must not be called inside a transaction.
     """
@@ -304,38 +248,70 @@ def replica_place(*, model_name: str) -> PlacementResult:
     if config is None:
         raise UnknownModel(f"the model {model_name!r} is not in the catalog")
     attempt = load_attempt_begin(model_name=model_name)  # LoadBackingOff while a failed load's cooldown runs
-    requirement, selector = _model_requirement(config)
+    started = time.monotonic()
+    requirement = model_requirement(config)
     evicted: list[str] = []
-    reason = ""
-    for _round in range(2):
-        nodes = placement_snapshot(model_name=model_name)
-        ranked = place(requirement, nodes)
-        reason = ranked.reason or "no free slot"
-        for node in ranked.candidates:
-            replica = replica_claim_slot(
-                node_id=node.id,
-                model_name=model_name,
-                vram_bytes=config.vram_bytes,
-                backend=config.backend,
-                selector=selector,
-            )
-            if replica is not None:
-                try:
-                    result = replica_load(replica=replica, config=config)
-                except LoadFailed as error:
-                    load_failure_note(attempt=attempt, error=error)
-                    raise
-                load_failure_clear(model_name=model_name, reason="loaded")
-                return PlacementResult(**{**result.__dict__, "evicted": evicted})
-        if evicted or not ranked.reason:
-            break  # claims lost to concurrent schedulers, or an eviction already tried: give up
-        idle, counts, minimums = _eviction_candidates(requirement, nodes)
-        victim = choose_eviction(requirement, nodes, idle, replica_counts=counts, min_replicas=minimums)
-        if victim is None or not replica_evict(replica=victim):
+    reranked = False
+    while True:
+        plan = pipeline.cluster_snapshot().evaluate(requirement)
+        had_candidates = bool(plan.eligible)
+        replica, plan = pipeline.claim_any(plan, vram_bytes=config.vram_bytes, backend=config.backend)
+        if replica is not None:
             break
-        evicted.append(victim.process_key)
-    metrics.PLACEMENT_FAILURES.labels(model_name, "no_capacity").inc()
-    raise NoCapacity(f"cannot place {model_name}: {reason}")
+        if had_candidates and not reranked:
+            reranked = True  # every claim lost a race: rank once more on what is committed now
+            continue
+        if plan.victim is not None and not evicted and replica_evict(replica=plan.victim):
+            evicted.append(plan.victim.process_key)
+            decision_record(
+                model_name=plan.victim.model_name,
+                trigger=trigger,
+                outcome=Outcome.EVICTED,
+                node_name=plan.victim_node.name if plan.victim_node else "",
+                replica_index=plan.victim.replica_index,
+                message=f"evicted {plan.victim.process_key} to make room for {model_name}",
+                candidates=plan.records(),
+            )
+            continue
+        message = plan.refusal()
+        metrics.PLACEMENT_FAILURES.labels(model_name, "no_capacity").inc()
+        decision_record(
+            model_name=model_name,
+            trigger=trigger,
+            outcome=Outcome.NO_CAPACITY,
+            duration=time.monotonic() - started,
+            message=message,
+            candidates=plan.records(),
+        )
+        raise NoCapacity(message)
+    node_name = next((c.node for c in plan.candidates if c.verdict == Verdict.CHOSEN), "")
+    try:
+        result = replica_load(replica=replica, config=config)
+    except LoadFailed as error:
+        load_failure_note(attempt=attempt, error=error)
+        decision_record(
+            model_name=model_name,
+            trigger=trigger,
+            outcome=Outcome.LOAD_FAILED,
+            node_name=node_name,
+            replica_index=replica.replica_index,
+            duration=time.monotonic() - started,
+            message=error.reason,
+            candidates=plan.records(),
+        )
+        raise
+    load_failure_clear(model_name=model_name, reason="loaded")
+    decision_record(
+        model_name=model_name,
+        trigger=trigger,
+        outcome=Outcome.PLACED,
+        node_name=result.node_name,
+        replica_index=result.replica_index,
+        duration=time.monotonic() - started,
+        message=f"placed {result.process_key} on {result.node_name}",
+        candidates=plan.records(),
+    )
+    return PlacementResult(**{**result.__dict__, "evicted": evicted})
 
 
 # --- end of placement -------------------------------------------------------------------------------------

@@ -14,4 +14,5 @@ urlpatterns = [
     path("ui/scheduling/delete", views.rule_delete, name="delete"),
     path("ui/scheduling/load-failures", views.load_failures, name="load-failures"),
     path("ui/scheduling/retry-load", views.retry_load, name="retry-load"),
+    path("ui/decisions/", views.decision_list, name="decisions"),
 ]

@@ -3,6 +3,9 @@ validates with the API's serializer, `rule_upsert` / `rule_delete` write."""
 
 from __future__ import annotations
 
+from urllib.parse import urlencode
+
+from django.core.paginator import Paginator
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
@@ -10,10 +13,13 @@ from django.views.decorators.http import require_GET, require_POST
 
 from localai_cluster.htmx import is_htmx, outcome, staff_required, toast
 from scheduling import services
+from scheduling.api.serializers import DecisionFilterSerializer
+from scheduling.choices import Outcome
 from scheduling.forms import MODE_AUTOSCALE, MODE_PIN, RuleForm
 from scheduling.loadfailures import load_failure_clear
 from scheduling.models import SchedulingRule
 from scheduling.page_selectors import catalog_model_names, load_failure_rows, rule_rows
+from scheduling.selectors import decisions_filtered
 
 PAGE = "scheduling/rules.html"
 
@@ -142,3 +148,33 @@ def retry_load(request: HttpRequest) -> HttpResponse:
     if request.headers.get("HX-Current-URL", "").split("?")[0].endswith(reverse("scheduling:rules")):
         context["rules"] = rule_rows()  # the rules table's status column changes too
     return toast(render(request, f"{PAGE}#retry_done", context), message, level=level)
+
+
+# --- placement decisions (`/ui/decisions/`) -------------------------------------------------------------
+
+DECISIONS_PAGE = "scheduling/decisions.html"
+DECISIONS_PER_PAGE = 50
+
+
+@require_GET
+@staff_required
+def decision_list(request: HttpRequest) -> HttpResponse:
+    """Placement decision records, newest first, filtered by model, node, outcome and time; each with every
+    node's verdict. For HTMX only the table (the filters re-ask it as they change)."""
+    query = DecisionFilterSerializer(data={k: v for k, v in request.GET.items() if v and k != "page"})
+    errors = {} if query.is_valid() else query.errors
+    filters = query.validated_data if not errors else {}
+    page = Paginator(decisions_filtered(**filters), DECISIONS_PER_PAGE).get_page(request.GET.get("page"))
+    params = {k: v for k, v in request.GET.items() if v and k != "page"}
+    context = {
+        "page": page,
+        "decisions": page.object_list,
+        "filters": params,
+        "query": urlencode(params),
+        "errors": errors,
+        "outcomes": Outcome.choices,
+        "nav": "decisions",
+    }
+    if is_htmx(request):
+        return render(request, f"{DECISIONS_PAGE}#table", context)
+    return render(request, DECISIONS_PAGE, context)

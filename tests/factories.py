@@ -79,3 +79,21 @@ class RuleFactory(factory.django.DjangoModelFactory):
     node_selector = factory.LazyFunction(dict)
     min_replicas = 0
     max_replicas = 0
+
+
+def claim_row(**kwargs):
+    """`scheduling.pipeline.replica_claim`'s row, or None when the claim was refused (tests of the claim's
+    bookkeeping; tests of why it refused read `replica_claim(...).refused`)."""
+    from scheduling.pipeline import replica_claim
+
+    return replica_claim(**kwargs).replica
+
+
+def eligible_names(*, selector=None, model_name="m"):
+    """Names of the nodes the pipeline's gate lets through for a model with this selector (approved, healthy,
+    not draining, matching), by name."""
+    from scheduling.pipeline import cluster_snapshot, gate
+
+    return sorted(
+        node.name for node in cluster_snapshot().nodes_for(model_name) if gate(node, selector or {}) is None
+    )

@@ -393,7 +393,8 @@ class WorkerControlClient(_Caller):
 
 
 class AsyncWorkerControlClient(_Caller):
-    """`grpc.aio` client of one agent's `WorkerControl` service (for async views and Channels consumers).
+    """`grpc.aio` client of one agent's `WorkerControl` service (for async views and Channels consumers): the
+    calls they make (replica list, logs); loads and stops go through the sync `WorkerControlClient`.
 
     It may be made anywhere and used on any event loop: each call takes the channel of the running loop.
     Over TLS when given `tls`.
@@ -409,26 +410,6 @@ class AsyncWorkerControlClient(_Caller):
     def _stub(self) -> worker_pb2_grpc.WorkerControlStub:
         return worker_pb2_grpc.WorkerControlStub(_aio_channel(self.address, self._tls))
 
-    async def load_replica(
-        self,
-        model_name: str,
-        replica_index: int,
-        backend: str,
-        model_options: Mapping[str, Any] | None = None,
-        vram_bytes: int = 0,
-        load_timeout: float = DEFAULT_LOAD_TIMEOUT,
-    ) -> LoadResult:
-        """See `WorkerControlClient.load_replica`."""
-        request = _load_request(model_name, replica_index, backend, model_options, vram_bytes, load_timeout)
-        return _load_result(
-            await self._acall(self._stub, "LoadReplica", request, load_timeout + self.timeout)
-        )
-
-    async def stop_replica(self, id: str) -> list[str]:
-        """See `WorkerControlClient.stop_replica`."""
-        reply = await self._acall(self._stub, "StopReplica", worker_pb2.StopReplicaRequest(id=id))
-        return list(reply.stopped)
-
     async def list_replicas(self) -> list[ReplicaProcess]:
         """See `WorkerControlClient.list_replicas`."""
         return _replicas(await self._acall(self._stub, "ListReplicas", worker_pb2.ListReplicasRequest()))
@@ -437,10 +418,6 @@ class AsyncWorkerControlClient(_Caller):
         """See `WorkerControlClient.get_logs`."""
         reply = await self._acall(self._stub, "GetLogs", worker_pb2.GetLogsRequest(id=id, tail=tail))
         return [log_line_from_message(line) for line in reply.lines]
-
-    async def log_keys(self) -> list[str]:
-        """See `WorkerControlClient.log_keys`."""
-        return list((await self._acall(self._stub, "ListLogKeys", worker_pb2.ListLogKeysRequest())).keys)
 
     def stream_logs(self, id: str, timeout: float | None = None) -> AsyncGenerator[LogLine, None]:
         """See `WorkerControlClient.stream_logs`: `async for line in client.stream_logs(key)`."""

@@ -9,10 +9,11 @@ a `PUT`/`PATCH` body is accepted and ignored, so a client can `GET` the labels, 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, TypedDict
 
-from django.db import transaction
+from django.conf import settings
 from django.db.models import Count, QuerySet, Sum, Value
 from django.db.models.functions import Coalesce
 from drf_spectacular.types import OpenApiTypes
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-AGENT_TIMEOUT = 5.0
 
 NODE_ID = OpenApiParameter("node_id", OpenApiTypes.UUID, OpenApiParameter.PATH, description="The node's id.")
 LABEL_KEY = OpenApiParameter("key", OpenApiTypes.STR, OpenApiParameter.PATH, description="Label key.")
@@ -106,14 +106,9 @@ def _agent(node: Node):
 
     if not node.address:
         raise AgentUnavailable("The node has no agent address.")
-    return worker_control_client(node.address, node_token_for(node), timeout=AGENT_TIMEOUT)
-
-
-def stop_on_agent(node: Node, keys: list[str]) -> None:
-    """Asks the node's agent to stop exactly these process keys (after commit); failures are logged by the
-    service, never raised: the agent's next heartbeat reports what still runs, and orphans are stopped then."""
-    for key in keys:
-        services.replica_stop_on_agent(node=node, process_key=key)
+    return worker_control_client(
+        node.address, node_token_for(node), timeout=settings.LOCALAI_AGENT_CALL_TIMEOUT
+    )
 
 
 # --- nodes ----------------------------------------------------------------------------------------------
@@ -155,20 +150,17 @@ class NodeDetailView(AdminAPIView):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
-class _NodeActionView(AdminAPIView):
-    action_name = ""
-
-    def post(self, request: Request, node_id: str) -> Response:
-        node = _node(node_id)
-        try:
-            getattr(services, f"node_{self.action_name}")(node=node)
-        except InvalidTransition as exc:
-            raise Conflict(str(exc)) from None
-        return Response(_node_data(node))
+def _node_action(request: Request, node_id: str, action: Callable[..., Node]) -> Response:
+    node = _node(node_id)
+    try:
+        action(node=node)
+    except InvalidTransition as exc:
+        raise Conflict(str(exc)) from None
+    return Response(_node_data(node))
 
 
-def _action_view(action_name: str, description: str) -> type[_NodeActionView]:
-    decorated = extend_schema(
+def _action_schema(action_name: str, description: str) -> Callable:
+    return extend_schema(
         operation_id=f"nodes_{action_name}",
         request=None,
         parameters=[NODE_ID],
@@ -177,21 +169,25 @@ def _action_view(action_name: str, description: str) -> type[_NodeActionView]:
         tags=TAGS,
     )
 
+
+class NodeApproveView(AdminAPIView):
+    @_action_schema("approve", "Approve a pending node (409 unless pending).")
     def post(self, request: Request, node_id: str) -> Response:
-        return _NodeActionView.post(self, request, node_id)
+        return _node_action(request, node_id, services.node_approve)
 
-    return type(
-        f"Node{action_name.title()}View",
-        (_NodeActionView,),
-        {"action_name": action_name, "post": decorated(post)},
+
+class NodeDrainView(AdminAPIView):
+    @_action_schema(
+        "drain", "Stop placing new replicas and routing new requests to the node; in-flight work finishes."
     )
+    def post(self, request: Request, node_id: str) -> Response:
+        return _node_action(request, node_id, services.node_drain)
 
 
-NodeApproveView = _action_view("approve", "Approve a pending node (409 unless pending).")
-NodeDrainView = _action_view(
-    "drain", "Stop placing new replicas and routing new requests to the node; in-flight work finishes."
-)
-NodeResumeView = _action_view("resume", "Make a draining node schedulable again (409 unless draining).")
+class NodeResumeView(AdminAPIView):
+    @_action_schema("resume", "Make a draining node schedulable again (409 unless draining).")
+    def post(self, request: Request, node_id: str) -> Response:
+        return _node_action(request, node_id, services.node_resume)
 
 
 # --- replicas -------------------------------------------------------------------------------------------
@@ -225,14 +221,9 @@ class NodeUnloadView(AdminAPIView):
         rows = node.replicas.filter(model_name=serializer.validated_data["model_name"])
         if serializer.validated_data.get("replica_index") is not None:
             rows = rows.filter(replica_index=serializer.validated_data["replica_index"])
-        removed = [
-            replica.process_key
-            for replica in rows
-            if services.replica_remove(replica_id=replica.id) is not None
-        ]
+        removed = services.replica_unload(node=node, replicas=rows)
         if not removed:
             raise exceptions.NotFound("No such replica on this node.")
-        transaction.on_commit(lambda: stop_on_agent(node, removed))
         return Response({"unloaded": removed})
 
 

@@ -16,8 +16,9 @@ from nodes.api.admin_serializers import (
     StringMapField,
     has_bad_text,
 )
+from scheduling.choices import Outcome, Verdict
 from scheduling.loadfailures import load_failure_payload
-from scheduling.models import LoadFailure, ModelConfig, SchedulingRule
+from scheduling.models import LoadFailure, ModelConfig, PlacementDecision, SchedulingRule
 
 MAX_OPTIONS_BYTES = 64 * 1024
 MAX_BIGINT = 2**63 - 1
@@ -149,3 +150,64 @@ class ModelDetailSerializer(ModelConfigSerializer):
         failure = LoadFailure.objects.filter(model_name=config.name).first()
         payload = load_failure_payload(failure)
         return None if payload is None else LoadFailureSerializer(payload).data
+
+
+# --- placement decisions and the dry run ----------------------------------------------------------------
+
+
+class CandidateSerializer(serializers.Serializer):
+    node = serializers.CharField()
+    verdict = serializers.ChoiceField(choices=Verdict.choices)
+    detail = serializers.CharField()
+
+
+class DecisionSerializer(serializers.ModelSerializer):
+    """One placement decision record (`scheduling.PlacementDecision`)."""
+
+    model = serializers.CharField(source="model_name")
+    node = serializers.CharField(source="node_name")
+    time = serializers.DateTimeField(source="created_at")
+    candidates = CandidateSerializer(many=True)
+    omitted = serializers.DictField(
+        child=serializers.IntegerField(), help_text="Nodes not listed in `candidates`, counted per verdict."
+    )
+
+    class Meta:
+        model = PlacementDecision
+        fields = [
+            "id",
+            "time",
+            "model",
+            "trigger",
+            "outcome",
+            "node",
+            "replica_index",
+            "duration",
+            "message",
+            "candidates",
+            "omitted",
+        ]
+
+
+class DecisionFilterSerializer(serializers.Serializer):
+    """The query of `GET /api/decisions`: every filter optional."""
+
+    model = CleanCharField(required=False, max_length=255)
+    node = CleanCharField(required=False, max_length=255)
+    outcome = serializers.ChoiceField(choices=Outcome.choices, required=False)
+    since = serializers.DateTimeField(required=False)
+
+
+class PlanSerializer(serializers.Serializer):
+    """What a placement of `model` would do now (`GET /api/plan`)."""
+
+    model = serializers.CharField()
+    vram_bytes = serializers.IntegerField()
+    selector = StringMapField()
+    chosen = serializers.CharField(allow_null=True, help_text="The node a placement would claim on.")
+    evict = serializers.CharField(
+        allow_null=True, help_text="With no node eligible: the process key an eviction would unload."
+    )
+    evict_node = serializers.CharField(allow_null=True)
+    message = serializers.CharField(help_text="The refusal a placement would answer, when nothing fits.")
+    candidates = CandidateSerializer(many=True)

@@ -11,6 +11,8 @@ urlpatterns = [
         "api/nodes/scheduling/<path:model_name>", views.RuleDetailView.as_view(), name="api-scheduling-rule"
     ),
     path("api/models", views.ModelListView.as_view(), name="api-models"),
+    path("api/decisions", views.DecisionListView.as_view(), name="api-decisions"),
+    path("api/plan", views.PlanView.as_view(), name="api-plan"),
     path(
         "api/models/<path:name>/retry-load", views.ModelRetryLoadView.as_view(), name="api-model-retry-load"
     ),

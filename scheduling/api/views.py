@@ -13,17 +13,22 @@ from localai_cluster.api import PAGE_PARAMETERS, paginated_response, paginated_s
 from nodes.api.admin_serializers import AUTH_ERRORS, error_responses, model_name_problem
 from nodes.api.permissions import AdminAPIView
 from scheduling.api.serializers import (
+    DecisionFilterSerializer,
+    DecisionSerializer,
     ModelConfigSerializer,
     ModelConfigUpdateSerializer,
     ModelDetailSerializer,
+    PlanSerializer,
     RuleSerializer,
     RuleWriteSerializer,
 )
 from scheduling.catalog import model_config_delete, model_config_upsert
+from scheduling.choices import Outcome
 from scheduling.loadfailures import load_failure_clear
 from scheduling.models import ModelConfig, SchedulingRule
-from scheduling.selectors import rules_with_current_replicas
-from scheduling.services import rule_delete, rule_upsert
+from scheduling.placement import UnknownModel
+from scheduling.selectors import decisions_filtered, rules_with_current_replicas
+from scheduling.services import placement_plan, rule_delete, rule_upsert
 
 MODEL_PATH_PARAM = OpenApiParameter(
     "model_name",
@@ -240,3 +245,65 @@ class ModelRetryLoadView(ModelDetailView):
     @extend_schema(exclude=True)
     def delete(self, request: Request, name: str) -> Response:
         return super().delete(request, name + RETRY_SUFFIX)
+
+
+# --- placement decisions and the dry run ----------------------------------------------------------------
+
+
+class DecisionListView(AdminAPIView):
+    @extend_schema(
+        operation_id="decisions_list",
+        parameters=[
+            OpenApiParameter("model", OpenApiTypes.STR, description="Only this model's records."),
+            OpenApiParameter(
+                "node", OpenApiTypes.STR, description="Only records placing on (or naming) this node."
+            ),
+            OpenApiParameter(
+                "outcome", OpenApiTypes.STR, enum=Outcome.values, description="Only this outcome."
+            ),
+            OpenApiParameter(
+                "since", OpenApiTypes.DATETIME, description="Only records at or after this time."
+            ),
+            *PAGE_PARAMETERS,
+        ],
+        responses={
+            200: paginated_schema("PaginatedDecisionList", DecisionSerializer(many=True)),
+            **error_responses(400, 404, *AUTH_ERRORS),
+        },
+        description="Placement decision records, newest first: every placement attempt (request cold path, "
+        "reconciler, burst), eviction, trim and breaker trip, with every node's verdict.",
+        tags=["scheduling"],
+    )
+    def get(self, request: Request) -> Response:
+        query = DecisionFilterSerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        return paginated_response(
+            request, self, decisions_filtered(**query.validated_data), DecisionSerializer
+        )
+
+
+class PlanView(AdminAPIView):
+    @extend_schema(
+        operation_id="plan_retrieve",
+        parameters=[
+            OpenApiParameter(
+                "model",
+                OpenApiTypes.STR,
+                required=True,
+                description="A catalog model name (may contain `/`).",
+            )
+        ],
+        responses={200: PlanSerializer, **error_responses(400, 404, *AUTH_ERRORS)},
+        description="A dry run: what placing one replica of the model would do now — every node's verdict, "
+        "the node it would claim on, or the replica an eviction would unload. Claims and loads nothing.",
+        tags=["scheduling"],
+    )
+    def get(self, request: Request) -> Response:
+        name = request.query_params.get("model", "")
+        if not name:
+            raise exceptions.ValidationError({"model": ["This query parameter is required."]})
+        try:
+            plan = placement_plan(model_name=_checked_name(name, "model"))
+        except UnknownModel:
+            raise exceptions.NotFound("No model with this name in the catalog.") from None
+        return Response(PlanSerializer(plan.as_dict()).data)

@@ -5,11 +5,28 @@ from __future__ import annotations
 import pytest
 from django.db import IntegrityError, transaction
 
-from nodes import selectors, services
+from nodes import services
 from nodes.choices import LABEL_REPLICA_SLOTS, NodeStatus, NodeType, ReplicaState
 from nodes.models import ModelReplica
-from nodes.selectors import cluster_capacity, lowest_free_replica_index, node_free_slots, node_labels
-from tests.factories import NodeFactory, NodeLabelFactory, ReplicaFactory
+from nodes.selectors import node_labels
+from scheduling import pipeline
+from scheduling.choices import Verdict
+from tests.factories import NodeFactory, NodeLabelFactory, ReplicaFactory, claim_row
+
+
+def cluster_capacity(*, model_name, selector=None, node_ids=None):
+    """Free slots for the model over the nodes the pipeline's gate lets through (the reconciler's sum)."""
+    nodes = pipeline.cluster_snapshot().nodes_for(model_name)
+    return sum(
+        node.free_slots
+        for node in nodes
+        if pipeline.gate(node, selector or {}) is None and (node_ids is None or node.id in node_ids)
+    )
+
+
+def node_free_slots(*, node, model_name):
+    return next(n.free_slots for n in pipeline.cluster_snapshot().nodes_for(model_name) if n.id == node.pk)
+
 
 pytestmark = pytest.mark.django_db
 
@@ -28,10 +45,10 @@ def test_cluster_capacity_worked_example():
     assert cluster_capacity(model_name="m", selector={"pool": "small"}) == 2
 
 
-def test_cluster_capacity_is_one_query(django_assert_num_queries):
-    for _ in range(5):
-        NodeFactory(worker_max_replicas_per_model=2)
-    with django_assert_num_queries(1):
+def test_the_snapshot_is_four_queries_whatever_the_cluster(django_assert_num_queries):
+    for index in range(5):
+        ReplicaFactory(node=NodeFactory(worker_max_replicas_per_model=2), model_name=f"m{index}")
+    with django_assert_num_queries(4):
         assert cluster_capacity(model_name="m", selector={"node.name": "x"}) == 0
 
 
@@ -94,24 +111,12 @@ def test_override_must_be_at_least_one(value):
         services.node_override_set(node=NodeFactory(), value=value)
 
 
-def test_lowest_free_replica_index():
-    node = NodeFactory(worker_max_replicas_per_model=4)
-    assert lowest_free_replica_index(node=node, model_name="m") == 0
-    ReplicaFactory(node=node, replica_index=0)
-    ReplicaFactory(node=node, replica_index=2)
-    assert lowest_free_replica_index(node=node, model_name="m") == 1
-    ReplicaFactory(node=node, replica_index=1)
-    ReplicaFactory(node=node, replica_index=3)
-    assert lowest_free_replica_index(node=node, model_name="m") is None
-
-
 def test_replicas_of_one_model_are_independent_rows():
     node = NodeFactory(worker_max_replicas_per_model=2)
     r0 = ReplicaFactory(node=node, replica_index=0)
     r1 = ReplicaFactory(node=node, replica_index=1)
     assert r0.pk != r1.pk and r0.address != r1.address
-    assert services.replica_in_flight_claim(replica_id=r1.pk)
-    assert services.replica_in_flight_claim(replica_id=r1.pk)
+    ModelReplica.objects.filter(pk=r1.pk).update(in_flight=2)
     assert services.replica_remove(replica_id=r0.pk).pk == r0.pk
     r1_after = ModelReplica.objects.get(pk=r1.pk)
     assert (r1_after.address, r1_after.in_flight) == (r1.address, 2)
@@ -132,23 +137,24 @@ def test_claim_that_loses_a_slot_takes_the_next_index(monkeypatch):
     node = NodeFactory(worker_max_replicas_per_model=3)
     ReplicaFactory(node=node, replica_index=1)
     # As if the index had been computed before the other scheduler's row appeared.
-    monkeypatch.setattr(services, "free_replica_indexes", lambda *, cap, taken: [1, 2])
-    replica = services.replica_claim_slot(node_id=node.pk, model_name="m")
+    monkeypatch.setattr(pipeline, "_free_indexes", lambda cap, taken: [1, 2])
+    replica = claim_row(node_id=node.pk, model_name="m")
     assert replica is not None and replica.replica_index == 2
 
 
 def test_claim_that_loses_every_slot_answers_none(monkeypatch):
     node = NodeFactory(worker_max_replicas_per_model=3)
     ReplicaFactory(node=node, replica_index=1)
-    monkeypatch.setattr(services, "free_replica_indexes", lambda *, cap, taken: [1])
-    assert services.replica_claim_slot(node_id=node.pk, model_name="m") is None
+    monkeypatch.setattr(pipeline, "_free_indexes", lambda cap, taken: [1])
+    claim = pipeline.replica_claim(node_id=node.pk, model_name="m")
+    assert claim.replica is None and claim.refused.verdict == Verdict.NO_FREE_SLOT
     assert ModelReplica.objects.count() == 1
 
 
 def test_claim_inserts_a_loading_row_at_the_lowest_free_index():
     node = NodeFactory(worker_max_replicas_per_model=3)
     ReplicaFactory(node=node, replica_index=0)
-    replica = services.replica_claim_slot(node_id=node.pk, model_name="m", backend="echo")
+    replica = claim_row(node_id=node.pk, model_name="m", backend="echo")
     assert (replica.replica_index, replica.state, replica.backend) == (1, ReplicaState.LOADING, "echo")
     assert replica.load_started_at is not None
 
@@ -156,7 +162,7 @@ def test_claim_inserts_a_loading_row_at_the_lowest_free_index():
 def test_claim_on_a_full_node_answers_none():
     node = NodeFactory(worker_max_replicas_per_model=1)
     ReplicaFactory(node=node)
-    assert services.replica_claim_slot(node_id=node.pk, model_name="m") is None
+    assert claim_row(node_id=node.pk, model_name="m") is None
 
 
 @pytest.mark.parametrize(
@@ -169,26 +175,26 @@ def test_claim_on_a_full_node_answers_none():
 )
 def test_claim_on_an_unschedulable_node_answers_none(fields):
     node = NodeFactory(**fields)
-    assert services.replica_claim_slot(node_id=node.pk, model_name="m") is None
+    assert claim_row(node_id=node.pk, model_name="m") is None
 
 
 def test_claim_rechecks_the_selector():
     node = NodeFactory()
     NodeLabelFactory(node=node, key="env", value="dev")
-    assert services.replica_claim_slot(node_id=node.pk, model_name="m", selector={"env": "prod"}) is None
-    assert services.replica_claim_slot(node_id=node.pk, model_name="m", selector={"env": "dev"}) is not None
+    assert claim_row(node_id=node.pk, model_name="m", selector={"env": "prod"}) is None
+    assert claim_row(node_id=node.pk, model_name="m", selector={"env": "dev"}) is not None
 
 
 def test_claim_on_a_deleted_node_answers_none():
     node = NodeFactory()
     node_id = node.pk
     node.delete()
-    assert services.replica_claim_slot(node_id=node_id, model_name="m") is None
+    assert claim_row(node_id=node_id, model_name="m") is None
 
 
 def test_mark_loaded_keeps_the_row():
     node = NodeFactory()
-    replica = services.replica_claim_slot(node_id=node.pk, model_name="m")
+    replica = claim_row(node_id=node.pk, model_name="m")
     assert services.replica_mark_loaded(replica_id=replica.pk, address="127.0.0.1:9000")
     row = ModelReplica.objects.get(pk=replica.pk)
     assert (row.state, row.address) == (ReplicaState.LOADED, "127.0.0.1:9000")
@@ -197,32 +203,10 @@ def test_mark_loaded_keeps_the_row():
 
 def test_mark_loaded_of_a_removed_row_answers_false():
     node = NodeFactory()
-    replica = services.replica_claim_slot(node_id=node.pk, model_name="m")
+    replica = claim_row(node_id=node.pk, model_name="m")
     services.replica_remove(replica_id=replica.pk)
     assert not services.replica_mark_loaded(replica_id=replica.pk, address="127.0.0.1:9000")
 
 
-def test_in_flight_claim_needs_a_loaded_replica():
-    loading = ReplicaFactory(state=ReplicaState.LOADING)
-    assert not services.replica_in_flight_claim(replica_id=loading.pk)
-    loaded = ReplicaFactory()
-    assert services.replica_in_flight_claim(replica_id=loaded.pk)
-    loaded.refresh_from_db()
-    assert loaded.in_flight == 1 and loaded.last_used is not None
-
-
-def test_in_flight_release_never_goes_negative():
-    replica = ReplicaFactory(in_flight=1)
-    services.replica_in_flight_release(replica_id=replica.pk)
-    services.replica_in_flight_release(replica_id=replica.pk)
-    replica.refresh_from_db()
-    assert replica.in_flight == 0
-
-
 def test_remove_of_a_missing_replica_answers_none():
     assert services.replica_remove(replica_id=123456789) is None
-
-
-def test_free_replica_indexes_is_pure():
-    assert selectors.free_replica_indexes(cap=4, taken=[0, 2]) == [1, 3]
-    assert selectors.free_replica_indexes(cap=2, taken=[0, 1, 5]) == []

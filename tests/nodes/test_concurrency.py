@@ -12,7 +12,7 @@ from rest_framework.test import APIClient
 
 from nodes import services
 from nodes.models import ModelReplica, Node
-from tests.factories import TEST_CREDENTIAL, NodeFactory, ReplicaFactory
+from tests.factories import TEST_CREDENTIAL, NodeFactory, ReplicaFactory, claim_row
 
 pytestmark = pytest.mark.django_db(transaction=True)
 GiB = 1024**3
@@ -48,7 +48,7 @@ def test_two_racing_reservations_cannot_both_pass():
     def claim():
         with lock:
             model = next(models)
-        return services.replica_claim_slot(node_id=node.pk, model_name=model, vram_bytes=4 * GiB)
+        return claim_row(node_id=node.pk, model_name=model, vram_bytes=4 * GiB)
 
     results = race(2, claim)
     assert not [r for r in results if isinstance(r, Exception)], results
@@ -61,7 +61,7 @@ def test_two_racing_reservations_cannot_both_pass():
 def test_two_claims_of_the_same_slot_make_one_row_and_the_loser_answers_none():
     node = NodeFactory(worker_max_replicas_per_model=2)
     ReplicaFactory(node=node, replica_index=0)
-    results = race(2, lambda: services.replica_claim_slot(node_id=node.pk, model_name="m"))
+    results = race(2, lambda: claim_row(node_id=node.pk, model_name="m"))
     assert not [r for r in results if isinstance(r, Exception)], results
     winners = [r for r in results if r is not None]
     assert [r.replica_index for r in winners] == [1]
@@ -71,7 +71,7 @@ def test_two_claims_of_the_same_slot_make_one_row_and_the_loser_answers_none():
 def test_two_claims_of_the_same_free_index_spread_to_the_next_one():
     node = NodeFactory(worker_max_replicas_per_model=3)
     ReplicaFactory(node=node, replica_index=0)
-    results = race(2, lambda: services.replica_claim_slot(node_id=node.pk, model_name="m"))
+    results = race(2, lambda: claim_row(node_id=node.pk, model_name="m"))
     assert not [r for r in results if isinstance(r, Exception)], results
     assert sorted(r.replica_index for r in results) == [1, 2]
 
@@ -98,22 +98,12 @@ def test_concurrent_registrations_over_http_answer_one_201_and_one_200():
     assert len({r.json()["id"] for r in results}) == 1
 
 
-def test_in_flight_claims_and_releases_from_many_threads_stay_exact():
-    replica = ReplicaFactory()
-    race(8, lambda: services.replica_in_flight_claim(replica_id=replica.pk))
-    replica.refresh_from_db()
-    assert replica.in_flight == 8
-    race(10, lambda: services.replica_in_flight_release(replica_id=replica.pk))
-    replica.refresh_from_db()
-    assert replica.in_flight == 0
-
-
 def test_heartbeat_racing_a_claim_keeps_the_new_reservation():
     """A heartbeat that does not list a fresh claim keeps its reservation, whichever commits first."""
     node = NodeFactory(total_vram=10 * GiB, available_vram=10 * GiB, worker_max_replicas_per_model=2)
     actions = iter(
         [
-            lambda: services.replica_claim_slot(node_id=node.pk, model_name="m", vram_bytes=3 * GiB),
+            lambda: claim_row(node_id=node.pk, model_name="m", vram_bytes=3 * GiB),
             lambda: services.node_heartbeat(node=node, available_vram=10 * GiB, replicas=[]),
         ]
     )

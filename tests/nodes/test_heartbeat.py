@@ -11,7 +11,7 @@ from nodes import services
 from nodes.choices import LABEL_GPU_VENDOR, LABEL_GPU_VRAM, NodeStatus, ReplicaState
 from nodes.models import ModelReplica, Node
 from nodes.selectors import node_labels
-from tests.factories import NodeFactory, ReplicaFactory
+from tests.factories import NodeFactory, ReplicaFactory, claim_row
 
 pytestmark = pytest.mark.django_db
 GiB = 1024**3
@@ -36,8 +36,8 @@ def test_heartbeat_refreshes_resources_and_resets_reservation_when_everything_is
 
 def test_heartbeat_keeps_reservation_of_loads_not_listed_yet():
     node = NodeFactory(total_vram=24 * GiB, available_vram=24 * GiB, worker_max_replicas_per_model=2)
-    unlisted = services.replica_claim_slot(node_id=node.pk, model_name="a", vram_bytes=6 * GiB)
-    listed_row = services.replica_claim_slot(node_id=node.pk, model_name="b", vram_bytes=4 * GiB)
+    unlisted = claim_row(node_id=node.pk, model_name="a", vram_bytes=6 * GiB)
+    listed_row = claim_row(node_id=node.pk, model_name="b", vram_bytes=4 * GiB)
     assert unlisted and listed_row
     services.node_heartbeat(node=node, available_vram=20 * GiB, replicas=listed("b#0"))
     node.refresh_from_db()

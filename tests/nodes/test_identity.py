@@ -9,8 +9,9 @@ from nodes import services
 from nodes.choices import LabelSource, NodeStatus
 from nodes.exceptions import NameTaken
 from nodes.models import ModelReplica, Node, NodeLabel
-from nodes.selectors import node_filter_selector, node_labels
+from nodes.selectors import node_labels
 from nodes.tokens import backend_token_for, node_token_for, token_hash
+from scheduling.pipeline import selector_matches
 from tests.factories import TEST_CREDENTIAL, NodeFactory, ReplicaFactory
 
 pytestmark = pytest.mark.django_db
@@ -177,8 +178,8 @@ def test_admin_label_wins_over_the_worker_label_of_the_same_key_and_worker_keys_
     assert sources["zone"] == LabelSource.WORKER
     assert sources["node.name"] == LabelSource.AUTO
     # Selectors match the effective labels: the admin's.
-    assert node_filter_selector(Node.objects.all(), {"tier": "gold"}).filter(pk=node.pk).exists()
-    assert not node_filter_selector(Node.objects.all(), {"tier": "b"}).filter(pk=node.pk).exists()
+    assert selector_matches(node_labels(node=node), {"tier": "gold"})
+    assert not selector_matches(node_labels(node=node), {"tier": "b"})
 
 
 def test_an_admin_label_removed_goes_back_to_the_worker_at_its_next_registration():

@@ -11,10 +11,17 @@ from nodes import services
 from nodes.choices import NodeStatus
 from nodes.exceptions import InvalidTransition
 from nodes.models import ModelReplica, Node, NodeLabel
-from nodes.selectors import node_labels, node_list_schedulable
+from nodes.selectors import node_labels
 from nodes.tokens import node_token_for
 from scheduling.models import SchedulingRule
-from tests.factories import TEST_CREDENTIAL, NodeFactory, NodeLabelFactory, ReplicaFactory, RuleFactory
+from tests.factories import (
+    TEST_CREDENTIAL,
+    NodeFactory,
+    NodeLabelFactory,
+    ReplicaFactory,
+    RuleFactory,
+    eligible_names,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -43,11 +50,11 @@ def test_drain_then_resume():
     services.node_drain(node=node)
     node.refresh_from_db()
     assert node.status == NodeStatus.DRAINING
-    assert node not in node_list_schedulable()
+    assert node.name not in eligible_names()
     services.node_resume(node=node)
     node.refresh_from_db()
     assert node.status == NodeStatus.HEALTHY
-    assert node in node_list_schedulable()
+    assert node.name in eligible_names()
 
 
 def test_drain_is_idempotent():

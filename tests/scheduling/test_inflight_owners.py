@@ -11,15 +11,15 @@ from localai_cluster import locks
 from nodes.inflight import PROCESS_OWNER, inflight_reclaim_dead_owners, plain_connection_params
 from nodes.models import InFlightClaim, ModelReplica
 from scheduling.health import health_tick
-from scheduling.router import replica_pick_and_claim
 from tests.factories import NodeFactory, ReplicaFactory
+from tests.scheduling.test_router import claim
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def test_units_of_a_dead_owner_are_given_back_and_live_ones_kept():
     replica = ReplicaFactory(node=NodeFactory(), in_flight=0)
-    ours = replica_pick_and_claim(model_name="m")
+    ours = claim(model_name="m")
     gone = uuid.uuid4()  # an owner whose process died: nobody holds its lock
     InFlightClaim.objects.create(owner=gone, replica=replica, count=3)
     ModelReplica.objects.filter(pk=replica.pk).update(in_flight=4)
@@ -74,7 +74,7 @@ def test_concurrent_claims_and_releases_on_one_replica_never_deadlock():
     def cycles(_worker: int) -> None:
         try:
             for _ in range(25):
-                lease = replica_pick_and_claim(model_name="m")
+                lease = claim(model_name="m")
                 replica_release(lease.replica_id, lease.owner)
         finally:
             connections.close_all()

@@ -8,7 +8,7 @@ import pytest
 from django.db import connection, connections
 
 from nodes.models import ModelReplica, Node
-from scheduling import services
+from scheduling import pipeline
 from scheduling.loadfailures import load_failure_clear
 from scheduling.placement import LoadFailed, NoCapacity, UnknownModel
 from scheduling.services import model_options_for, replica_place
@@ -122,14 +122,16 @@ def test_lost_slot_between_ranking_and_claim_moves_to_the_next(agent, monkeypatc
     ModelConfigFactory(name="m")
     top = gpu_node(agent, "top", 40)
     gpu_node(agent, "second", 10)
-    snapshot = services.placement_snapshot
+    snapshot = pipeline.cluster_snapshot
+    raced = []
 
-    def racing_snapshot(*, model_name):
-        nodes = snapshot(model_name=model_name)
-        ReplicaFactory(node=top, model_name=model_name, replica_index=0, state="loading")  # a rival's claim
+    def racing_snapshot():
+        nodes = snapshot()
+        if not raced:  # a rival's claim, once
+            raced.append(ReplicaFactory(node=top, model_name="m", replica_index=0, state="loading"))
         return nodes
 
-    monkeypatch.setattr(services, "placement_snapshot", racing_snapshot)
+    monkeypatch.setattr(pipeline, "cluster_snapshot", racing_snapshot)
     assert replica_place(model_name="m").node_name == "second"
 
 

@@ -130,7 +130,7 @@ def test_a_replica_claimed_between_snapshot_and_trim_is_kept(agent, monkeypatch)
 
     def snapshot_then_request_arrives():
         snapshot = read()
-        assert registry.replica_in_flight_claim(replica_id=busy.pk)
+        ModelReplica.objects.filter(pk=busy.pk).update(in_flight=1)  # a request claims it
         return snapshot
 
     monkeypatch.setattr(reconciler, "load_snapshot", snapshot_then_request_arrives)

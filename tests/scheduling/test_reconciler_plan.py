@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from nodes.choices import NodeStatus
+from scheduling.pipeline import NodeSnapshot, ReplicaView, RuleView
 from scheduling.reconciler import (
-    NodeView,
-    ReplicaView,
-    RuleView,
     Settings,
     cluster_capacity,
     plan_overcap_trims,
@@ -20,10 +19,10 @@ _ids = iter(range(1, 10_000))
 
 
 def node(name="n", cap=1, schedulable=True, labels=None):
-    return NodeView(
+    return NodeSnapshot(
         id=name,
         name=name,
-        schedulable=schedulable,
+        status=NodeStatus.HEALTHY if schedulable else NodeStatus.UNHEALTHY,
         effective_cap=cap,
         total_vram=0,
         available_vram=0,

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from nodes.models import ModelReplica
 from scheduling import router
-from scheduling.router import replica_pick_and_claim, replica_release
+from scheduling.router import replica_release
 from tests.conftest import wait_until
 from tests.factories import GiB, NodeFactory, NodeLabelFactory, ReplicaFactory, RuleFactory
 
@@ -27,6 +27,19 @@ async def _hot_pools_closed():
     await router.close_hot_pools()
 
 
+def claim(*, model_name, exclude=()):
+    """One claim by the router's real claim statement (`router.aclaim`) from sync code: its own event loop,
+    whose hot-path pool is closed after."""
+
+    async def run():
+        try:
+            return await router.aclaim(model_name, exclude=exclude)
+        finally:
+            await router.close_hot_pools()
+
+    return asyncio.run(run())
+
+
 def node(name, free_gib=10, **extra):
     return NodeFactory(name=name, total_vram=free_gib * GiB, available_vram=free_gib * GiB, **extra)
 
@@ -37,7 +50,7 @@ def flights(model="m"):
 
 def test_claim_updates_last_used_and_in_flight():  # 87
     replica = ReplicaFactory(node=node("n1"), model_name="m")
-    lease = replica_pick_and_claim(model_name="m")
+    lease = claim(model_name="m")
     replica.refresh_from_db()
     assert lease.replica_id == replica.id
     assert replica.in_flight == 1
@@ -50,25 +63,25 @@ def test_claim_updates_last_used_and_in_flight():  # 87
 def test_fewest_in_flight_wins():  # 88
     ReplicaFactory(node=node("n1"), model_name="m", in_flight=2)
     ReplicaFactory(node=node("n2"), model_name="m", in_flight=0)
-    assert replica_pick_and_claim(model_name="m").node_name == "n2"
+    assert claim(model_name="m").node_name == "n2"
 
 
 def test_ties_go_to_more_free_vram_then_least_recently_used():  # 89
     ReplicaFactory(node=node("small", 4), model_name="m")
     ReplicaFactory(node=node("big", 16), model_name="m")
-    assert replica_pick_and_claim(model_name="m").node_name == "big"
+    assert claim(model_name="m").node_name == "big"
     ModelReplica.objects.update(in_flight=0)
     now = timezone.now()
     ModelReplica.objects.filter(node__name="big").update(last_used=now)
     ModelReplica.objects.filter(node__name="small").update(last_used=now - timezone.timedelta(minutes=1))
     ModelReplica.objects.filter(node__name="small").update(node=node("big2", 16))
-    assert replica_pick_and_claim(model_name="m").node_name == "big2"
+    assert claim(model_name="m").node_name == "big2"
 
 
 def test_draining_node_skipped_for_a_busier_healthy_one():  # 90
     ReplicaFactory(node=node("draining", status="draining"), model_name="m")
     ReplicaFactory(node=node("healthy"), model_name="m", in_flight=3)
-    assert replica_pick_and_claim(model_name="m").node_name == "healthy"
+    assert claim(model_name="m").node_name == "healthy"
 
 
 @pytest.mark.parametrize(
@@ -77,14 +90,14 @@ def test_draining_node_skipped_for_a_busier_healthy_one():  # 90
 )
 def test_unusable_replicas_are_not_routed(state, status):  # 91
     ReplicaFactory(node=node("n1", status=status), model_name="m", state=state)
-    assert replica_pick_and_claim(model_name="m") is None
+    assert claim(model_name="m") is None
     assert flights() == {"n1": 0}
 
 
 def test_pending_and_agent_nodes_are_not_routed():
     ReplicaFactory(node=node("pending", status="pending", approved_at=None), model_name="m")
     ReplicaFactory(node=node("agent", node_type="agent"), model_name="m")
-    assert replica_pick_and_claim(model_name="m") is None
+    assert claim(model_name="m") is None
 
 
 def test_selector_is_checked_now():  # 92
@@ -94,10 +107,10 @@ def test_selector_is_checked_now():  # 92
     NodeLabelFactory(node=other, key="tier", value="slow")
     ReplicaFactory(node=other, model_name="m")
     RuleFactory(model_name="m", node_selector={"tier": "fast"})
-    assert replica_pick_and_claim(model_name="m") is None
+    assert claim(model_name="m") is None
     assert flights() == {"other": 0}
     ReplicaFactory(node=matching, model_name="m")
-    assert replica_pick_and_claim(model_name="m").node_name == "matching"
+    assert claim(model_name="m").node_name == "matching"
 
 
 def test_lost_claim_takes_the_next_candidate():  # 94
@@ -123,7 +136,7 @@ def test_lost_claim_takes_the_next_candidate():  # 94
 
 def _claim_in_thread(model: str) -> str:
     try:
-        return replica_pick_and_claim(model_name=model).node_name
+        return claim(model_name=model).node_name
     finally:
         connections.close_all()
 
@@ -138,8 +151,8 @@ def _waiting_on_a_lock() -> bool:
 
 def test_release_never_goes_below_zero():  # 95
     replica = ReplicaFactory(node=node("n1"), model_name="m")
-    lease = replica_pick_and_claim(model_name="m")
-    replica_pick_and_claim(model_name="m")
+    lease = claim(model_name="m")
+    claim(model_name="m")
     assert flights() == {"n1": 2}
     for expected in (1, 0, 0):
         replica_release(replica.id, lease.owner)
@@ -148,9 +161,9 @@ def test_release_never_goes_below_zero():  # 95
 
 def test_no_stickiness_between_requests():  # 93
     ReplicaFactory(node=node("a"), model_name="m")
-    assert replica_pick_and_claim(model_name="m").node_name == "a"  # a is now busy
+    assert claim(model_name="m").node_name == "a"  # a is now busy
     ReplicaFactory(node=node("b", 5), model_name="m")
-    assert replica_pick_and_claim(model_name="m").node_name == "b"
+    assert claim(model_name="m").node_name == "b"
 
 
 async def test_lease_release_is_exactly_once():
@@ -174,8 +187,8 @@ def test_claims_are_recorded_under_this_process_owner():
     from nodes.models import InFlightClaim
 
     replica = ReplicaFactory(node=node("n1"), model_name="m")
-    lease = replica_pick_and_claim(model_name="m")
-    replica_pick_and_claim(model_name="m")
+    lease = claim(model_name="m")
+    claim(model_name="m")
     assert list(InFlightClaim.objects.values_list("owner", "replica_id", "count")) == [
         (lease.owner, replica.id, 2)
     ]
@@ -187,7 +200,7 @@ def test_a_release_of_a_reclaimed_unit_changes_nothing():
     from nodes.models import InFlightClaim
 
     replica = ReplicaFactory(node=node("n1"), model_name="m")
-    lease = replica_pick_and_claim(model_name="m")
+    lease = claim(model_name="m")
     InFlightClaim.objects.filter(owner=lease.owner).delete()  # reclaimed
     ModelReplica.objects.filter(pk=replica.pk).update(in_flight=1)  # another process's unit
     replica_release(replica.id, lease.owner)

@@ -1,10 +1,11 @@
-"""`python manage.py cluster_status`: nodes (status, slots, VRAM used/reserved/total) and replicas, as tables."""
+"""`python manage.py cluster_status`: nodes (status, slots, VRAM used/reserved/total) and replicas, as tables.
+`--why MODEL`: the placement dry run of `GET /api/plan` — every node's verdict for one more replica of MODEL."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
 from nodes.api.admin import node_queryset
 from nodes.models import ModelReplica
@@ -33,7 +34,18 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 class Command(BaseCommand):
     help = "Show the cluster: nodes (status, slots, VRAM used/reserved/total) and replicas."
 
+    def add_arguments(self, parser) -> None:
+        parser.add_argument(
+            "--why",
+            metavar="MODEL",
+            help="Explain where one more replica of MODEL would go, node by node (a dry run: nothing is "
+            "claimed or loaded).",
+        )
+
     def handle(self, *args, **options) -> None:
+        if options.get("why"):
+            self.why(options["why"])
+            return
         nodes = list(node_queryset())
         node_rows = []
         for node in nodes:
@@ -88,3 +100,26 @@ class Command(BaseCommand):
         self.stdout.write(f"Replicas ({len(replicas)})")
         headers = ["MODEL", "INDEX", "NODE", "STATE", "IN-FLIGHT", "ADDRESS", "VRAM", "LAST USED"]
         self.stdout.write(table(headers, replica_rows) if replica_rows else "  (none)")
+
+    def why(self, model_name: str) -> None:
+        from scheduling.placement import UnknownModel
+        from scheduling.services import placement_plan
+
+        try:
+            plan = placement_plan(model_name=model_name).as_dict()
+        except UnknownModel as error:
+            raise CommandError(str(error)) from None
+        selector = ", ".join(f"{key}={value}" for key, value in plan["selector"].items()) or "-"
+        self.stdout.write(
+            f"Placing one more replica of {model_name} (needs {human_bytes(plan['vram_bytes'])}"
+            f" VRAM, selector {selector})"
+        )
+        if plan["chosen"]:
+            self.stdout.write(f"would go to: {plan['chosen']}")
+        elif plan["evict"]:
+            self.stdout.write(f"would evict {plan['evict']} on {plan['evict_node']}, then place there")
+        else:
+            self.stdout.write(plan["message"])
+        rows = [[c["node"], c["verdict"], c["detail"]] for c in plan["candidates"]]
+        self.stdout.write("")
+        self.stdout.write(table(["NODE", "VERDICT", "DETAIL"], rows) if rows else "  (no backend node)")
