@@ -96,7 +96,9 @@ def test_every_admin_route_is_audited(api):
 
     # (The `ops` key itself was created by the fixture: its `api_key.create` entry is the command's door.)
     trail = list(
-        AuditEntry.objects.exclude(target_type="api_key").order_by("id").values_list("action", "actor_name", "via")
+        AuditEntry.objects.exclude(target_type="api_key")
+        .order_by("id")
+        .values_list("action", "actor_name", "via")
     )
     assert [action for action, _, _ in trail] == [
         "node.approve",

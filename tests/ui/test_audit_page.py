@@ -124,6 +124,9 @@ def test_the_drawer_shows_the_nodes_recent_changes(staff_client: Client) -> None
     assert 'data-action="node.drain"' in drawer and "by <strong>ops</strong>" in drawer
     assert f"/ui/audit/?target_type=node&amp;target_id={node.pk}" in drawer
     fragment = staff_client.get(f"/ui/nodes/{node.pk}/audit", **HTMX).content.decode()
-    assert fragment.strip().startswith(f'<div id="node-{node.pk}-audit"') and 'data-action="node.drain"' in fragment
+    assert (
+        fragment.strip().startswith(f'<div id="node-{node.pk}-audit"')
+        and 'data-action="node.drain"' in fragment
+    )
     plain = staff_client.get(f"/ui/nodes/{node.pk}/audit")
     assert plain.status_code == 302 and plain["Location"].endswith(f"target_id={node.pk}")
