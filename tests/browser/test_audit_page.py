@@ -31,6 +31,7 @@ def test_drain_on_the_nodes_page_shows_in_the_drawer_and_on_the_audit_page(page)
     entry = recent.locator('[data-action="node.drain"]')
     expect(entry).to_contain_text("by ops")
     expect(entry).to_contain_text("healthy → draining")
+    screenshot(page, "nodes-drawer-audit-1360")
 
     recent.get_by_role("link", name="All changes to this node").click()
     expect(page).to_have_url(re.compile(rf"/ui/audit/\?target_type=node&target_id={node.pk}$"))
