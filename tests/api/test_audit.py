@@ -21,7 +21,7 @@ from nodes.apikeys import api_key_create, api_key_revoke
 from nodes.models import ApiKey, Node, NodeLabel
 from scheduling import catalog
 from scheduling.loadfailures import LoadAttempt, load_failure_record
-from scheduling.models import ModelConfig, SchedulingRule
+from scheduling.models import LoadFailure, ModelConfig, SchedulingRule
 from scheduling.services import rule_delete, rule_upsert, rules_breaker_reset
 from tests.factories import ModelConfigFactory, NodeFactory, NodeLabelFactory, ReplicaFactory, RuleFactory
 
@@ -197,7 +197,7 @@ def test_admin_labels_inline_is_one_labels_entry(admin_client):
     data = {
         "name": "gpu-e",
         "node_type": "backend",
-        "address": node.address,
+        "address": "10.0.0.9:50051",
         "status": "healthy",
         "max_replicas_override": "",
         f"{prefix}-TOTAL_FORMS": "2",
@@ -220,7 +220,21 @@ def test_admin_labels_inline_is_one_labels_entry(admin_client):
     assert entry.via == "admin"
     assert entry.before == {"labels": {"zone": "eu"}}
     assert entry.after == {"labels": {"rack": "r1", "zone": "us"}}
-    assert not AuditEntry.objects.filter(action="node.update").exists()  # the node's fields did not change
+    update = only_entry(action="node.update")
+    assert (update.before["address"], update.after["address"]) == (node.address, "10.0.0.9:50051")
+    assert update.before["status"] == update.after["status"] == "healthy"
+
+
+def test_admin_load_failure_delete_is_retry_now(admin_client):
+    ModelConfigFactory(name="broken", backend="echo")
+    failure = load_failure_record(attempt=LoadAttempt("broken"), error="no such file")
+    answer = admin_client.post(f"/admin/scheduling/loadfailure/{failure.pk}/delete/", {"post": "yes"})
+    assert answer.status_code == 302
+    assert not LoadFailure.objects.exists()
+    entry = only_entry(action="model.retry_load")
+    assert (
+        entry.via == "admin" and entry.target_id == "broken" and entry.before["last_error"] == "no such file"
+    )
 
 
 # --- the management command door ----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from django.test import Client
 from django.utils import timezone
 
 from audit.models import AuditEntry
+from scheduling.loadfailures import LoadAttempt, load_failure_record
 from tests.factories import NodeFactory, ReplicaFactory
 from tests.ui.conftest import HTMX
 
@@ -67,6 +68,12 @@ def test_keys_and_scheduling_pages_are_audited_too(staff_client: Client) -> None
     assert answer.status_code == 200, answer.content[:2000]
     rule = AuditEntry.objects.get(action="rule.create")
     assert rule.via == "page" and rule.before is None and rule.after["max_replicas"] == 2
+    load_failure_record(attempt=LoadAttempt("m"), error="boom")
+    assert staff_client.post("/ui/scheduling/retry-load", {"model_name": "m"}, **HTMX).status_code == 200
+    retry = AuditEntry.objects.get(action="model.retry_load")
+    assert (retry.actor_name, retry.via, retry.target_id) == ("ops", "page", "m")
+    assert staff_client.post("/ui/scheduling/delete", {"model_name": "m"}, **HTMX).status_code == 200
+    assert AuditEntry.objects.get(action="rule.delete").before["max_replicas"] == 2
 
 
 def test_the_page_lists_filters_and_shows_before_after(staff_client: Client) -> None:
