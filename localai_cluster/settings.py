@@ -154,6 +154,7 @@ INSTALLED_APPS = [
     "nodes",
     "scheduling",
     "console",
+    "audit",
 ]
 
 MIDDLEWARE = [
@@ -162,6 +163,7 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "audit.context.AuditActorMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]

@@ -17,5 +17,6 @@ urlpatterns = [
     path("", include("scheduling.gateway_urls")),  # /v1/*
     path("", include("nodes.urls")),  # /ui/nodes/*
     path("", include("scheduling.urls")),  # /ui/scheduling/*
+    path("", include("audit.urls")),  # /api/audit, /ui/audit/
     path("", include("console.urls")),  # /ui/ (overview), /ui/keys/*, /ui/playground/*
 ]

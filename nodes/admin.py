@@ -1,16 +1,25 @@
-"""Django admin for the registry. Actions go through the registry services, like the API and the pages."""
+"""Django admin for the registry. Actions go through the registry services, like the API and the pages, and
+are audited there; a node's edit form and its labels inline are audited as `node.update` / `node.labels`;
+deleting a node or a replica row goes through `node_delete` / `replica_unload` (the agent stops them)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import groupby
+from typing import Any
 
 from django.contrib import admin, messages
+from django.db import transaction
 from django.db.models import QuerySet
 from django.http import HttpRequest
-from django.utils import timezone
 
+from audit import services as audit
+from audit.admin import AuditedModelAdmin
+from audit.models import Action
 from nodes import services
+from nodes.apikeys import api_key_revoke
 from nodes.models import ApiKey, ModelReplica, Node, NodeLabel
+from nodes.selectors import node_admin_labels
 
 RESOURCE_FIELDS = (
     "total_vram",
@@ -63,7 +72,7 @@ def _node_action(verb: str, service: Callable[..., Node]) -> Callable:
 
 
 @admin.register(Node)
-class NodeAdmin(admin.ModelAdmin):
+class NodeAdmin(AuditedModelAdmin):
     list_display = (
         "name",
         "status",
@@ -85,6 +94,39 @@ class NodeAdmin(admin.ModelAdmin):
         _node_action("Draining", services.node_drain),
         _node_action("Resumed", services.node_resume),
     )
+    audit_target_type = "node"
+
+    def audit_state(self, obj: Node) -> dict[str, Any] | None:  # type: ignore[override]
+        return {
+            field: getattr(obj, field)
+            for field in ("name", "node_type", "address", "status", "max_replicas_override")
+        }
+
+    def audit_target(self, obj: Node) -> tuple[str, str]:  # type: ignore[override]
+        return str(obj.pk), obj.name
+
+    def save_related(self, request: HttpRequest, form: Any, formsets: Any, change: bool) -> None:
+        """The labels inline: one `node.labels` entry with the labels before and after."""
+        node = form.instance
+        with transaction.atomic():
+            before = node_admin_labels(node=node) if change else {}
+            super().save_related(request, form, formsets, change)
+            audit.record(
+                action=Action.NODE_LABELS,
+                target_type="node",
+                target_id=node.pk,
+                target_name=node.name,
+                before={"labels": before},
+                after={"labels": node_admin_labels(node=node)},
+            )
+
+    def delete_model(self, request: HttpRequest, obj: Node) -> None:
+        services.node_delete(node=obj)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Node]) -> None:
+        with transaction.atomic():
+            for node in queryset:
+                services.node_delete(node=node)
 
     @admin.display(description="slots")
     def effective_cap(self, node: Node) -> int:
@@ -103,6 +145,20 @@ class ModelReplicaAdmin(admin.ModelAdmin):
     search_fields = ("model_name", "node__name")
     list_select_related = ("node",)
     readonly_fields = ("in_flight", "last_used", "load_started_at", "loaded_at", "last_seen_at")
+
+    def has_change_permission(self, request: HttpRequest, obj: ModelReplica | None = None) -> bool:
+        # Rows mirror what agents run: they are unloaded (below), never edited by hand.
+        return False
+
+    def delete_model(self, request: HttpRequest, obj: ModelReplica) -> None:
+        services.replica_unload(node=obj.node, replicas=[obj])
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[ModelReplica]) -> None:
+        rows = list(queryset.select_related("node").order_by("node_id"))
+        with transaction.atomic():
+            for _, group in groupby(rows, key=lambda row: row.node_id):
+                replicas = list(group)
+                services.replica_unload(node=replicas[0].node, replicas=replicas)
 
 
 @admin.register(ApiKey)
@@ -124,5 +180,8 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
     @admin.action(description="Revoke selected keys")
     def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
-        count = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
-        self.message_user(request, f"Revoked {count} key(s).", messages.SUCCESS)
+        with transaction.atomic():
+            keys = list(queryset.filter(revoked_at__isnull=True))
+            for api_key in keys:
+                api_key_revoke(api_key=api_key)
+        self.message_user(request, f"Revoked {len(keys)} key(s).", messages.SUCCESS)

@@ -13,6 +13,8 @@ from datetime import timedelta
 from django.db import transaction
 from django.utils import timezone
 
+from audit import services as audit
+from audit.models import Action
 from nodes.models import ApiKey
 
 KEY_PREFIX = "lac_"
@@ -27,19 +29,53 @@ def api_key_hash(raw: str) -> str:
 
 
 def api_key_create(*, name: str, is_admin: bool = False) -> tuple[ApiKey, str]:
-    """Creates a key; answers the row and the raw key (the only time the raw key is available)."""
+    """Creates a key; answers the row and the raw key (the only time the raw key is available). Audited as
+    `api_key.create` (name, prefix, scope; never the key)."""
     raw = KEY_PREFIX + secrets.token_urlsafe(32)
     with transaction.atomic(durable=True):
         api_key = ApiKey.objects.create(
             name=name, prefix=raw[:PREFIX_LENGTH], key_hash=api_key_hash(raw), is_admin=is_admin
         )
+        _audit(Action.API_KEY_CREATE, api_key, before=None, after=_key_state(api_key))
     return api_key, raw
 
 
+def _key_state(api_key: ApiKey) -> dict:
+    return {
+        "name": api_key.name,
+        "prefix": api_key.prefix,
+        "is_admin": api_key.is_admin,
+        "revoked_at": api_key.revoked_at,
+    }
+
+
+def _audit(action: str, api_key: ApiKey, *, before: dict | None, after: dict | None) -> None:
+    audit.record(
+        action=action,
+        target_type="api_key",
+        target_id=api_key.pk,
+        target_name=api_key.name,
+        before=before,
+        after=after,
+    )
+
+
 def api_key_revoke(*, api_key: ApiKey) -> ApiKey:
-    """Marks the key revoked (idempotent: the first revocation time is kept). A revoked key is refused."""
-    ApiKey.objects.filter(pk=api_key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
-    api_key.refresh_from_db(fields=["revoked_at"])
+    """Marks the key revoked (idempotent: the first revocation time is kept). A revoked key is refused.
+    A revocation (not a repeated one) is audited as `api_key.revoke`."""
+    with transaction.atomic():
+        revoked = ApiKey.objects.filter(pk=api_key.pk, revoked_at__isnull=True).update(
+            revoked_at=timezone.now()
+        )
+        before = _key_state(api_key)
+        api_key.refresh_from_db(fields=["revoked_at"])
+        if revoked:
+            _audit(
+                Action.API_KEY_REVOKE,
+                api_key,
+                before={**before, "revoked_at": None},
+                after=_key_state(api_key),
+            )
     return api_key
 
 

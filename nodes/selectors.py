@@ -6,6 +6,7 @@ import uuid
 
 from django.db.models import QuerySet
 
+from nodes.choices import AUTO_LABELS
 from nodes.models import ModelReplica, Node, NodeLabel
 
 
@@ -21,6 +22,17 @@ def node_get(*, node_id: uuid.UUID | str) -> Node | None:
 def node_labels(*, node: Node) -> dict[str, str]:
     """The node's labels as a dict (auto-labels included)."""
     return dict(NodeLabel.objects.filter(node=node).values_list("key", "value"))
+
+
+def node_admin_labels(*, node: Node) -> dict[str, str]:
+    """The node's labels other than auto-labels (what a label edit changes; the audit trail records it), by
+    key: one query."""
+    return dict(
+        NodeLabel.objects.filter(node=node)
+        .exclude(key__in=AUTO_LABELS)
+        .order_by("key")
+        .values_list("key", "value")
+    )
 
 
 def node_replica_list(*, node: Node) -> QuerySet[ModelReplica]:

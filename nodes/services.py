@@ -23,6 +23,8 @@ from django.db.models import F
 from django.db.models.functions import Greatest
 from django.utils import timezone
 
+from audit import services as audit
+from audit.models import Action
 from nodes.choices import (
     AUTO_LABELS,
     LABEL_GPU_VENDOR,
@@ -36,7 +38,7 @@ from nodes.choices import (
 )
 from nodes.exceptions import InvalidTransition, InvalidValue, NameTaken
 from nodes.models import ModelReplica, Node, NodeLabel, process_key
-from nodes.selectors import node_labels
+from nodes.selectors import node_admin_labels, node_labels
 from nodes.signals import cluster_capacity_changed
 from nodes.tokens import (
     credential_matches,
@@ -197,6 +199,38 @@ def _status_when_back(node: Node) -> str:
     if not node.is_approved:
         return NodeStatus.PENDING
     return NodeStatus.DRAINING if node.drained_by_admin else NodeStatus.HEALTHY
+
+
+def _audit_node(action: str, node: Node, *, before: Any, after: Any) -> None:
+    """The audit entry of an admin action on `node` (inside the action's transaction)."""
+    audit.record(
+        action=action,
+        target_type="node",
+        target_id=node.pk,
+        target_name=node.name,
+        before=before,
+        after=after,
+    )
+
+
+def _status_state(node: Node) -> dict[str, Any]:
+    return {"status": node.status, "approved_at": node.approved_at, "drained_by_admin": node.drained_by_admin}
+
+
+def _cap_state(node: Node) -> dict[str, Any]:
+    return {
+        "max_replicas_override": node.max_replicas_override,
+        "replica_slots": node.effective_max_replicas,
+    }
+
+
+def _replica_keys(node: Node) -> list[str]:
+    return [
+        process_key(model_name, replica_index)
+        for model_name, replica_index in ModelReplica.objects.filter(node=node)
+        .order_by("model_name", "replica_index")
+        .values_list("model_name", "replica_index")
+    ]
 
 
 # --- registration and heartbeat -----------------------------------------------------------------------------
@@ -416,10 +450,12 @@ def node_approve(*, node: Node) -> Node:
         locked = _lock_node(node.pk)
         if locked.status != NodeStatus.PENDING:
             raise InvalidTransition(node=locked, action="approve", status=locked.status)
+        before = _status_state(locked)
         locked.status = NodeStatus.HEALTHY
         locked.approved_at = now
         locked.drained_by_admin = False
         locked.save(update_fields=["status", "approved_at", "drained_by_admin", "updated_at"])
+        _audit_node(Action.NODE_APPROVE, locked, before=before, after=_status_state(locked))
         _capacity_changed(f"node {locked.name} approved")
     return locked
 
@@ -429,19 +465,23 @@ def node_drain(*, node: Node, by_admin: bool = True) -> Node:
     flight finishes. An admin's drain (`by_admin`) survives the agent's re-registrations until an admin
     resumes the node; the agent's own drain (before it deregisters) does not. Draining a draining node
     changes only that flag. Raises `InvalidTransition` for a node never approved (resuming it would
-    otherwise approve it)."""
+    otherwise approve it). An admin's drain that changed something is audited (not the agent's own)."""
     with transaction.atomic():
         locked = _lock_node(node.pk)
+        before = _status_state(locked)
         if locked.status == NodeStatus.DRAINING:
             if by_admin and not locked.drained_by_admin:
                 locked.drained_by_admin = True
                 locked.save(update_fields=["drained_by_admin", "updated_at"])
+                _audit_node(Action.NODE_DRAIN, locked, before=before, after=_status_state(locked))
             return locked
         if not locked.is_approved:
             raise InvalidTransition(node=locked, action="drain", status=locked.status)
         locked.status = NodeStatus.DRAINING
         locked.drained_by_admin = locked.drained_by_admin or by_admin
         locked.save(update_fields=["status", "drained_by_admin", "updated_at"])
+        if by_admin:
+            _audit_node(Action.NODE_DRAIN, locked, before=before, after=_status_state(locked))
         _capacity_changed(f"node {locked.name} draining")
     return locked
 
@@ -452,9 +492,11 @@ def node_resume(*, node: Node) -> Node:
         locked = _lock_node(node.pk)
         if locked.status != NodeStatus.DRAINING:
             raise InvalidTransition(node=locked, action="resume", status=locked.status)
+        before = _status_state(locked)
         locked.status = NodeStatus.HEALTHY
         locked.drained_by_admin = False
         locked.save(update_fields=["status", "drained_by_admin", "updated_at"])
+        _audit_node(Action.NODE_RESUME, locked, before=before, after=_status_state(locked))
         _capacity_changed(f"node {locked.name} resumed")
     return locked
 
@@ -477,13 +519,17 @@ def node_delete(*, node: Node) -> list[str]:
     commit its agent is asked to stop each of them (errors are logged, never raised)."""
     with transaction.atomic():
         locked = _lock_node(node.pk)
-        keys = [
-            process_key(model_name, replica_index)
-            for model_name, replica_index in ModelReplica.objects.filter(node=locked)
-            .order_by("model_name", "replica_index")
-            .values_list("model_name", "replica_index")
-        ]
+        keys = _replica_keys(locked)
         address, name, token = locked.address, locked.name, node_token_for(locked)
+        before = {
+            **_status_state(locked),
+            "address": address,
+            "node_type": locked.node_type,
+            **_cap_state(locked),
+            "labels": node_admin_labels(node=locked),
+            "replicas": keys,
+        }
+        _audit_node(Action.NODE_DELETE, locked, before=before, after=None)
         locked.delete()
         if keys and address:
             transaction.on_commit(
@@ -537,19 +583,25 @@ def replica_stop_on_agent(*, node: Node, process_key: str) -> list[str]:
 def replica_unload(*, node: Node, replicas: Iterable[ModelReplica]) -> list[str]:
     """Unloads these replica rows of the node (API and page): each row goes at once (no new request reaches
     it; requests in flight on it are cut off), then — after commit — the agent is asked to stop exactly
-    their process keys. Returns the keys of the rows removed (a row already gone is skipped)."""
-    removed = [
-        replica.process_key
-        for replica in replicas
-        if replica.node_id == node.pk and replica_remove(replica_id=replica.id) is not None
-    ]
+    their process keys. Returns the keys of the rows removed (a row already gone is skipped). Audited as
+    `node.unload` (the node's replica keys before and after), in the same transaction."""
+    with transaction.atomic():
+        before = _replica_keys(node)
+        removed = [
+            replica.process_key
+            for replica in replicas
+            if replica.node_id == node.pk and replica_remove(replica_id=replica.id) is not None
+        ]
+        if removed:
+            after = [key for key in before if key not in removed]
+            _audit_node(Action.NODE_UNLOAD, node, before={"replicas": before}, after={"replicas": after})
+
+            def stop() -> None:
+                for key in removed:
+                    replica_stop_on_agent(node=node, process_key=key)
+
+            transaction.on_commit(stop)
     if removed:
-
-        def stop() -> None:
-            for key in removed:
-                replica_stop_on_agent(node=node, process_key=key)
-
-        transaction.on_commit(stop)
         logger.info("unloaded %r from %r", removed, node.name)
     return removed
 
@@ -563,9 +615,16 @@ def node_labels_replace(*, node: Node, labels: Mapping[str, str]) -> dict[str, s
     wanted = _without_auto_labels(_validate_labels(labels))
     with transaction.atomic():
         locked = _lock_node(node.pk)
+        before = node_admin_labels(node=locked)
         NodeLabel.objects.filter(node=locked).exclude(key__in=AUTO_LABELS).exclude(key__in=wanted).delete()
         _upsert_labels(locked, wanted, source=LabelSource.ADMIN)
         _refresh_auto_labels(locked)
+        _audit_node(
+            Action.NODE_LABELS,
+            locked,
+            before={"labels": before},
+            after={"labels": node_admin_labels(node=locked)},
+        )
         _capacity_changed(f"labels of node {locked.name} replaced")
     return node_labels(node=locked)
 
@@ -576,10 +635,17 @@ def node_labels_merge(*, node: Node, labels: Mapping[str, str]) -> dict[str, str
     wanted = _without_auto_labels(_validate_labels(labels))
     with transaction.atomic():
         locked = _lock_node(node.pk)
+        before = node_admin_labels(node=locked)
         _upsert_labels(locked, wanted, source=LabelSource.ADMIN)
         if NodeLabel.objects.filter(node=locked).exclude(key__in=AUTO_LABELS).count() > MAX_NODE_LABELS:
             raise InvalidValue(f"A node carries at most {MAX_NODE_LABELS} labels.", field="labels")
         _refresh_auto_labels(locked)
+        _audit_node(
+            Action.NODE_LABELS,
+            locked,
+            before={"labels": before},
+            after={"labels": node_admin_labels(node=locked)},
+        )
         _capacity_changed(f"labels of node {locked.name} changed")
     return node_labels(node=locked)
 
@@ -590,8 +656,11 @@ def node_label_remove(*, node: Node, key: str) -> bool:
         raise InvalidValue(f"{key} is managed by the control plane.", field="key")
     with transaction.atomic():
         locked = _lock_node(node.pk)
+        before = node_admin_labels(node=locked)
         deleted, _ = NodeLabel.objects.filter(node=locked, key=key).delete()
         if deleted:
+            after = {k: v for k, v in before.items() if k != key}
+            _audit_node(Action.NODE_LABELS, locked, before={"labels": before}, after={"labels": after})
             _capacity_changed(f"label {key} removed from node {locked.name}")
     return bool(deleted)
 
@@ -602,9 +671,11 @@ def node_override_set(*, node: Node, value: int) -> Node:
     _check_cap("value", value)
     with transaction.atomic():
         locked = _lock_node(node.pk)
+        before = _cap_state(locked)
         locked.max_replicas_override = value
         locked.save(update_fields=["max_replicas_override", "updated_at"])
         _refresh_auto_labels(locked)
+        _audit_node(Action.NODE_OVERRIDE_SET, locked, before=before, after=_cap_state(locked))
         _capacity_changed(f"override of node {locked.name} set to {value}")
     return locked
 
@@ -614,9 +685,11 @@ def node_override_reset(*, node: Node) -> Node:
     follows."""
     with transaction.atomic():
         locked = _lock_node(node.pk)
+        before = _cap_state(locked)
         locked.max_replicas_override = None
         locked.save(update_fields=["max_replicas_override", "updated_at"])
         _refresh_auto_labels(locked)
+        _audit_node(Action.NODE_OVERRIDE_RESET, locked, before=before, after=_cap_state(locked))
         _capacity_changed(f"override of node {locked.name} reset")
     return locked
 

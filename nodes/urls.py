@@ -10,6 +10,7 @@ urlpatterns = [
     path("ui/nodes/", views.node_list, name="list"),
     path("ui/nodes/<uuid:node_id>/", views.node_detail, name="detail"),
     path("ui/nodes/<uuid:node_id>/replicas", views.node_replicas, name="replicas"),
+    path("ui/nodes/<uuid:node_id>/audit", views.node_audit, name="audit"),
     path("ui/nodes/<uuid:node_id>/approve", views.node_approve, name="approve"),
     path("ui/nodes/<uuid:node_id>/drain", views.node_drain, name="drain"),
     path("ui/nodes/<uuid:node_id>/resume", views.node_resume, name="resume"),

@@ -58,6 +58,21 @@ def _drawer_context(node: Node) -> dict:
     return {"node": node, "replicas": replicas, "most_replicas": most, "most_replicas_model": most_model}
 
 
+AUDIT_IN_DRAWER = 8
+
+
+def _audit_context(node: Node) -> dict:
+    """The node's latest audit entries (the drawer's "Recent changes"): one query."""
+    from audit.presentation import entry_rows
+    from audit.selectors import audit_for_target
+
+    return {
+        "audit_rows": entry_rows(
+            audit_for_target(target_type="node", target_id=str(node.pk), limit=AUDIT_IN_DRAWER)
+        )
+    }
+
+
 def _row(node_id: uuid.UUID) -> Node:
     node = node_row(node_id=node_id)
     if node is None:
@@ -98,7 +113,7 @@ def node_detail(request: HttpRequest, node_id: uuid.UUID) -> HttpResponse:
     """A node's drawer (HTMX), or the nodes page with that drawer open."""
     node = _row(node_id)
     if is_htmx(request):
-        return render(request, f"{PAGE}#drawer", _drawer_context(node))
+        return render(request, f"{PAGE}#drawer", {**_drawer_context(node), **_audit_context(node)})
     nodes = node_rows_decorated()
     context = {
         "stats": cluster_stats(),
@@ -106,8 +121,19 @@ def node_detail(request: HttpRequest, node_id: uuid.UUID) -> HttpResponse:
         "open_node_id": node.pk,
         "nav": "nodes",
         **_drawer_context(node),
+        **_audit_context(node),
     }
     return render(request, PAGE, context)
+
+
+@require_GET
+@staff_required
+def node_audit(request: HttpRequest, node_id: uuid.UUID) -> HttpResponse:
+    """The drawer's "Recent changes" (it asks again after every action's toast while the drawer is open)."""
+    if not is_htmx(request):
+        return redirect(f"{reverse('audit:list')}?target_type=node&target_id={node_id}")
+    node = Node(pk=node_id)
+    return render(request, f"{PAGE}#audit_recent", {"node": node, **_audit_context(node)})
 
 
 @require_GET

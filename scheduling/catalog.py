@@ -20,8 +20,10 @@ import yaml
 from django.core.exceptions import ValidationError
 from django.db import transaction
 
-from scheduling.loadfailures import load_failure_clear
-from scheduling.models import ModelConfig
+from audit import services as audit
+from audit.models import Action
+from scheduling.loadfailures import load_failure_clear, load_failure_payload
+from scheduling.models import LoadFailure, ModelConfig
 
 KV_BYTES_PER_TOKEN = 128 * 1024
 DEFAULT_CONTEXT_SIZE = 2048
@@ -48,8 +50,9 @@ def model_config_upsert(
     context_size: int | None = None,
 ) -> tuple[ModelConfig, bool]:
     """Creates or replaces the catalog entry `name`; answers it and whether it was created. Clears the
-    model's load backoff: the edit may be the fix."""
+    model's load backoff: the edit may be the fix. Audited as `model.create` / `model.update`."""
     with transaction.atomic():
+        previous = ModelConfig.objects.select_for_update().filter(name=name).first()
         config, created = ModelConfig.objects.update_or_create(
             name=name,
             defaults={
@@ -61,15 +64,57 @@ def model_config_upsert(
             },
         )
         load_failure_clear(model_name=name, reason="catalog entry edited")
+        model_audit(
+            Action.MODEL_CREATE if created else Action.MODEL_UPDATE,
+            name=name,
+            before=model_state(previous),
+            after=model_state(config),
+        )
     return config, created
 
 
+def model_state(config: ModelConfig | None) -> dict[str, Any] | None:
+    """A catalog entry as the audit trail records it (None: no entry)."""
+    if config is None:
+        return None
+    return {
+        "backend": config.backend,
+        "model": config.model,
+        "options": config.options,
+        "vram_bytes": config.vram_bytes,
+        "context_size": config.context_size,
+    }
+
+
+def model_audit(action: str, *, name: str, before: Any, after: Any) -> None:
+    """An audit entry about the model `name` (catalog changes, load retries, the models page's actions)."""
+    audit.record(
+        action=action, target_type="model", target_id=name, target_name=name, before=before, after=after
+    )
+
+
 def model_config_delete(*, name: str) -> bool:
-    """Deletes the catalog entry `name`; True when there was one. Running replicas are not touched."""
+    """Deletes the catalog entry `name`; True when there was one. Running replicas are not touched. Audited
+    as `model.delete`."""
     with transaction.atomic():
+        previous = ModelConfig.objects.select_for_update().filter(name=name).first()
         deleted, _ = ModelConfig.objects.filter(name=name).delete()
         load_failure_clear(model_name=name, reason="catalog entry deleted")
+        if deleted:
+            model_audit(Action.MODEL_DELETE, name=name, before=model_state(previous), after=None)
     return deleted > 0
+
+
+def model_retry_load(*, name: str) -> bool:
+    """ "Retry now": forgets the model's failed loads, so the next request or reconciler tick loads it at once;
+    True when it was backing off. Audited as `model.retry_load` (the failure record before, none after)."""
+    with transaction.atomic():
+        failure = LoadFailure.objects.select_for_update().filter(model_name=name).first()
+        if failure is None:
+            return False
+        load_failure_clear(model_name=name, reason="retry requested by an admin")
+        model_audit(Action.MODEL_RETRY_LOAD, name=name, before=load_failure_payload(failure), after=None)
+    return True
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ from django.db import transaction
 from django.db.models import F
 from django.db.models.functions import Least
 
+from audit import services as audit
+from audit.models import Action
 from localai_cluster import metrics
 from nodes.agent_clients import worker_control_client
 from nodes.choices import ReplicaState
@@ -39,9 +41,11 @@ def rule_upsert(
 ) -> SchedulingRule:
     """Creates the rule of `model_name` or updates it in place (same id). The rule's circuit breaker is reset:
     a new selector or minimum deserves a fresh look on the next reconciler tick. The database's check
-    constraints back the invariants (min, max ≥ 0; min ≤ max when max > 0); callers validate first."""
+    constraints back the invariants (min, max ≥ 0; min ≤ max when max > 0); callers validate first.
+    Audited as `rule.create` / `rule.update`."""
     with transaction.atomic():
-        rule, _ = SchedulingRule.objects.update_or_create(
+        previous = SchedulingRule.objects.select_for_update().filter(model_name=model_name).first()
+        rule, created = SchedulingRule.objects.update_or_create(
             model_name=model_name,
             defaults={
                 "node_selector": dict(node_selector),
@@ -52,15 +56,75 @@ def rule_upsert(
                 "unsatisfiable_reason": "",
             },
         )
+        _rule_audit(
+            Action.RULE_CREATE if created else Action.RULE_UPDATE,
+            model_name,
+            before=rule_state(previous),
+            after=rule_state(rule),
+        )
     return rule
+
+
+def rule_state(rule: SchedulingRule | None) -> dict[str, Any] | None:
+    """A rule as the audit trail records it (None: no rule)."""
+    if rule is None:
+        return None
+    return {
+        "node_selector": rule.node_selector,
+        "min_replicas": rule.min_replicas,
+        "max_replicas": rule.max_replicas,
+    }
+
+
+def _breaker_state(rule: SchedulingRule) -> dict[str, Any]:
+    return {
+        "unsatisfiable_ticks": rule.unsatisfiable_ticks,
+        "unsatisfiable_until": rule.unsatisfiable_until,
+        "unsatisfiable_reason": rule.unsatisfiable_reason,
+    }
+
+
+def _rule_audit(action: str, model_name: str, *, before: Any, after: Any) -> None:
+    audit.record(
+        action=action,
+        target_type="rule",
+        target_id=model_name,
+        target_name=model_name,
+        before=before,
+        after=after,
+    )
 
 
 def rule_delete(*, model_name: str) -> bool:
     """Deletes the rule of `model_name`; True when there was one. Its replicas stay: without a rule nothing
-    keeps or trims them, and the router still serves them."""
+    keeps or trims them, and the router still serves them. Audited as `rule.delete`."""
     with transaction.atomic():
+        previous = SchedulingRule.objects.select_for_update().filter(model_name=model_name).first()
         deleted, _ = SchedulingRule.objects.filter(model_name=model_name).delete()
+        if deleted:
+            _rule_audit(Action.RULE_DELETE, model_name, before=rule_state(previous), after=None)
     return deleted > 0
+
+
+def rules_breaker_reset(*, model_names: list[str]) -> int:
+    """Closes the circuit breaker of these models' rules (the reconciler tries them on its next tick);
+    answers how many were open. Each reset is audited as `rule.breaker_reset`."""
+    reset = 0
+    with transaction.atomic():
+        rules = (
+            SchedulingRule.objects.select_for_update()
+            .filter(model_name__in=model_names)
+            .order_by("model_name")
+        )
+        for rule in rules:
+            before = _breaker_state(rule)
+            rule.unsatisfiable_ticks, rule.unsatisfiable_until, rule.unsatisfiable_reason = 0, None, ""
+            if before == _breaker_state(rule):
+                continue
+            rule.save(update_fields=["unsatisfiable_ticks", "unsatisfiable_until", "unsatisfiable_reason"])
+            _rule_audit(Action.RULE_BREAKER_RESET, rule.model_name, before=before, after=_breaker_state(rule))
+            reset += 1
+    return reset
 
 
 # --- end of scheduling rules ------------------------------------------------------------------------------

@@ -14,9 +14,9 @@ from django.views.decorators.http import require_GET, require_POST
 from localai_cluster.htmx import is_htmx, outcome, staff_required, toast
 from scheduling import services
 from scheduling.api.serializers import DecisionFilterSerializer
+from scheduling.catalog import model_retry_load
 from scheduling.choices import Outcome
 from scheduling.forms import MODE_AUTOSCALE, MODE_PIN, RuleForm
-from scheduling.loadfailures import load_failure_clear
 from scheduling.models import SchedulingRule
 from scheduling.page_selectors import catalog_model_names, load_failure_rows, rule_rows
 from scheduling.selectors import decisions_filtered
@@ -133,9 +133,7 @@ def load_failures(request: HttpRequest) -> HttpResponse:
 def retry_load(request: HttpRequest) -> HttpResponse:
     """ "Retry now": forgets the model's failed loads, so the next request or reconciler tick loads it."""
     model_name = request.POST.get("model_name", "")
-    cleared = bool(model_name) and load_failure_clear(
-        model_name=model_name, reason="retry requested on the operator pages"
-    )
+    cleared = bool(model_name) and model_retry_load(name=model_name)
     message = (
         f"{model_name} will be loaded again on its next request."
         if cleared

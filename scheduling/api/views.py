@@ -22,9 +22,8 @@ from scheduling.api.serializers import (
     RuleSerializer,
     RuleWriteSerializer,
 )
-from scheduling.catalog import model_config_delete, model_config_upsert
+from scheduling.catalog import model_config_delete, model_config_upsert, model_retry_load
 from scheduling.choices import Outcome
-from scheduling.loadfailures import load_failure_clear
 from scheduling.models import ModelConfig, SchedulingRule
 from scheduling.placement import UnknownModel
 from scheduling.selectors import decisions_filtered, rules_with_current_replicas
@@ -227,7 +226,7 @@ class ModelRetryLoadView(ModelDetailView):
     )
     def post(self, request: Request, name: str) -> Response:
         config = self._config(name)
-        load_failure_clear(model_name=config.name, reason="retry requested by an admin")
+        model_retry_load(name=config.name)
         return Response(ModelDetailSerializer(config).data)
 
     @extend_schema(exclude=True)

@@ -8,6 +8,7 @@ import re
 import pytest
 from django.test import Client
 
+from nodes import services
 from nodes.choices import LABEL_REPLICA_SLOTS, NodeStatus, NodeType
 from nodes.models import ModelReplica, Node, NodeLabel
 from tests.factories import GiB, NodeFactory, NodeLabelFactory, ReplicaFactory
@@ -161,7 +162,9 @@ def test_drawer_queries_fixed(staff_client: Client, django_assert_max_num_querie
     for index in range(8):
         ReplicaFactory(node=node, model_name="m", replica_index=index)
         NodeLabelFactory(node=node)
-    with django_assert_max_num_queries(6):  # + the decisions that placed the replicas: one query for all
+        services.node_override_set(node=node, value=8 + index)  # an audit entry each
+    # + the decisions that placed the replicas: one query for all; + the node's recent audit entries: one
+    with django_assert_max_num_queries(7):
         staff_client.get(f"/ui/nodes/{node.pk}/", **HTMX)
     with django_assert_max_num_queries(5):
         staff_client.get(f"/ui/nodes/{node.pk}/replicas", **HTMX)

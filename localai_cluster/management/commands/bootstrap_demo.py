@@ -8,12 +8,13 @@ from pathlib import Path
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand
+
+from audit.context import AuditedCommand
 
 DEMO_MODEL = "echo-1"
 
 
-class Command(BaseCommand):
+class Command(AuditedCommand):
     help = "Create the admin user (from DJANGO_SUPERUSER_* or generated) and add echo-1 to the catalog."
     requires_system_checks: list = []  # `migrate` has just reported them
 

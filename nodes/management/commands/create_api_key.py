@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
+from audit.context import AuditedCommand
 from nodes.apikeys import api_key_create
 
 
-class Command(BaseCommand):
+class Command(AuditedCommand):
     help = "Create an API key. Every key may call /v1/*; --admin keys may also use /api/nodes/* and /api/models/*."
 
     def add_arguments(self, parser) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from django.core.exceptions import ValidationError
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
+from audit.context import AuditedCommand
 from scheduling.catalog import models_import_yaml
 from scheduling.catalog import models_path as default_models_path
 
@@ -21,7 +22,7 @@ def _size(n: float) -> str:
     return str(n)
 
 
-class Command(BaseCommand):
+class Command(AuditedCommand):
     help = (
         "Add or update model catalog entries from LocalAI model YAML files (name, backend, parameters.model, "
         "context_size; other fields go into options). VRAM is estimated from a local model file when not given."
