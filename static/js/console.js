@@ -78,14 +78,18 @@
   };
   document.addEventListener("htmx:beforeRequest", (event) => {
     const form = event.detail.elt;
-    if (form.matches && form.matches("form[data-load-now]")) loadsUnderWay.add(form.getAttribute("hx-post"));
-  });
-  document.addEventListener("htmx:afterRequest", (event) => {
-    const form = event.detail.elt;
-    if (form.matches && form.matches("form[data-load-now]")) {
-      loadsUnderWay.delete(form.getAttribute("hx-post"));
-      markLoads();
-    }
+    if (!(form.matches && form.matches("form[data-load-now]"))) return;
+    const url = form.getAttribute("hx-post");
+    loadsUnderWay.add(url);
+    // Listened to on the form itself: once a poll has swapped it out, its events no longer reach the document.
+    form.addEventListener(
+      "htmx:afterRequest",
+      () => {
+        loadsUnderWay.delete(url);
+        markLoads();
+      },
+      { once: true }
+    );
   });
   document.addEventListener("htmx:afterSettle", markLoads);
 

@@ -36,7 +36,7 @@ def test_add_load_unload_warn_and_delete_with_a_real_agent(page, start_agents) -
     expect(page.locator("#model-backends option[value=echo]")).to_have_count(1)
     page.get_by_label("Backend").fill("echo")
     page.get_by_label("Context size").fill("2048")
-    page.get_by_role("button", name="Add model").click()
+    page.get_by_role("button", name="Add model", exact=True).click()
     row = page.locator('tr[data-model="pw-echo"]')
     expect(row).to_be_visible()
     expect(page.get_by_role("status").filter(has_text="Model pw-echo added.")).to_be_visible()
@@ -54,7 +54,7 @@ def test_add_load_unload_warn_and_delete_with_a_real_agent(page, start_agents) -
     expect(page.get_by_role("status").filter(has_text=f"Loaded pw-echo#0 on {agent.name}")).to_be_visible()
     replica = ModelReplica.objects.get(model_name="pw-echo")
     assert replica.state == "loaded" and replica.node.name == agent.name
-    assert [p.key for p in agent.processes()] == ["pw-echo#0"]
+    assert [p.process_key for p in agent.processes()] == ["pw-echo#0"]
     screenshot(page, "models-loaded-1920", full_page=True)
 
     # Unload all, with confirmation: the row empties and the agent stops the process.
@@ -71,7 +71,7 @@ def test_add_load_unload_warn_and_delete_with_a_real_agent(page, start_agents) -
     page.get_by_role("button", name="+ Add model").click()
     page.get_by_label("Name").fill("pw-llama")
     page.get_by_label("Backend").fill("llama-cpp")
-    page.get_by_role("button", name="Add model").click()
+    page.get_by_role("button", name="Add model", exact=True).click()
     warning = page.locator("[data-missing-backends]")
     expect(warning).to_contain_text("pw-llama needs llama-cpp")
     expect(page.locator('tr[data-model="pw-llama"] [data-backend-missing]')).to_be_visible()
