@@ -333,7 +333,7 @@ class ModelLoadView(_ModelActionView):
                 "address": placed.address,
                 "load_seconds": placed.load_seconds,
                 "evicted": placed.evicted,
-                "decision": decision,
+                "decision": result.decision,
             }
             return Response(LoadNowSerializer(body).data)
         error = result.error

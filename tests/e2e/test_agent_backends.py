@@ -43,3 +43,35 @@ def test_a_real_agent_with_a_backends_config_shows_its_backends_in_the_admin_api
     assert plain.node().backends == ["echo"]
     admin = bearer_client(api_key_create(name="ops", is_admin=True)[1])
     assert admin.get(f"/api/nodes/{node.pk}").json()["backends"] == ["echo", "llama-cpp", "whisper"]
+
+
+def test_load_one_now_and_unload_all_through_the_api_with_a_real_agent(start_agents) -> None:
+    from nodes.models import ModelReplica
+    from tests.conftest import wait_until
+    from tests.factories import ModelConfigFactory
+
+    (agent,) = start_agents(1, slots=2)
+    ModelConfigFactory(name="org/echo:1", backend="echo")
+    admin = bearer_client(api_key_create(name="ops", is_admin=True)[1])
+    first = admin.post("/api/models/org/echo:1/load")
+    assert first.status_code == 200, first.content
+    body = first.json()
+    assert (body["outcome"], body["node"], body["process_key"]) == ("placed", agent.name, "org/echo:1#0")
+    assert body["decision"]["trigger"] == "admin" and body["decision"]["outcome"] == "placed"
+    assert body["decision"]["candidates"][0] == {
+        "node": agent.name,
+        "verdict": "chosen",
+        "detail": body["decision"]["candidates"][0]["detail"],
+    }
+    second = admin.post("/api/models/org/echo:1/load").json()
+    assert second["process_key"] == "org/echo:1#1"  # one more each time, through the same pipeline
+    assert set(ModelReplica.objects.values_list("state", flat=True)) == {"loaded"}
+    assert sorted(p.process_key for p in agent.processes()) == ["org/echo:1#0", "org/echo:1#1"]
+    third = admin.post("/api/models/org/echo:1/load")  # both slots taken: refused, every node's verdict
+    assert third.status_code == 503 and "2/2 slots used" in third.json()["error"]
+
+    unloaded = admin.post("/api/models/org/echo:1/unload", {}, format="json")
+    assert unloaded.status_code == 200
+    assert [r["process_key"] for r in unloaded.json()["unloaded"]] == ["org/echo:1#0", "org/echo:1#1"]
+    assert not ModelReplica.objects.exists()
+    wait_until(lambda: agent.processes() == [], timeout=30, message="the agent to stop both replicas")
