@@ -10,11 +10,18 @@ from playwright.sync_api import expect
 from nodes.models import ModelReplica
 from scheduling.models import ModelConfig
 from tests.browser.conftest import screenshot
+from tests.browser.test_console_a11y import UNLABELLED
 from tests.conftest import wait_until
 from tests.e2e.gateway_support import start_agents_fixture  # noqa: F401
 from tests.factories import ModelConfigFactory, NodeFactory, ReplicaFactory, RuleFactory
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
+
+
+def open_models(page) -> None:
+    """The page, waited for generously: on a machine shared by many test runs a first navigation to a fresh
+    server can take longer than the context's 10 s default."""
+    page.goto("/ui/models/", timeout=60_000)
 
 
 def confirm(page, text: str, action: str) -> None:
@@ -27,7 +34,7 @@ def confirm(page, text: str, action: str) -> None:
 def test_add_load_unload_warn_and_delete_with_a_real_agent(page, start_agents) -> None:
     (agent,) = start_agents(1)
     assert agent.node().backends == ["echo"]
-    page.goto("/ui/models/")
+    open_models(page)
 
     # Add a model through the form; the backend field offers what the agent reported.
     page.get_by_role("button", name="+ Add model").click()
@@ -98,7 +105,7 @@ def test_add_load_unload_warn_and_delete_with_a_real_agent(page, start_agents) -
 def test_load_one_now_refused_shows_every_nodes_verdict(page) -> None:
     ModelConfigFactory(name="nowhere")
     NodeFactory(name="drained-1", status="draining")
-    page.goto("/ui/models/")
+    open_models(page)
     row = page.locator('tr[data-model="nowhere"]')
     row.get_by_role("button", name="Load one now nowhere").click()
     expect(row.locator("[data-decision] [data-outcome]")).to_have_text("No capacity")
@@ -113,13 +120,16 @@ def test_import_yaml_by_upload(page, tmp_path) -> None:
     path.write_text(
         "- name: imported-a\n  backend: echo\n- name: imported-b\n  backend: echo\n  context_size: 1024\n"
     )
-    page.goto("/ui/models/")
+    open_models(page)
     page.get_by_role("button", name="Import YAML").click()
     expect(page.get_by_label("YAML files")).to_be_focused()
     page.get_by_label("YAML files").set_input_files(str(path))
     page.get_by_role("button", name="Import", exact=True).click()
     expect(page.get_by_role("status").filter(has_text="Imported 2 models")).to_be_visible()
     expect(page.locator('tr[data-model="imported-b"]')).to_contain_text("ctx 1024")
+    page.get_by_role("button", name="+ Add model").click()
+    expect(page.get_by_label("Name")).to_be_focused()
+    assert page.evaluate(UNLABELLED) == []  # the add form, the import form and the table's buttons
     bad = tmp_path / "bad.yaml"
     bad.write_text("backend: echo\n")
     page.get_by_label("YAML files").set_input_files(str(bad))
@@ -143,7 +153,7 @@ def test_the_page_fits_narrow_and_wide_screens(page, width, height) -> None:
         ReplicaFactory(node=node, model_name="echo-1", replica_index=0, in_flight=index)
     ReplicaFactory(node=nodes[2], model_name="echo-1", replica_index=0, state="loading")
     page.set_viewport_size({"width": width, "height": height})
-    page.goto("/ui/models/")
+    open_models(page)
     row = page.locator('tr[data-model="echo-1"]')
     row.get_by_role("button", name="Load one now echo-1").click()
     expect(row.locator("[data-decision] [data-outcome]")).to_be_visible()

@@ -277,7 +277,7 @@ def test_load_one_now_refused_shows_why_in_the_row(staff_client: Client) -> None
     assert toast["level"] == "error" and toast["message"].startswith("m not loaded: cannot place m:")
     row = row_html(answer.content.decode(), "m")
     assert 'data-outcome="no_capacity"' in row and "gpu-1: draining" in row
-    assert "admin" in row and 'data-refusal>gpu-1: draining' in row
+    assert "admin" in row and "data-refusal>gpu-1: draining" in row
 
 
 def test_the_page_is_staff_only(client, plain_client: Client) -> None:
