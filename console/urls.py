@@ -1,8 +1,8 @@
-"""Operator console pages: `/ui/` (overview), `/ui/keys/`, `/ui/playground/`."""
+"""Operator console pages: `/ui/` (overview), `/ui/keys/`, `/ui/playground/`, `/ui/models/`."""
 
 from django.urls import path
 
-from console import views
+from console import model_views, views
 
 app_name = "console"
 
@@ -18,4 +18,14 @@ urlpatterns += [
     path("ui/playground/", views.playground, name="playground"),
     path("ui/playground/chat", views.playground_chat, name="playground-chat"),
     path("ui/playground/embeddings", views.playground_embeddings, name="playground-embeddings"),
+]
+
+urlpatterns += [
+    path("ui/models/", model_views.model_list, name="models"),
+    path("ui/models/form", model_views.model_form, name="model-form"),
+    path("ui/models/save", model_views.model_save, name="model-save"),
+    path("ui/models/import", model_views.model_import, name="model-import"),
+    path("ui/models/<int:model_id>/delete", model_views.model_delete, name="model-delete"),
+    path("ui/models/<int:model_id>/load", model_views.model_load, name="model-load"),
+    path("ui/models/<int:model_id>/unload", model_views.model_unload, name="model-unload"),
 ]

@@ -27,6 +27,12 @@ class Conflict(exceptions.APIException):
     default_code = "conflict"
 
 
+def with_details(error: exceptions.APIException, details: dict[str, Any]) -> exceptions.APIException:
+    """`error` answered with `details` in the error shape (`{"error": …, "details": details}`)."""
+    error.error_details = details  # type: ignore[attr-defined]
+    return error
+
+
 class PayloadTooLarge(exceptions.APIException):
     status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
     default_detail = "The request body is too large."
@@ -106,7 +112,9 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
         response.data = error_body(message, details)
     else:
         detail = getattr(exc, "detail", "")
-        response.data = error_body(_first_message(detail) or response.status_text)
+        response.data = error_body(
+            _first_message(detail) or response.status_text, getattr(exc, "error_details", None)
+        )
     return response
 
 

@@ -75,6 +75,15 @@ def env_file(name: str) -> str:
     return path
 
 
+def parse_bytes(text: str) -> int:
+    """A size in bytes from `10485760`, `512k`, `10M`, `10MiB`, `1G` (binary units); `ValueError` otherwise."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"expected a size in bytes such as 8589934592 or 8GiB, got {text!r}")
+    unit = (match.group(2) or "b")[0].lower()
+    return int(match.group(1)) * _SIZE_UNITS[unit]
+
+
 def env_bytes(name: str, default: int, *, minimum: int = 0) -> int:
     """A size in bytes; accepts `10485760`, `512k`, `10M`, `10MiB`, `1G` (binary units: k = 1024)."""
     raw = os.environ.get(name)

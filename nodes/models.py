@@ -36,6 +36,9 @@ class Node(models.Model):
     # SHA-256 (hex) of the agent's node credential; empty for a node registered without one.
     credential_hash = models.CharField(max_length=64, blank=True, default="", editable=False)
     drained_by_admin = models.BooleanField(default=False)
+    # Names of the backends the agent can start (built-in `echo` plus its `--backends-config` entries), as it
+    # reported them at its last registration; sorted, no duplicates.
+    backends = models.JSONField(default=list, blank=True)
     last_heartbeat = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)

@@ -56,6 +56,9 @@ MAX_INT = 2**31 - 1
 LABEL_MAX_LENGTH = 255
 # Labels an admin may leave on a node (auto-labels not counted); a worker sends at most as many of its own.
 MAX_NODE_LABELS = 256
+# Backend names an agent may report (each at most as long as a catalog model's `backend`).
+MAX_NODE_BACKENDS = 256
+BACKEND_NAME_MAX_LENGTH = 64
 
 
 # Heartbeat intervals a freshly loaded replica may go unlisted (its load raced the heartbeat).
@@ -177,6 +180,29 @@ def _refresh_auto_labels(node: Node) -> None:
         NodeLabel.objects.filter(node=node, key__in=absent).delete()
 
 
+def _validate_backends(backends: Iterable[str] | None) -> list[str]:
+    """The reported backend names, sorted without duplicates: at most `MAX_NODE_BACKENDS`, each 1 to
+    `BACKEND_NAME_MAX_LENGTH` characters without control characters."""
+    if backends is None:
+        return []
+    if isinstance(backends, str | bytes | Mapping):
+        raise InvalidValue("Expected a list of backend names.", field="backends")
+    names = list(backends)
+    if len(names) > MAX_NODE_BACKENDS:
+        raise InvalidValue(f"At most {MAX_NODE_BACKENDS} backends.", field="backends")
+    for name in names:
+        if (
+            not isinstance(name, str)
+            or not name
+            or len(name) > BACKEND_NAME_MAX_LENGTH
+            or not name.isprintable()
+        ):
+            raise InvalidValue(
+                f"Backend names are 1 to {BACKEND_NAME_MAX_LENGTH} printable characters.", field="backends"
+            )
+    return sorted(set(names))
+
+
 def _check_size(name: str, value: int | None) -> None:
     if value is None:
         return
@@ -251,6 +277,7 @@ def node_register(
     replicas: Iterable[str] = (),
     node_credential: str = "",
     node_token: str = "",
+    backends: Iterable[str] | None = None,
 ) -> RegisterResult:
     """Register a worker: a new name makes a node (`pending`, or `healthy` and approved when
     `LOCALAI_AUTO_APPROVE_NODES`) whose credential is `node_credential` (when given); a known name must prove
@@ -263,7 +290,8 @@ def node_register(
     sends removed) and an admin's labels kept, also over a worker label of the same key; an admin override is
     kept and the worker's value stored; auto-labels refreshed; every replica row is removed (its backend
     holds the previous backend token; `replicas` the worker lists become orphans of its next heartbeats);
-    `reserved_vram` is 0; a new node token and backend token revoke the previous ones.
+    `reserved_vram` is 0; a new node token and backend token revoke the previous ones; `backends` (the
+    names of the backends the agent can start) replace the stored ones, sorted without duplicates.
     """
     if not name or len(name) > 255:
         raise InvalidValue("Must be 1 to 255 characters.", field="name")
@@ -278,6 +306,7 @@ def node_register(
     ):
         _check_size(size_name, size)
     worker_labels = _without_auto_labels(_validate_labels(labels))
+    backend_names = _validate_backends(backends)
     del replicas  # every row goes: see the docstring
     now = timezone.now()
 
@@ -322,6 +351,7 @@ def node_register(
         node.available_ram = available_ram
         node.gpu_vendor = gpu_vendor
         node.worker_max_replicas_per_model = max_replicas_per_model
+        node.backends = backend_names
         node.last_heartbeat = now
         node.token_salt = new_token_salt()
         new_node_token = node_token_for(node)

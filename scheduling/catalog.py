@@ -154,13 +154,41 @@ def _as_int(value: Any, field: str, source: str) -> int | None:
     return value
 
 
+# An entry's other fields (its `options`) hold at most this many values: YAML aliases can make a small
+# file describe a huge structure, which storing it as JSON would expand.
+MAX_OPTION_VALUES = 10_000
+
+
+def _option_values_within(value: Any, budget: int) -> int:
+    """`budget` minus the values in `value` (lists and mappings counted with their contents); stops below
+    0 without walking further. NUL and unpaired surrogates (PostgreSQL's JSON cannot store them) raise."""
+    budget -= 1
+    if isinstance(value, str) and ("\x00" in value or any("\ud800" <= ch <= "\udfff" for ch in value)):
+        raise ValueError("NUL characters and unpaired surrogates are not allowed")
+    children = list(value.items()) if isinstance(value, dict) else value if isinstance(value, list) else []
+    for child in children:
+        if budget < 0:
+            break
+        if isinstance(value, dict):
+            budget = _option_values_within(child[0], budget)
+            child = child[1]
+        budget = _option_values_within(child, budget)
+    return budget
+
+
 def _parse_entry(entry: Any, source: str, base: Path) -> dict[str, Any]:
     """Catalog fields of one LocalAI model config mapping."""
     if not isinstance(entry, dict):
         raise ValidationError(f"{source}: a model config must be a mapping")
     name = entry.get("name")
-    if not isinstance(name, str) or not name.strip() or "#" in name or len(name) > 255:
-        raise ValidationError(f"{source}: 'name' must be a string of 1-255 characters without '#'")
+    if (
+        not isinstance(name, str)
+        or not name.strip()
+        or "#" in name
+        or len(name) > 255
+        or not name.strip().isprintable()
+    ):
+        raise ValidationError(f"{source}: 'name' must be a string of 1-255 printable characters without '#'")
     backend = entry.get("backend") or DEFAULT_BACKEND
     if not isinstance(backend, str) or len(backend) > 64:
         raise ValidationError(f"{source}: {name}: 'backend' must be a string of at most 64 characters")
@@ -177,6 +205,11 @@ def _parse_entry(entry: Any, source: str, base: Path) -> dict[str, Any]:
         options["parameters"] = rest
     else:
         options.pop("parameters", None)
+    try:
+        if _option_values_within(options, MAX_OPTION_VALUES) < 0:
+            raise ValueError(f"more than {MAX_OPTION_VALUES} values")
+    except ValueError as exc:
+        raise ValidationError(f"{source}: {name}: {exc}") from None
     vram = _as_int(entry.get("vram_bytes"), "vram_bytes", f"{source}: {name}")
     if vram is not None:
         vram_source = "yaml"
@@ -197,20 +230,33 @@ def models_import_yaml(*, paths: Iterable[str | Path], base: Path | None = None)
     """Adds or updates catalog entries from LocalAI model YAML files (each a mapping, or a list of mappings).
     Every file is parsed before anything is written; then all entries are written in one transaction, so a
     bad file imports nothing. Raises `ValidationError` naming the file and the problem."""
-    base = base or models_path()
-    entries: list[dict[str, Any]] = []
+    texts: list[tuple[str, str]] = []
     for path in map(Path, paths):
         try:
-            documents = list(yaml.safe_load_all(path.read_text(encoding="utf-8")))
+            texts.append((str(path), path.read_text(encoding="utf-8")))
         except OSError as exc:
             raise ValidationError(f"{path}: {exc.strerror or exc}") from None
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        except UnicodeDecodeError as exc:
             raise ValidationError(f"{path}: not valid YAML: {exc}") from None
+    return models_import_texts(texts=texts, base=base)
+
+
+def models_import_texts(*, texts: Iterable[tuple[str, str]], base: Path | None = None) -> list[ImportedModel]:
+    """`models_import_yaml` for YAML already read: `(source name, text)` pairs (the models page's upload).
+    The same parser and guarantees: everything parsed first, one transaction, `ValidationError` naming the
+    source and the problem."""
+    base = base or models_path()
+    entries: list[dict[str, Any]] = []
+    for source, text in texts:
+        try:
+            documents = list(yaml.safe_load_all(text))
+        except yaml.YAMLError as exc:
+            raise ValidationError(f"{source}: not valid YAML: {exc}") from None
         for document in documents:
             if document is None:
                 continue
             for entry in document if isinstance(document, list) else [document]:
-                entries.append(_parse_entry(entry, str(path), base))
+                entries.append(_parse_entry(entry, source, base))
     imported: list[ImportedModel] = []
     with transaction.atomic():
         for fields in entries:

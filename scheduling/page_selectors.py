@@ -3,11 +3,15 @@ the model catalog for the form's picker."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, TypedDict, cast
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
+from django.db.models import Q
 from django.utils import timezone
 
+from nodes.choices import NodeStatus, NodeType, ReplicaState
+from nodes.models import ModelReplica, Node
 from scheduling.choices import Outcome, Verdict
 from scheduling.models import LoadFailure, ModelConfig, PlacementDecision, SchedulingRule
 from scheduling.selectors import rules_with_current_replicas
@@ -100,3 +104,111 @@ def load_failure_rows() -> list[LoadFailure]:
 def catalog_model_names() -> list[str]:
     """Names of the catalog's models, for the form's model picker: one query."""
     return list(ModelConfig.objects.order_by("name").values_list("name", flat=True))
+
+
+# --- the models page (`/ui/models/`) --------------------------------------------------------------------
+
+
+@dataclass
+class ModelRow:
+    """One catalog model as the models page shows it."""
+
+    config: ModelConfig
+    replicas: list[ModelReplica] = field(default_factory=list)
+    rule: SchedulingRule | None = None
+    rule_mode: str = ""
+    selector_items: list[tuple[str, str]] = field(default_factory=list)
+    load_failure: LoadFailure | None = None
+    decision: PlacementDecision | None = None
+    backend_offered: bool = True
+    # Routing policy: the catalog's `routing` field when this build has it (shown as is), else None.
+    routing: Any = None
+
+    @property
+    def loaded(self) -> int:
+        return sum(1 for replica in self.replicas if replica.state == ReplicaState.LOADED)
+
+    @property
+    def loading(self) -> int:
+        return sum(1 for replica in self.replicas if replica.state == ReplicaState.LOADING)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(replica.in_flight for replica in self.replicas)
+
+    @property
+    def refused_nodes(self) -> str:
+        """The per-node reasons of the last decision when it refused (`no_capacity`, `tripped`)."""
+        if self.decision is None or self.decision.outcome not in (Outcome.NO_CAPACITY, Outcome.TRIPPED):
+            return ""
+        return refusal_line(self.decision.candidates if isinstance(self.decision.candidates, list) else [])
+
+
+def offered_backends() -> dict[str, int]:
+    """Backend name → how many backend nodes that are not offline report it (their agents can start it):
+    one query."""
+    counts: dict[str, int] = {}
+    rows = Node.objects.filter(node_type=NodeType.BACKEND).exclude(status=NodeStatus.OFFLINE)
+    for backends in rows.values_list("backends", flat=True):
+        for name in backends if isinstance(backends, list) else []:
+            counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def model_rows(*, query: str = "", offered: dict[str, int] | None = None) -> list[ModelRow]:
+    """The catalog's models whose name, backend or model file contains `query` (case-insensitive), by name,
+    each with its replicas on every node (node names included), its rule, load failure, last placement
+    decision and whether any node offers its backend: six queries (five when `offered` is given) whatever
+    the number of models, nodes and replicas."""
+    configs = ModelConfig.objects.order_by("name")
+    if query:
+        configs = configs.filter(
+            Q(name__icontains=query) | Q(backend__icontains=query) | Q(model__icontains=query)
+        )
+    rows = {
+        config.name: ModelRow(config=config, routing=getattr(config, "routing", None)) for config in configs
+    }
+    if not rows:
+        return []
+    names = list(rows)
+    replicas = (
+        ModelReplica.objects.filter(model_name__in=names)
+        .select_related("node")
+        .only(
+            "id",
+            "model_name",
+            "replica_index",
+            "state",
+            "in_flight",
+            "address",
+            "loaded_at",
+            "node__id",
+            "node__name",
+            "node__status",
+        )
+        .order_by("node__name", "replica_index")
+    )
+    for replica in replicas:
+        rows[replica.model_name].replicas.append(replica)
+    now = timezone.now()
+    for rule in SchedulingRule.objects.filter(model_name__in=names):
+        row = rows[rule.model_name]
+        row.rule = rule
+        row.rule_mode = rule_mode(rule)
+        selector = rule.node_selector if isinstance(rule.node_selector, dict) else {}
+        row.selector_items = sorted(selector.items())
+        rule.breaker_open = rule.unsatisfiable_until is not None and rule.unsatisfiable_until > now  # type: ignore[attr-defined]
+    for failure in LoadFailure.objects.filter(model_name__in=names):
+        rows[failure.model_name].load_failure = failure
+    decisions = (
+        PlacementDecision.objects.filter(model_name__in=names)
+        .order_by("model_name", "-created_at", "-id")
+        .distinct("model_name")
+    )
+    for decision in decisions:
+        rows[decision.model_name].decision = decision
+    if offered is None:
+        offered = offered_backends()
+    for row in rows.values():
+        row.backend_offered = row.config.backend in offered
+    return list(rows.values())

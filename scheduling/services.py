@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from itertools import groupby
 from typing import Any
 
 from django.conf import settings
 from django.db import transaction
 from django.db.models import F
 from django.db.models.functions import Least
+from django.utils import timezone
 
 from audit import services as audit
 from audit.models import Action
@@ -22,15 +24,17 @@ from nodes.services import (
     replica_mark_loaded,
     replica_remove,
     replica_stop_on_agent,
+    replica_unload,
 )
 from nodes.tokens import node_token_for
 from scheduling import pipeline
+from scheduling.catalog import model_audit
 from scheduling.choices import Outcome, Trigger, Verdict
 from scheduling.decisions import decision_record
 from scheduling.loadfailures import load_attempt_begin, load_failure_clear, load_failure_note
-from scheduling.models import ModelConfig, SchedulingRule
+from scheduling.models import ModelConfig, PlacementDecision, SchedulingRule
 from scheduling.pipeline import ModelRequirement
-from scheduling.placement import LoadFailed, NoCapacity, UnknownModel
+from scheduling.placement import LoadFailed, NoCapacity, PlacementError, UnknownModel
 from worker_client.errors import WorkerError
 
 # --- scheduling rules (admin API: /api/nodes/scheduling) ---------------------------------------------------
@@ -379,3 +383,142 @@ def replica_place(*, model_name: str, trigger: str = Trigger.REQUEST) -> Placeme
 
 
 # --- end of placement -------------------------------------------------------------------------------------
+
+# --- admin actions on one catalog model: "load one now" and "unload all" (the models page and the API) ----
+
+
+@dataclass(frozen=True)
+class LoadNowResult:
+    """What "load one now" did: `placed` (the replica, loaded) or `error` (why not: `NoCapacity` with every
+    node's verdict, `LoadFailed`, `LoadBackingOff`), and the decision record the attempt wrote (None when
+    nothing was attempted: the model's load cooldown was running)."""
+
+    placed: PlacementResult | None
+    error: PlacementError | None
+    decision: PlacementDecision | None
+
+    @property
+    def outcome(self) -> str:
+        if self.placed is not None:
+            return Outcome.PLACED
+        if isinstance(self.error, NoCapacity):
+            return Outcome.NO_CAPACITY
+        return Outcome.LOAD_FAILED
+
+
+def model_load_one(*, model_name: str) -> LoadNowResult:
+    """ "Load one now": places and loads one more replica of a catalog model through the one placement
+    pipeline (`replica_place`, trigger `admin`): the same verdicts, ranking, claim, eviction of an idle
+    replica when nothing fits, load backoff and decision record as a request's cold load. Answers the
+    outcome with the decision record written; raises only `UnknownModel`. Sync, outside any transaction;
+    it returns when the load has finished (bounded by `LOCALAI_LOAD_TIMEOUT`)."""
+    started = timezone.now()
+    placed: PlacementResult | None = None
+    error: PlacementError | None = None
+    try:
+        placed = replica_place(model_name=model_name, trigger=Trigger.ADMIN)
+    except UnknownModel:
+        raise
+    except PlacementError as failure:
+        error = failure
+    decision = (
+        PlacementDecision.objects.filter(
+            model_name=model_name, trigger=Trigger.ADMIN, created_at__gte=started
+        )
+        .exclude(outcome=Outcome.EVICTED)
+        .order_by("-created_at", "-id")
+        .first()
+    )
+    placement_logger.info(
+        "load one now of %r: %s", model_name, placed.process_key if placed else getattr(error, "reason", "")
+    )
+    # The placement spans several transactions (claim, load, stamp); its audit entry is written once the
+    # outcome is known, in its own transaction with nothing else to roll back.
+    with transaction.atomic():
+        model_audit(
+            Action.MODEL_LOAD_NOW,
+            name=model_name,
+            before=None,
+            after={
+                "outcome": "loaded" if placed else "refused",
+                "node": placed.node_name if placed else None,
+                "process_key": placed.process_key if placed else None,
+                "error": None if placed else str(error),
+                "decision": decision.pk if decision else None,
+            },
+        )
+    return LoadNowResult(placed=placed, error=error, decision=decision)
+
+
+@dataclass(frozen=True)
+class UnloadedReplica:
+    """One replica "unload all" removed (or, in `ReplicasBusy.busy`, would have cut off)."""
+
+    node_name: str
+    process_key: str
+    state: str
+    in_flight: int
+
+
+class ReplicasBusy(Exception):
+    """ "Unload all" without `force` found replicas serving requests: nothing was unloaded."""
+
+    def __init__(self, model_name: str, busy: list[UnloadedReplica]) -> None:
+        self.model_name = model_name
+        self.busy = busy
+        listed = ", ".join(f"{r.process_key} on {r.node_name} ({r.in_flight} in flight)" for r in busy)
+        requests = sum(r.in_flight for r in busy)
+        super().__init__(
+            f"{len(busy)} replica{'s' if len(busy) != 1 else ''} of {model_name} "
+            f"{'are' if len(busy) != 1 else 'is'} serving {requests} request{'s' if requests != 1 else ''} "
+            f"({listed}); nothing was unloaded. Unload anyway to cut {'them' if requests != 1 else 'it'} off."
+        )
+
+
+def model_unload_all(*, model_name: str, force: bool = False) -> list[UnloadedReplica]:
+    """ "Unload all": removes every replica row of the model, on every node, in one transaction, then (after
+    commit) asks each agent to stop exactly those process keys (`nodes.services.replica_unload`, the one
+    unload). A replica serving requests is never cut off silently: without `force`, any replica with
+    requests in flight makes it raise `ReplicasBusy` (listing them) and nothing changes; with `force` they
+    are unloaded too and their requests cut off, as the per-replica Unload does. The rows are locked (node
+    rows first, as every writer of replicas does) so no request can claim a replica between the check and
+    the removal. Answers the replicas removed ([] when there were none). A rule with a minimum places
+    replicas again on the reconciler's next tick, and a request loads one on demand."""
+    with transaction.atomic():
+        node_ids = sorted(
+            set(ModelReplica.objects.filter(model_name=model_name).values_list("node_id", flat=True)), key=str
+        )
+        if not node_ids:
+            return []
+        list(Node.objects.select_for_update().filter(pk__in=node_ids).order_by("pk").values_list("pk"))
+        rows = list(
+            ModelReplica.objects.select_for_update(of=("self",))
+            .select_related("node")
+            .filter(model_name=model_name, node_id__in=node_ids)
+            .order_by("node__name", "replica_index")
+        )
+        described = {
+            row.pk: UnloadedReplica(row.node.name, row.process_key, row.state, row.in_flight) for row in rows
+        }
+        busy = [described[row.pk] for row in rows if row.in_flight > 0]
+        if busy and not force:
+            raise ReplicasBusy(model_name, busy)
+        removed: list[UnloadedReplica] = []
+        for _, group in groupby(rows, key=lambda row: row.node_id):
+            replicas = list(group)
+            keys = set(replica_unload(node=replicas[0].node, replicas=replicas))
+            removed += [described[row.pk] for row in replicas if row.process_key in keys]
+        if removed:
+            model_audit(
+                Action.MODEL_UNLOAD_ALL,
+                name=model_name,
+                before={"replicas": [vars(r) for r in removed], "force": force},
+                after={"replicas": []},
+            )
+    placement_logger.info(
+        "unload all of %r: %s%s",
+        model_name,
+        [r.process_key for r in removed],
+        " (requests in flight cut off)" if busy else "",
+    )
+    return removed

@@ -29,6 +29,7 @@ class NodeFactory(factory.django.DjangoModelFactory):
     last_heartbeat = factory.LazyFunction(timezone.now)
     worker_max_replicas_per_model = 1
     credential_hash = token_hash(TEST_CREDENTIAL)
+    backends = factory.LazyFunction(lambda: ["echo"])  # what every real agent offers
 
 
 class NodeLabelFactory(factory.django.DjangoModelFactory):

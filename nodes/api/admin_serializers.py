@@ -150,6 +150,12 @@ class NodeSerializer(serializers.ModelSerializer):
     in_flight_count = serializers.IntegerField(
         read_only=True, help_text="Requests in flight on its replicas."
     )
+    backends = serializers.ListField(
+        child=serializers.CharField(),
+        read_only=True,
+        help_text="Backends the agent can start (built-in `echo` plus its `--backends-config` entries), as "
+        "reported at its last registration.",
+    )
 
     class Meta:
         model = Node
@@ -170,6 +176,7 @@ class NodeSerializer(serializers.ModelSerializer):
             "total_ram",
             "available_ram",
             "gpu_vendor",
+            "backends",
             "last_heartbeat",
             "approved_at",
             "model_count",

@@ -26,6 +26,8 @@ LABEL_MAX_LENGTH = 255
 MAX_LABELS = 256  # per node, as the admin API
 MAX_REPORTED_REPLICAS = 4096  # process keys in one registration or heartbeat
 REPLICA_KEY_MAX_LENGTH = 512
+MAX_REPORTED_BACKENDS = 256  # backend names in one registration
+BACKEND_NAME_MAX_LENGTH = 64  # as a catalog model's `backend`
 CREDENTIAL_MIN_LENGTH, CREDENTIAL_MAX_LENGTH = 32, 256
 # Control characters, format characters (bidi overrides, zero-width), surrogates, line and paragraph separators.
 _NAME_FORBIDDEN = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
@@ -218,6 +220,14 @@ class RegisterSerializer(serializers.Serializer):
         default=list,
         help_text="Process keys it runs. Ignored: a registration removes every replica row (the backends hold "
         "the previous backend token), so these become orphans of the next heartbeats.",
+    )
+    backends = BoundedListField(
+        child=StrictCharField(name=True, max_length=BACKEND_NAME_MAX_LENGTH),
+        max_length=MAX_REPORTED_BACKENDS,
+        required=False,
+        default=list,
+        help_text="Names of the backends the agent can start: the built-in `echo` plus its `--backends-config` "
+        "entries. Stored sorted without duplicates; an agent that sends none reports none.",
     )
     node_credential = StrictCharField(
         min_length=CREDENTIAL_MIN_LENGTH,

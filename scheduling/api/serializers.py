@@ -211,3 +211,42 @@ class PlanSerializer(serializers.Serializer):
     evict_node = serializers.CharField(allow_null=True)
     message = serializers.CharField(help_text="The refusal a placement would answer, when nothing fits.")
     candidates = CandidateSerializer(many=True)
+
+
+# --- admin actions: "load one now" and "unload all" -----------------------------------------------------
+
+
+class LoadNowSerializer(serializers.Serializer):
+    """`POST /api/models/{name}/load` when a replica was placed and loaded."""
+
+    outcome = serializers.ChoiceField(choices=[Outcome.PLACED])
+    node = serializers.CharField(help_text="The node chosen.")
+    process_key = serializers.CharField(help_text="`model#index` of the new replica.")
+    address = serializers.CharField(help_text="The backend's address.")
+    load_seconds = serializers.FloatField()
+    evicted = serializers.ListField(
+        child=serializers.CharField(), help_text="Idle replicas unloaded to make room (process keys)."
+    )
+    decision = DecisionSerializer(allow_null=True, help_text="The decision record this placement wrote.")
+
+
+class UnloadAllRequestSerializer(serializers.Serializer):
+    """`POST /api/models/{name}/unload`; an empty body is `{"force": false}`."""
+
+    force = serializers.BooleanField(
+        required=False,
+        default=False,
+        help_text="Also unload replicas serving requests (those requests are cut off). Without it, any such "
+        "replica makes the call answer 409 and nothing is unloaded.",
+    )
+
+
+class UnloadedReplicaSerializer(serializers.Serializer):
+    node = serializers.CharField(source="node_name")
+    process_key = serializers.CharField()
+    state = serializers.CharField()
+    in_flight = serializers.IntegerField(help_text="Requests it was serving (cut off when above 0).")
+
+
+class UnloadAllSerializer(serializers.Serializer):
+    unloaded = UnloadedReplicaSerializer(many=True)

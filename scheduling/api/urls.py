@@ -16,5 +16,7 @@ urlpatterns = [
     path(
         "api/models/<path:name>/retry-load", views.ModelRetryLoadView.as_view(), name="api-model-retry-load"
     ),
+    path("api/models/<path:name>/load", views.ModelLoadView.as_view(), name="api-model-load"),
+    path("api/models/<path:name>/unload", views.ModelUnloadView.as_view(), name="api-model-unload"),
     path("api/models/<path:name>", views.ModelDetailView.as_view(), name="api-model"),
 ]

@@ -9,25 +9,43 @@ from rest_framework import exceptions, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from localai_cluster.api import PAGE_PARAMETERS, paginated_response, paginated_schema
+from localai_cluster.api import (
+    PAGE_PARAMETERS,
+    Conflict,
+    paginated_response,
+    paginated_schema,
+    with_details,
+)
 from nodes.api.admin_serializers import AUTH_ERRORS, error_responses, model_name_problem
 from nodes.api.permissions import AdminAPIView
 from scheduling.api.serializers import (
     DecisionFilterSerializer,
     DecisionSerializer,
+    LoadNowSerializer,
     ModelConfigSerializer,
     ModelConfigUpdateSerializer,
     ModelDetailSerializer,
     PlanSerializer,
     RuleSerializer,
     RuleWriteSerializer,
+    UnloadAllRequestSerializer,
+    UnloadAllSerializer,
+    UnloadedReplicaSerializer,
 )
 from scheduling.catalog import model_config_delete, model_config_upsert, model_retry_load
 from scheduling.choices import Outcome
+from scheduling.loadfailures import LoadBackingOff
 from scheduling.models import ModelConfig, SchedulingRule
-from scheduling.placement import UnknownModel
+from scheduling.placement import NoCapacity, UnknownModel
 from scheduling.selectors import decisions_filtered, rules_with_current_replicas
-from scheduling.services import placement_plan, rule_delete, rule_upsert
+from scheduling.services import (
+    ReplicasBusy,
+    model_load_one,
+    model_unload_all,
+    placement_plan,
+    rule_delete,
+    rule_upsert,
+)
 
 MODEL_PATH_PARAM = OpenApiParameter(
     "model_name",
@@ -244,6 +262,119 @@ class ModelRetryLoadView(ModelDetailView):
     @extend_schema(exclude=True)
     def delete(self, request: Request, name: str) -> Response:
         return super().delete(request, name + RETRY_SUFFIX)
+
+
+class _ModelActionView(ModelDetailView):
+    """A `POST` action under `/api/models/{name}/<suffix>`; the other methods of such a URL are those of a
+    model whose name ends in `/<suffix>` (as for `retry-load`)."""
+
+    suffix = ""
+
+    @extend_schema(exclude=True)
+    def get(self, request: Request, name: str) -> Response:
+        return super().get(request, name + self.suffix)
+
+    @extend_schema(exclude=True)
+    def put(self, request: Request, name: str) -> Response:
+        return super().put(request, name + self.suffix)
+
+    @extend_schema(exclude=True)
+    def patch(self, request: Request, name: str) -> Response:
+        return super().patch(request, name + self.suffix)
+
+    @extend_schema(exclude=True)
+    def delete(self, request: Request, name: str) -> Response:
+        return super().delete(request, name + self.suffix)
+
+
+class PlacementRefused(exceptions.APIException):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_detail = "No capacity."
+    default_code = "no_capacity"
+
+
+class LoadFailedError(exceptions.APIException):
+    status_code = status.HTTP_502_BAD_GATEWAY
+    default_detail = "The load failed."
+    default_code = "load_failed"
+
+
+class ModelLoadView(_ModelActionView):
+    """`POST /api/models/{name}/load`: "load one now"."""
+
+    suffix = "/load"
+
+    @extend_schema(
+        operation_id="models_load_one",
+        parameters=[NAME_PATH_PARAM],
+        request=None,
+        responses={200: LoadNowSerializer, **error_responses(*AUTH_ERRORS, 404, 409, 502, 503)},
+        description="Places and loads one more replica of the model now, through the placement pipeline "
+        "(trigger `admin`: the same verdicts, ranking, eviction of an idle replica and decision record as a "
+        "request's cold load), and answers when it is loaded, with the decision record. 503: no node can take "
+        "it (`error` lists each node's verdict, `details.decision` the record). 502: the load failed "
+        "(`details.decision`). 409: the model's load cooldown is running (`details.retry_after`, seconds; "
+        "`retry-load` clears it).",
+        tags=["models"],
+    )
+    def post(self, request: Request, name: str) -> Response:
+        config = self._config(name)
+        try:
+            result = model_load_one(model_name=config.name)
+        except UnknownModel:
+            raise exceptions.NotFound("No model with this name in the catalog.") from None
+        decision = DecisionSerializer(result.decision).data if result.decision is not None else None
+        if result.placed is not None:
+            placed = result.placed
+            body = {
+                "outcome": result.outcome,
+                "node": placed.node_name,
+                "process_key": placed.process_key,
+                "address": placed.address,
+                "load_seconds": placed.load_seconds,
+                "evicted": placed.evicted,
+                "decision": result.decision,
+            }
+            return Response(LoadNowSerializer(body).data)
+        error = result.error
+        reason = error.reason if error is not None else "Not placed."
+        if isinstance(error, LoadBackingOff):
+            raise with_details(Conflict(reason), {"retry_after": error.retry_after})
+        if isinstance(error, NoCapacity):
+            raise with_details(PlacementRefused(reason), {"decision": decision})
+        raise with_details(LoadFailedError(reason), {"decision": decision})
+
+
+class ModelUnloadView(_ModelActionView):
+    """`POST /api/models/{name}/unload`: "unload all"."""
+
+    suffix = "/unload"
+
+    @extend_schema(
+        operation_id="models_unload_all",
+        parameters=[NAME_PATH_PARAM],
+        request=UnloadAllRequestSerializer,
+        responses={200: UnloadAllSerializer, **error_responses(400, *AUTH_ERRORS, 404, 409)},
+        description="Unloads every replica of the model on every node: the rows go at once, then each agent "
+        "is asked to stop exactly those process keys. A replica serving requests is never cut off silently: "
+        "without `force`, 409 lists the busy replicas (`details.busy`) and nothing is unloaded. 404: the "
+        "model is neither in the catalog nor running anywhere. A rule's minimum places replicas again on the "
+        "reconciler's next tick.",
+        tags=["models"],
+    )
+    def post(self, request: Request, name: str) -> Response:
+        name = _checked_name(name, "model")
+        body = UnloadAllRequestSerializer(data=request.data if request.data else {})
+        body.is_valid(raise_exception=True)
+        try:
+            removed = model_unload_all(model_name=name, force=body.validated_data["force"])
+        except ReplicasBusy as busy:
+            raise with_details(
+                Conflict(str(busy)), {"busy": UnloadedReplicaSerializer(busy.busy, many=True).data}
+            ) from None
+        if not removed and not ModelConfig.objects.filter(name=name).exists():
+            raise exceptions.NotFound("No model with this name in the catalog, and no replica of it.")
+        return Response(UnloadAllSerializer({"unloaded": removed}).data)
 
 
 # --- placement decisions and the dry run ----------------------------------------------------------------

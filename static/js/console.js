@@ -44,6 +44,55 @@
     target.focus();
   });
 
+  /* ---------------------------------------------------------------- models page: the import panel */
+
+  // A button with data-toggle-panel shows or hides a panel (its aria-expanded follows); opening moves the
+  // focus to the panel's first field, closing it back to the page's opener.
+  document.addEventListener("click", (event) => {
+    const button = event.target.closest("[data-toggle-panel]");
+    if (!button) return;
+    const panel = $(button.dataset.togglePanel);
+    if (!panel) return;
+    const open = panel.hidden;
+    panel.hidden = !open;
+    $$('[data-toggle-panel="' + button.dataset.togglePanel + '"][aria-expanded]').forEach((opener) => {
+      opener.setAttribute("aria-expanded", open ? "true" : "false");
+      if (!open) opener.focus();
+    });
+    if (open) {
+      const field = $("input:not([type=hidden]), select, textarea", panel);
+      if (field) field.focus();
+    }
+  });
+
+  // "Load one now" answers when the load is over; meanwhile the table's poll may show the replica loading.
+  // A poll swaps in a new form, so the forms whose load is under way are remembered and marked busy again.
+  const loadsUnderWay = new Set();
+  const markLoads = () => {
+    $$("form[data-load-now]").forEach((form) => {
+      const busy = loadsUnderWay.has(form.getAttribute("hx-post"));
+      form.classList.toggle("is-busy", busy);
+      const button = $("button", form);
+      if (button) button.disabled = busy;
+    });
+  };
+  document.addEventListener("htmx:beforeRequest", (event) => {
+    const form = event.detail.elt;
+    if (!(form.matches && form.matches("form[data-load-now]"))) return;
+    const url = form.getAttribute("hx-post");
+    loadsUnderWay.add(url);
+    // Listened to on the form itself: once a poll has swapped it out, its events no longer reach the document.
+    form.addEventListener(
+      "htmx:afterRequest",
+      () => {
+        loadsUnderWay.delete(url);
+        markLoads();
+      },
+      { once: true }
+    );
+  });
+  document.addEventListener("htmx:afterSettle", markLoads);
+
   /* ---------------------------------------------------------------- playground */
 
   function initPlayground(root) {

@@ -120,7 +120,8 @@ def approve_when_registered(name: str):
 def start_agents_fixture(
     cp_server: ControlPlaneServer, tmp_path: Path
 ) -> Iterator[Callable[..., list[RealAgent]]]:
-    """`start_agents(2, slots=2, vram="24GiB", labels="k=v")`: registered, approved agents with echo backends."""
+    """`start_agents(2, slots=2, vram="24GiB", labels="k=v", args=(...))`: registered, approved agents with
+    echo backends (`args`: more agent flags, e.g. `--backends-config FILE`)."""
     agents: list[RealAgent] = []
 
     def start(
@@ -130,15 +131,16 @@ def start_agents_fixture(
         vram: str = "24GiB",
         labels: str = "",
         heartbeat_interval: str = "1s",
+        args: tuple[str, ...] = (),
     ) -> list[RealAgent]:
         started = []
         for _ in range(count):
             name = f"gw-{os.getpid()}-{len(agents)}"
-            args = ["--max-replicas-per-model", str(slots), "--vram", vram]
-            args += ["--heartbeat-interval", heartbeat_interval]  # after the default of 1 s: this one wins
+            flags = ["--max-replicas-per-model", str(slots), "--vram", vram]
+            flags += ["--heartbeat-interval", heartbeat_interval]  # after the default of 1 s: this one wins
             if labels:
-                args += ["--node-labels", labels]
-            agent = RealAgent(cp_server, name, tmp_path / f"{name}.log", args)
+                flags += ["--node-labels", labels]
+            agent = RealAgent(cp_server, name, tmp_path / f"{name}.log", [*flags, *args])
             agents.append(agent)
             started.append(agent)
         for agent in started:

@@ -195,6 +195,7 @@ class Agent:
             **self._memory(),
             "labels": self.config.labels,
             "max_replicas_per_model": self.config.max_replicas_per_model,
+            "backends": sorted(self.config.backends),
             "replicas": [replica.key for replica in self.supervisor.replicas()],
         }
 
