@@ -35,11 +35,20 @@ from worker_client.errors import WorkerError
 
 
 def rule_upsert(
-    *, model_name: str, node_selector: dict[str, str], min_replicas: int, max_replicas: int
+    *,
+    model_name: str,
+    node_selector: dict[str, str],
+    min_replicas: int,
+    max_replicas: int,
+    target_in_flight: int = 0,
+    upscale_delay: int = 30,
+    downscale_delay: int | None = None,
+    scale_to_zero_after: int = 0,
 ) -> SchedulingRule:
     """Creates the rule of `model_name` or updates it in place (same id). The rule's circuit breaker is reset:
-    a new selector or minimum deserves a fresh look on the next reconciler tick. The database's check
-    constraints back the invariants (min, max ≥ 0; min ≤ max when max > 0); callers validate first."""
+    a new selector or minimum deserves a fresh look on the next reconciler tick; so is the autoscaler's
+    pending scale-up or scale-down (its delays start again). The database's check constraints back the
+    invariants (min, max ≥ 0; min ≤ max when max > 0; target and delays ≥ 0); callers validate first."""
     with transaction.atomic():
         rule, _ = SchedulingRule.objects.update_or_create(
             model_name=model_name,
@@ -47,6 +56,12 @@ def rule_upsert(
                 "node_selector": dict(node_selector),
                 "min_replicas": min_replicas,
                 "max_replicas": max_replicas,
+                "target_in_flight": target_in_flight,
+                "upscale_delay": upscale_delay,
+                "downscale_delay": downscale_delay,
+                "scale_to_zero_after": scale_to_zero_after,
+                "scale_up_since": None,
+                "scale_down_since": None,
                 "unsatisfiable_ticks": 0,
                 "unsatisfiable_until": None,
                 "unsatisfiable_reason": "",
