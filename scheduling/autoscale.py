@@ -11,7 +11,9 @@ Decision (pure, `autoscale_decide`, called by the reconciler's tick for each rul
 0): desired = ceil(average in-flight over the window / target), clamped to [min, max] and to the cluster's
 free slots. A desired count above the current one must hold for `upscale_delay` seconds before replicas are
 placed; below it, for `downscale_delay` seconds, and never within `downscale_delay` of the last scale-up, before
-idle replicas (in-flight 0, never a busy one; none while a replica is still loading) are trimmed. Scale to zero: with `min_replicas` = 0 and
+idle replicas (in-flight 0; none while a replica is still loading) are unloaded. Busy replicas above the
+desired count are never unloaded with requests on them: they are retired (`unloading`: no new request
+goes to them) and unloaded by a later tick once their requests have ended. Scale to zero: with `min_replicas` = 0 and
 `scale_to_zero_after` > 0, the last replica goes once no request used it for that long and the window saw no
 in-flight request; the next request loads one through the gateway's cold path.
 """
@@ -133,6 +135,9 @@ class AutoscaleDecision:
     desired: int | None  # None without samples (nothing decided)
     place: int = 0
     trim: list[ReplicaView] = field(default_factory=list)
+    # Busy replicas above the desired count once the scale-down is due: out of routing now, unloaded when
+    # their requests end (`scheduling.services.replica_retire`).
+    retire: list[ReplicaView] = field(default_factory=list)
     state: AutoscaleState = field(default_factory=AutoscaleState)
     reason: str = ""
     to_zero: bool = False
@@ -246,6 +251,10 @@ def autoscale_decide(
                 (r for r in live if r.state == ReplicaState.LOADED and r.in_flight == 0), key=_trim_order
             )
             trim = idle[: current - floor]
+        retire: list[ReplicaView] = []
+        if waited >= down_delay and current - len(trim) > floor:
+            busy = sorted((r for r in live if r not in trim), key=lambda r: (r.in_flight, _trim_order(r)))
+            retire = busy[: current - len(trim) - floor]
         to_zero = False
         if desired == 0:
             rest = [r for r in live if r not in trim]
@@ -253,7 +262,7 @@ def autoscale_decide(
             if last is not None:
                 trim.append(last)
                 to_zero = True
-        if not trim:
+        if not trim and not retire:
             left = max(down_delay - waited, 0)
             wait = f"scale-down in {_seconds(round(left))}" if left else "waiting for idle replicas"
             return AutoscaleDecision(desired, state=kept, reason=f"{reason}; {wait}")
@@ -261,7 +270,9 @@ def autoscale_decide(
             reason = f"{reason}; scale to zero: no request for {_seconds(rule.scale_to_zero_after)}"
         else:
             reason = f"{reason}; below {current} for {_seconds(round(waited))}"
-        return AutoscaleDecision(desired, trim=trim, state=kept, reason=reason, to_zero=to_zero)
+        return AutoscaleDecision(
+            desired, trim=trim, retire=retire, state=kept, reason=reason, to_zero=to_zero
+        )
 
     return AutoscaleDecision(desired, state=AutoscaleState(None, None, state.scaled_up_at), reason=reason)
 

@@ -61,6 +61,7 @@ class RulePlan:
     model_name: str
     place: int = 0
     trim: list[ReplicaView] = field(default_factory=list)
+    retire: list[ReplicaView] = field(default_factory=list)  # busy, out of routing until idle (autoscale)
     # Breaker: None leaves it alone; otherwise the new (ticks, until, reason).
     breaker: tuple[int, datetime | None, str] | None = None
     tripped: bool = False
@@ -184,6 +185,7 @@ def plan_rule(
             default_downscale_delay=config.scale_down_delay,
         )
         plan.place, plan.trim, plan.reason = decision.place, decision.trim, decision.reason
+        plan.retire = decision.retire
         plan.autoscale = True
         plan.state = state_changes(rule, decision.state)
         return plan
@@ -307,6 +309,8 @@ def _tick(now: datetime, config: Settings) -> TickReport:
     ]
     to_trim += [(r, plan) for plan in plans for r in plan.trim]
     report.trimmed = _trim(to_trim, snapshot.nodes)
+    report.trimmed += _retire([(r, plan) for plan in plans for r in plan.retire], snapshot.nodes)
+    report.trimmed += _unload_retired(snapshot)
     placements = [plan for plan in plans if plan.place]
     if placements:
         placed, failed = _place_all(placements, snapshot)
@@ -387,6 +391,40 @@ def _trim(
             )
     decisions_record(records=records)
     return trimmed
+
+
+def _retire(replicas: Iterable[tuple[ReplicaView, RulePlan]], nodes: Mapping[Any, NodeSnapshot]) -> list[str]:
+    """Takes busy replicas above an autoscaled rule's desired count out of routing; each writes a `trimmed`
+    decision record (the unload follows once their requests end: `_unload_retired`)."""
+    from scheduling.services import replica_retire
+
+    retired, records = [], []
+    for replica, plan in replicas:
+        if replica_retire(replica=replica):
+            node = nodes.get(replica.node_id)
+            node_name = node.name if node else str(replica.node_id)
+            retired.append(f"{replica.process_key} on {node_name} (retired)")
+            records.append(
+                DecisionRecord(
+                    model_name=replica.model_name,
+                    trigger=Trigger.AUTOSCALE,
+                    outcome=Outcome.TRIMMED,
+                    node_name=node_name,
+                    replica_index=replica.replica_index,
+                    message=f"retired {replica.process_key} from {node_name}: {plan.reason}; no new request "
+                    f"goes to it, it unloads once its {replica.in_flight} in-flight request(s) end",
+                )
+            )
+    decisions_record(records=records)
+    return retired
+
+
+def _unload_retired(snapshot: ClusterSnapshot) -> list[str]:
+    """Unloads the retired replicas whose last request has ended."""
+    from scheduling.services import replicas_unload_retired
+
+    retired = [r for r in snapshot.replicas if r.state == ReplicaState.UNLOADING and r.in_flight == 0]
+    return [f"{key} (retired, idle)" for key in replicas_unload_retired(replicas=retired)] if retired else []
 
 
 @dataclass

@@ -233,6 +233,38 @@ def replica_evict(*, replica: pipeline.ReplicaView) -> bool:
     )
     if not flipped:
         return False
+    _unload(replica)
+    placement_logger.info("evicted %r", replica.process_key)
+    return True
+
+
+def replica_retire(*, replica: pipeline.ReplicaView) -> bool:
+    """Takes a busy replica out of routing for a scale-down: flips it `loaded` → `unloading` whatever its
+    in-flight, so no new request claims it while the ones it holds run to their end (their releases still
+    count down its in-flight); `replicas_unload_retired` unloads it once it is idle. False when it was no
+    longer `loaded`."""
+    return bool(
+        ModelReplica.objects.filter(pk=replica.id, state=ReplicaState.LOADED).update(
+            state=ReplicaState.UNLOADING
+        )
+    )
+
+
+def replicas_unload_retired(*, replicas: list[pipeline.ReplicaView]) -> list[str]:
+    """Unloads the `unloading` replicas among `replicas` whose in-flight came down to 0 (retired ones whose
+    last request ended); answers their process keys."""
+    done = []
+    for replica in replicas:
+        if replica.state != ReplicaState.UNLOADING or replica.in_flight > 0:
+            continue
+        if ModelReplica.objects.filter(pk=replica.id, state=ReplicaState.UNLOADING, in_flight=0).exists():
+            _unload(replica)
+            done.append(replica.process_key)
+    return done
+
+
+def _unload(replica: pipeline.ReplicaView) -> None:
+    """Stops an `unloading` replica's process on its agent, removes its row, credits its VRAM."""
     row = ModelReplica.objects.filter(pk=replica.id).values_list("vram_bytes", "last_seen_at").first()
     node = Node.objects.filter(pk=replica.node_id).only("id", "name", "address", "token_salt").first()
     if node is not None:
@@ -243,8 +275,6 @@ def replica_evict(*, replica: pipeline.ReplicaView) -> bool:
         Node.objects.filter(pk=replica.node_id, total_vram__gt=0).update(
             available_vram=Least(F("available_vram") + vram_bytes, F("total_vram"))
         )
-    placement_logger.info("evicted %r from %r", replica.process_key, node.name if node else replica.node_id)
-    return True
 
 
 def replica_place(*, model_name: str, trigger: str = Trigger.REQUEST) -> PlacementResult:

@@ -253,3 +253,15 @@ def test_downscale_delay_null_follows_the_setting():
         default_downscale_delay=300,
     )
     assert [x.replica_index for x in decision.trim] == [1]
+
+
+def test_busy_replicas_above_desired_are_retired_once_the_scale_down_is_due():
+    busy = [replica(0, in_flight=1), replica(1, in_flight=3), replica(2, in_flight=1)]
+    r = rule(downscale_delay=20, scale_down_since=T0 - timedelta(seconds=19))
+    plan = plan_rule(r, busy, NODES, now=T0, config=CONFIG, load=Load(2.0, 6))
+    assert plan.trim == [] and plan.retire == []  # 19 s: not yet
+    plan = plan_rule(r, busy, NODES, now=T0 + timedelta(seconds=1), config=CONFIG, load=Load(2.0, 6))
+    assert plan.trim == []
+    # desired 1: two go, the least busy first (ties: highest index first); none is unloaded with requests on it.
+    assert [x.replica_index for x in plan.retire] == [2, 0]
+    assert plan.reason.endswith("below 3 for 20 s")
