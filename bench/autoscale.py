@@ -223,8 +223,8 @@ def main() -> None:
         print(f"| direction reversals (flapping: more than 1) | {reversals} | 1 |")
         down = f"{down_at - 2 * args.phase:.1f} s" if down_at is not None else "not reached"
         print(
-            f"| time back to 1 replica after the step down | {down} | ≥ downscale {args.downscale} s "
-            "(then each replica as soon as it is idle at a tick) |"
+            f"| time back to 1 replica after the step down | {down} | ≥ downscale {args.downscale} s, "
+            f"+ window lag + tick {args.tick:g} + the retired replicas' last requests ({args.request_ms} ms) |"
         )
         print(f"| requests answered / failed | {done['ok']} / {done['failed']} | — / 0 |")
         print(
