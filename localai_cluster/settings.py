@@ -49,6 +49,12 @@ LOCALAI_HEALTH_CHECK_INTERVAL = env_seconds("LOCALAI_HEALTH_CHECK_INTERVAL", 15,
 LOCALAI_METRICS_RETENTION = env_seconds("LOCALAI_METRICS_RETENTION", 24 * 3600, minimum=60)
 LOCALAI_STALE_NODE_THRESHOLD = env_seconds("LOCALAI_STALE_NODE_THRESHOLD", 60, minimum=0.1)
 LOCALAI_SCALE_DOWN_DELAY = env_seconds("LOCALAI_SCALE_DOWN_DELAY", 300)
+# Load-based autoscaling (scheduling.autoscale): the look-back window the average in-flight is taken over,
+# and how often the in-flight samples are taken (at most 5 s).
+LOCALAI_AUTOSCALE_WINDOW = env_seconds("LOCALAI_AUTOSCALE_WINDOW", 30, minimum=1)
+LOCALAI_AUTOSCALE_SAMPLE_INTERVAL = env_seconds("LOCALAI_AUTOSCALE_SAMPLE_INTERVAL", 5, minimum=0.1)
+if LOCALAI_AUTOSCALE_SAMPLE_INTERVAL > 5:
+    raise ImproperlyConfigured("LOCALAI_AUTOSCALE_SAMPLE_INTERVAL: at most 5 s")
 LOCALAI_PROBE_STALE_AFTER = env_seconds("LOCALAI_PROBE_STALE_AFTER", 120)
 LOCALAI_UNSATISFIABLE_TICKS = env_int("LOCALAI_UNSATISFIABLE_TICKS", 3, minimum=1)
 LOCALAI_UNSATISFIABLE_COOLDOWN = env_seconds("LOCALAI_UNSATISFIABLE_COOLDOWN", 300)
@@ -219,6 +225,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "scheduling.tasks.health_tick",
         "schedule": LOCALAI_HEALTH_CHECK_INTERVAL,
         "options": {"expires": LOCALAI_HEALTH_CHECK_INTERVAL},
+    },
+    "autoscale-sample": {
+        "task": "scheduling.tasks.autoscale_sample_tick",
+        "schedule": LOCALAI_AUTOSCALE_SAMPLE_INTERVAL,
+        "options": {"expires": LOCALAI_AUTOSCALE_SAMPLE_INTERVAL},
     },
 }
 # localai_cluster/channel_layer.py: why the read timeout (10 s) must outlast the blocking wait (2 s).

@@ -24,6 +24,7 @@ class Trigger(models.TextChoices):
     REQUEST = "request", "Request"
     RECONCILE = "reconcile", "Reconciler"
     BURST = "burst", "Burst"
+    AUTOSCALE = "autoscale", "Autoscaler"
     ADMIN = "admin", "Admin"
 
 

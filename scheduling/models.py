@@ -35,12 +35,24 @@ class ModelConfig(models.Model):
 
 class SchedulingRule(models.Model):
     """Where a model may run (`node_selector`) and how many replicas it keeps (`min_replicas`,
-    `max_replicas`, 0 = no limit), with the reconciler's circuit breaker."""
+    `max_replicas`, 0 = no limit), with the reconciler's circuit breaker, and its load-based autoscaling
+    (`scheduling.autoscale`): `target_in_flight` per replica (0 = off: the all-busy burst), the delays in
+    whole seconds (`downscale_delay` null = `LOCALAI_SCALE_DOWN_DELAY`), and `scale_to_zero_after`
+    (0 = never: the last replica stays)."""
 
     model_name = models.CharField(max_length=255, unique=True)
     node_selector = models.JSONField(default=dict, blank=True)
     min_replicas = models.IntegerField(default=0)
     max_replicas = models.IntegerField(default=0)
+    target_in_flight = models.IntegerField(default=0)
+    upscale_delay = models.IntegerField(default=30)
+    downscale_delay = models.IntegerField(null=True, blank=True)
+    scale_to_zero_after = models.IntegerField(default=0)
+    # The autoscaler's memory between ticks: since when the desired count has stayed above (below) the
+    # current one, and the last scale-up (no scale-down within `downscale_delay` of it).
+    scale_up_since = models.DateTimeField(null=True, blank=True)
+    scale_down_since = models.DateTimeField(null=True, blank=True)
+    scaled_up_at = models.DateTimeField(null=True, blank=True)
     unsatisfiable_until = models.DateTimeField(null=True, blank=True)
     unsatisfiable_ticks = models.IntegerField(default=0)
     unsatisfiable_reason = models.CharField(max_length=255, blank=True, default="")
@@ -57,10 +69,36 @@ class SchedulingRule(models.Model):
                 name="rule_min_lte_max",
             ),
             models.CheckConstraint(condition=Q(unsatisfiable_ticks__gte=0), name="rule_ticks_gte_0"),
+            models.CheckConstraint(condition=Q(target_in_flight__gte=0), name="rule_target_gte_0"),
+            models.CheckConstraint(condition=Q(upscale_delay__gte=0), name="rule_upscale_delay_gte_0"),
+            models.CheckConstraint(
+                condition=Q(downscale_delay__isnull=True) | Q(downscale_delay__gte=0),
+                name="rule_downscale_delay_gte_0",
+            ),
+            models.CheckConstraint(condition=Q(scale_to_zero_after__gte=0), name="rule_zero_after_gte_0"),
         ]
 
     def __str__(self) -> str:
         return self.model_name
+
+
+class InFlightSample(models.Model):
+    """One model's in-flight requests (summed over its replicas) and live replica count at one instant:
+    the autoscaler's input (`scheduling.autoscale`). Taken every `LOCALAI_AUTOSCALE_SAMPLE_INTERVAL` for
+    every rule with `target_in_flight` > 0; rows older than `LOCALAI_AUTOSCALE_WINDOW` are deleted by the
+    same task, so the table holds about window / interval rows per autoscaled model."""
+
+    model_name = models.CharField(max_length=255)
+    at = models.DateTimeField()
+    in_flight = models.IntegerField()
+    replicas = models.IntegerField()
+
+    class Meta:
+        ordering = ["model_name", "at"]
+        indexes = [models.Index(fields=["model_name", "at"], name="inflight_sample_model_at")]
+
+    def __str__(self) -> str:
+        return f"{self.model_name} {self.at:%H:%M:%S} {self.in_flight}"
 
 
 class LoadFailure(models.Model):

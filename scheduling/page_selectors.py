@@ -24,9 +24,19 @@ MODE_PLACEMENT = "Placement"
 MODE_INACTIVE = "Inactive"
 
 
+def autoscales(rule: SchedulingRule) -> bool:
+    return (
+        rule.min_replicas > 0
+        or rule.max_replicas > 0
+        or rule.target_in_flight > 0
+        or rule.scale_to_zero_after > 0
+    )
+
+
 def rule_mode(rule: SchedulingRule) -> str:
-    """Auto-scaling when it has a min or a max; Placement when it only pins (a selector); else Inactive."""
-    if rule.min_replicas > 0 or rule.max_replicas > 0:
+    """Auto-scaling when it has a min, a max, a target in-flight or scales to zero; Placement when it only
+    pins (a selector); else Inactive."""
+    if autoscales(rule):
         return MODE_AUTOSCALE
     if rule.node_selector:
         return MODE_PLACEMENT

@@ -133,6 +133,13 @@ class RuleView:
     max_replicas: int
     unsatisfiable_until: datetime | None = None
     unsatisfiable_ticks: int = 0
+    target_in_flight: int = 0
+    upscale_delay: int = 30
+    downscale_delay: int | None = None
+    scale_to_zero_after: int = 0
+    scale_up_since: datetime | None = None
+    scale_down_since: datetime | None = None
+    scaled_up_at: datetime | None = None
 
 
 @dataclass
@@ -186,6 +193,17 @@ def _selector(value: Any) -> dict[str, str]:
     return dict(value) if isinstance(value, dict) else {}
 
 
+_AUTOSCALE_FIELDS = (
+    "target_in_flight",
+    "upscale_delay",
+    "downscale_delay",
+    "scale_to_zero_after",
+    "scale_up_since",
+    "scale_down_since",
+    "scaled_up_at",
+)
+
+
 def cluster_snapshot() -> ClusterSnapshot:
     """The cluster as placement sees it, in four queries whatever its size."""
     labels: dict[Any, dict[str, str]] = defaultdict(dict)
@@ -236,6 +254,7 @@ def cluster_snapshot() -> ClusterSnapshot:
             r["max_replicas"],
             r["unsatisfiable_until"],
             r["unsatisfiable_ticks"],
+            *(r[name] for name in _AUTOSCALE_FIELDS),
         )
         for r in SchedulingRule.objects.values(
             "id",
@@ -245,6 +264,7 @@ def cluster_snapshot() -> ClusterSnapshot:
             "max_replicas",
             "unsatisfiable_until",
             "unsatisfiable_ticks",
+            *_AUTOSCALE_FIELDS,
         )
     }
     return ClusterSnapshot(nodes, replicas, rules)

@@ -24,6 +24,7 @@ from localai_cluster import locks
 from localai_cluster.metrics import BREAKER_TRIPS, TICK_DURATION
 from nodes.choices import ReplicaState
 from scheduling import pipeline
+from scheduling.autoscale import Load, autoscale_decide, inflight_averages, state_changes, zero_candidate
 from scheduling.choices import Outcome, Trigger, Verdict
 from scheduling.decisions import DecisionRecord, decisions_record
 from scheduling.models import ModelConfig, SchedulingRule
@@ -38,6 +39,7 @@ class Settings:
     scale_down_delay: float
     breaker_ticks: int
     breaker_cooldown: float
+    autoscale_window: float = 30.0
 
     @classmethod
     def from_django(cls) -> Settings:
@@ -45,6 +47,7 @@ class Settings:
             scale_down_delay=settings.LOCALAI_SCALE_DOWN_DELAY,
             breaker_ticks=settings.LOCALAI_UNSATISFIABLE_TICKS,
             breaker_cooldown=settings.LOCALAI_UNSATISFIABLE_COOLDOWN,
+            autoscale_window=settings.LOCALAI_AUTOSCALE_WINDOW,
         )
 
 
@@ -58,12 +61,16 @@ class RulePlan:
     model_name: str
     place: int = 0
     trim: list[ReplicaView] = field(default_factory=list)
+    retire: list[ReplicaView] = field(default_factory=list)  # busy, out of routing until idle (autoscale)
     # Breaker: None leaves it alone; otherwise the new (ticks, until, reason).
     breaker: tuple[int, datetime | None, str] | None = None
     tripped: bool = False
     skipped: bool = False
     burst: bool = False  # a placement for burst load (every replica busy), not for the minimum
+    autoscale: bool = False  # placements and trims decided on the in-flight average (scheduling.autoscale)
     reason: str = ""
+    # The rule's autoscaler columns to write (scheduling.autoscale.state_changes).
+    state: Mapping[str, datetime | None] = field(default_factory=dict)
 
 
 def cluster_capacity(
@@ -126,9 +133,12 @@ def plan_rule(
     config: Settings,
     already_trimmed: frozenset = frozenset(),
     rows_per_node: Mapping[Any, int] | None = None,
+    load: Load | None = None,
 ) -> RulePlan:
     """Decide one rule's tick (BEHAVIOUR §5 steps 0–4). `rows_per_node`: the model's rows in any state per
-    node (the snapshot's count, as the claim sees them); without it, the live `replicas` are counted."""
+    node (the snapshot's count, as the claim sees them); without it, the live `replicas` are counted.
+    `load`: the model's in-flight average over the autoscale window, for a rule with `target_in_flight` > 0
+    (README "Autoscaling"), which then replaces the all-busy burst and the idle trim."""
     plan = RulePlan(rule.model_name)
     if rule.unsatisfiable_until and rule.unsatisfiable_until > now:
         plan.skipped = True
@@ -163,6 +173,22 @@ def plan_rule(
 
     if rule.unsatisfiable_ticks or rule.unsatisfiable_until:
         plan.breaker = (0, None, "")
+    if rule.target_in_flight > 0:
+        free_slots = capacity()[0] if load is not None else None
+        decision = autoscale_decide(
+            rule,
+            live,
+            now=now,
+            load=load,
+            free_slots=free_slots,
+            window=config.autoscale_window,
+            default_downscale_delay=config.scale_down_delay,
+        )
+        plan.place, plan.trim, plan.reason = decision.place, decision.trim, decision.reason
+        plan.retire = decision.retire
+        plan.autoscale = True
+        plan.state = state_changes(rule, decision.state)
+        return plan
     below_max = rule.max_replicas == 0 or current < rule.max_replicas
     all_busy = current > 0 and all(r.state == ReplicaState.LOADED and r.in_flight > 0 for r in live)
     if all_busy and below_max:
@@ -176,6 +202,12 @@ def plan_rule(
     if current > floor:
         idle = sorted((r for r in live if _idle_for(r, now, config.scale_down_delay)), key=_trim_order)
         plan.trim = idle[: current - floor]
+    rest = [r for r in live if r not in plan.trim]
+    last = zero_candidate(rule, rest, now=now, load=load)
+    if last is not None:
+        plan.trim.append(last)
+        plan.autoscale = True
+        plan.reason = f"scale to zero: no request for {rule.scale_to_zero_after} s"
     return plan
 
 
@@ -234,7 +266,18 @@ def _tick(now: datetime, config: Settings) -> TickReport:
     by_model: dict[str, list[ReplicaView]] = defaultdict(list)
     for replica in live:
         by_model[replica.model_name].append(replica)
-    rules = [rule for rule in snapshot.rules.values() if rule.min_replicas > 0 or rule.max_replicas > 0]
+    rules = [
+        rule
+        for rule in snapshot.rules.values()
+        if rule.min_replicas > 0
+        or rule.max_replicas > 0
+        or rule.target_in_flight > 0
+        or rule.scale_to_zero_after > 0
+    ]
+    loads = inflight_averages(
+        model_names=[r.model_name for r in rules if r.target_in_flight > 0 or r.scale_to_zero_after > 0],
+        now=now,
+    )
 
     overcap = plan_overcap_trims(live, snapshot.nodes, now=now, delay=config.scale_down_delay)
     trimmed_ids = frozenset(r.id for r in overcap)
@@ -248,6 +291,7 @@ def _tick(now: datetime, config: Settings) -> TickReport:
             config=config,
             already_trimmed=trimmed_ids,
             rows_per_node=snapshot.rows_of(rule.model_name),
+            load=loads.get(rule.model_name),
         )
         for rule in rules
     ]
@@ -259,9 +303,14 @@ def _tick(now: datetime, config: Settings) -> TickReport:
     )
 
     _apply_breakers(plans, snapshot, vram, report)
-    to_trim = [r for r in overcap if r.model_name not in skipped_models]
-    to_trim += [r for plan in plans for r in plan.trim]
+    _apply_autoscale_states(plans, snapshot)
+    to_trim: list[tuple[ReplicaView, RulePlan | None]] = [
+        (r, None) for r in overcap if r.model_name not in skipped_models
+    ]
+    to_trim += [(r, plan) for plan in plans for r in plan.trim]
     report.trimmed = _trim(to_trim, snapshot.nodes)
+    report.trimmed += _retire([(r, plan) for plan in plans for r in plan.retire], snapshot.nodes)
+    report.trimmed += _unload_retired(snapshot)
     placements = [plan for plan in plans if plan.place]
     if placements:
         placed, failed = _place_all(placements, snapshot)
@@ -307,29 +356,75 @@ def _apply_breakers(
     decisions_record(records=records)
 
 
-def _trim(replicas: Iterable[ReplicaView], nodes: Mapping[Any, NodeSnapshot]) -> list[str]:
+def _apply_autoscale_states(plans: Iterable[RulePlan], snapshot: ClusterSnapshot) -> None:
+    """Writes the autoscaler's memory of each rule that changed (scheduling.autoscale)."""
+    for plan in plans:
+        if plan.state:
+            SchedulingRule.objects.filter(pk=snapshot.rules[plan.model_name].id).update(**plan.state)
+
+
+def _trim(
+    replicas: Iterable[tuple[ReplicaView, RulePlan | None]], nodes: Mapping[Any, NodeSnapshot]
+) -> list[str]:
     """Unload each replica by its exact process key, skipping any that a request claimed meanwhile; each
-    trim writes a `trimmed` decision record."""
+    trim writes a `trimmed` decision record (trigger `autoscale`, with the autoscaler's reason, for a
+    scale-down or a scale to zero)."""
     from scheduling.services import replica_evict
 
     trimmed, records = [], []
-    for replica in replicas:
+    for replica, plan in replicas:
         if replica_evict(replica=replica):
             node = nodes.get(replica.node_id)
             node_name = node.name if node else str(replica.node_id)
             trimmed.append(f"{replica.process_key} on {node_name}")
+            autoscale = plan is not None and plan.autoscale
+            why = plan.reason if plan is not None and autoscale else "idle above the rule's bounds"
             records.append(
                 DecisionRecord(
                     model_name=replica.model_name,
-                    trigger=Trigger.RECONCILE,
+                    trigger=Trigger.AUTOSCALE if autoscale else Trigger.RECONCILE,
                     outcome=Outcome.TRIMMED,
                     node_name=node_name,
                     replica_index=replica.replica_index,
-                    message=f"trimmed {replica.process_key} from {node_name}: idle above the rule's bounds",
+                    message=f"trimmed {replica.process_key} from {node_name}: {why}",
                 )
             )
     decisions_record(records=records)
     return trimmed
+
+
+def _retire(replicas: Iterable[tuple[ReplicaView, RulePlan]], nodes: Mapping[Any, NodeSnapshot]) -> list[str]:
+    """Takes busy replicas above an autoscaled rule's desired count out of routing; each writes a `trimmed`
+    decision record (the unload follows once their requests end: `_unload_retired`)."""
+    from scheduling.services import replica_retire
+
+    retired, records = [], []
+    for replica, plan in replicas:
+        if replica_retire(replica=replica):
+            node = nodes.get(replica.node_id)
+            node_name = node.name if node else str(replica.node_id)
+            retired.append(f"{replica.process_key} on {node_name} (retired)")
+            records.append(
+                DecisionRecord(
+                    model_name=replica.model_name,
+                    trigger=Trigger.AUTOSCALE,
+                    outcome=Outcome.TRIMMED,
+                    node_name=node_name,
+                    replica_index=replica.replica_index,
+                    message=f"retired {replica.process_key} from {node_name}: {plan.reason}; no new request "
+                    f"goes to it, it unloads once its {replica.in_flight} in-flight request(s) end",
+                )
+            )
+    decisions_record(records=records)
+    return retired
+
+
+def _unload_retired(snapshot: ClusterSnapshot) -> list[str]:
+    """Unloads the retired replicas whose last request has ended."""
+    from scheduling.services import replicas_unload_retired
+
+    retired = [r for r in snapshot.replicas if r.state == ReplicaState.UNLOADING and r.in_flight == 0]
+    return [f"{key} (retired, idle)" for key in replicas_unload_retired(replicas=retired)] if retired else []
 
 
 @dataclass
@@ -340,6 +435,7 @@ class _Job:
     attempt: Any
     trigger: str
     candidates: list[dict[str, str]]
+    reason: str = ""
 
 
 def _place_all(plans: Sequence[RulePlan], snapshot: ClusterSnapshot) -> tuple[list[str], list[str]]:
@@ -361,6 +457,8 @@ def _place_all(plans: Sequence[RulePlan], snapshot: ClusterSnapshot) -> tuple[li
     for rule_plan in plans:
         model_name, count = rule_plan.model_name, rule_plan.place
         trigger = Trigger.BURST if rule_plan.burst else Trigger.RECONCILE
+        if rule_plan.autoscale:
+            trigger = Trigger.AUTOSCALE
         config = configs.get(model_name)
         if config is None:
             logger.warning("rule for %s cannot be satisfied: the model is not in the catalog", model_name)
@@ -410,7 +508,15 @@ def _place_all(plans: Sequence[RulePlan], snapshot: ClusterSnapshot) -> tuple[li
                 )
                 continue
             claimed.append(
-                _Job(claim.replica, config, node.name, attempt, trigger, _chosen(verdicts, node.name))
+                _Job(
+                    claim.replica,
+                    config,
+                    node.name,
+                    attempt,
+                    trigger,
+                    _chosen(verdicts, node.name),
+                    rule_plan.reason if rule_plan.autoscale else "",
+                )
             )
     decisions_record(records=records)
     if not claimed:
@@ -463,7 +569,8 @@ def _load_one(job: _Job) -> tuple[bool, str, DecisionRecord]:
     try:
         replica_load(replica=replica, config=job.config)
         load_failure_clear(model_name=replica.model_name, reason="loaded")
-        return True, label, record(Outcome.PLACED, f"placed {label}")
+        why = f": {job.reason}" if job.reason else ""
+        return True, label, record(Outcome.PLACED, f"placed {label}{why}")
     except LoadFailed as error:
         try:
             load_failure_note(attempt=job.attempt, error=error)

@@ -41,11 +41,20 @@ from worker_client.errors import WorkerError
 
 
 def rule_upsert(
-    *, model_name: str, node_selector: dict[str, str], min_replicas: int, max_replicas: int
+    *,
+    model_name: str,
+    node_selector: dict[str, str],
+    min_replicas: int,
+    max_replicas: int,
+    target_in_flight: int = 0,
+    upscale_delay: int = 30,
+    downscale_delay: int | None = None,
+    scale_to_zero_after: int = 0,
 ) -> SchedulingRule:
     """Creates the rule of `model_name` or updates it in place (same id). The rule's circuit breaker is reset:
-    a new selector or minimum deserves a fresh look on the next reconciler tick. The database's check
-    constraints back the invariants (min, max ≥ 0; min ≤ max when max > 0); callers validate first.
+    a new selector or minimum deserves a fresh look on the next reconciler tick; so is the autoscaler's
+    pending scale-up or scale-down (its delays start again). The database's check constraints back the
+    invariants (min, max ≥ 0; min ≤ max when max > 0; target and delays ≥ 0); callers validate first.
     Audited as `rule.create` / `rule.update`."""
     with transaction.atomic():
         previous = SchedulingRule.objects.select_for_update().filter(model_name=model_name).first()
@@ -55,6 +64,12 @@ def rule_upsert(
                 "node_selector": dict(node_selector),
                 "min_replicas": min_replicas,
                 "max_replicas": max_replicas,
+                "target_in_flight": target_in_flight,
+                "upscale_delay": upscale_delay,
+                "downscale_delay": downscale_delay,
+                "scale_to_zero_after": scale_to_zero_after,
+                "scale_up_since": None,
+                "scale_down_since": None,
                 "unsatisfiable_ticks": 0,
                 "unsatisfiable_until": None,
                 "unsatisfiable_reason": "",
@@ -77,6 +92,10 @@ def rule_state(rule: SchedulingRule | None) -> dict[str, Any] | None:
         "node_selector": rule.node_selector,
         "min_replicas": rule.min_replicas,
         "max_replicas": rule.max_replicas,
+        "target_in_flight": rule.target_in_flight,
+        "upscale_delay": rule.upscale_delay,
+        "downscale_delay": rule.downscale_delay,
+        "scale_to_zero_after": rule.scale_to_zero_after,
     }
 
 
@@ -286,6 +305,38 @@ def replica_evict(*, replica: pipeline.ReplicaView) -> bool:
     )
     if not flipped:
         return False
+    _unload(replica)
+    placement_logger.info("evicted %r", replica.process_key)
+    return True
+
+
+def replica_retire(*, replica: pipeline.ReplicaView) -> bool:
+    """Takes a busy replica out of routing for a scale-down: flips it `loaded` → `unloading` whatever its
+    in-flight, so no new request claims it while the ones it holds run to their end (their releases still
+    count down its in-flight); `replicas_unload_retired` unloads it once it is idle. False when it was no
+    longer `loaded`."""
+    return bool(
+        ModelReplica.objects.filter(pk=replica.id, state=ReplicaState.LOADED).update(
+            state=ReplicaState.UNLOADING
+        )
+    )
+
+
+def replicas_unload_retired(*, replicas: list[pipeline.ReplicaView]) -> list[str]:
+    """Unloads the `unloading` replicas among `replicas` whose in-flight came down to 0 (retired ones whose
+    last request ended); answers their process keys."""
+    done = []
+    for replica in replicas:
+        if replica.state != ReplicaState.UNLOADING or replica.in_flight > 0:
+            continue
+        if ModelReplica.objects.filter(pk=replica.id, state=ReplicaState.UNLOADING, in_flight=0).exists():
+            _unload(replica)
+            done.append(replica.process_key)
+    return done
+
+
+def _unload(replica: pipeline.ReplicaView) -> None:
+    """Stops an `unloading` replica's process on its agent, removes its row, credits its VRAM."""
     row = ModelReplica.objects.filter(pk=replica.id).values_list("vram_bytes", "last_seen_at").first()
     node = Node.objects.filter(pk=replica.node_id).only("id", "name", "address", "token_salt").first()
     if node is not None:
@@ -296,8 +347,6 @@ def replica_evict(*, replica: pipeline.ReplicaView) -> bool:
         Node.objects.filter(pk=replica.node_id, total_vram__gt=0).update(
             available_vram=Least(F("available_vram") + vram_bytes, F("total_vram"))
         )
-    placement_logger.info("evicted %r from %r", replica.process_key, node.name if node else replica.node_id)
-    return True
 
 
 def replica_place(*, model_name: str, trigger: str = Trigger.REQUEST) -> PlacementResult:

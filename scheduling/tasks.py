@@ -31,3 +31,13 @@ def health_tick() -> list[str]:
         logger.exception("health tick failed; the next tick will try again")
         return ["error"]
     return report.lines()
+
+
+@shared_task(name="scheduling.tasks.autoscale_sample_tick", ignore_result=True)
+def autoscale_sample_tick() -> int:
+    """One in-flight sample per autoscaled model (scheduling.autoscale); faults are logged there."""
+    from django.utils import timezone
+
+    from scheduling.autoscale import inflight_sample_take
+
+    return inflight_sample_take(now=timezone.now())

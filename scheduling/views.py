@@ -18,7 +18,7 @@ from scheduling.catalog import model_retry_load
 from scheduling.choices import Outcome
 from scheduling.forms import MODE_AUTOSCALE, MODE_PIN, RuleForm
 from scheduling.models import SchedulingRule
-from scheduling.page_selectors import catalog_model_names, load_failure_rows, rule_rows
+from scheduling.page_selectors import autoscales, catalog_model_names, load_failure_rows, rule_rows
 from scheduling.selectors import decisions_filtered
 
 PAGE = "scheduling/rules.html"
@@ -30,13 +30,17 @@ def _form_for(model_name: str | None) -> RuleForm:
     if rule is None:
         return RuleForm(initial={"model_name": model_name or "", "mode": MODE_AUTOSCALE, "min_replicas": "1"})
     selector = rule.node_selector if isinstance(rule.node_selector, dict) else {}
-    autoscale = rule.min_replicas > 0 or rule.max_replicas > 0 or not selector
+    autoscale = autoscales(rule) or not selector
     return RuleForm(
         initial={
             "model_name": rule.model_name,
             "mode": MODE_AUTOSCALE if autoscale else MODE_PIN,
             "min_replicas": str(rule.min_replicas),
             "max_replicas": str(rule.max_replicas),
+            "target_in_flight": str(rule.target_in_flight),
+            "upscale_delay": str(rule.upscale_delay),
+            "downscale_delay": "" if rule.downscale_delay is None else str(rule.downscale_delay),
+            "scale_to_zero_after": str(rule.scale_to_zero_after),
             "selector": [f"{key}={value}" for key, value in sorted(selector.items())],
             "editing": True,
         }
@@ -94,6 +98,10 @@ def rule_save(request: HttpRequest) -> HttpResponse:
         node_selector=form.validated["node_selector"],
         min_replicas=form.validated["min_replicas"],
         max_replicas=form.validated["max_replicas"],
+        target_in_flight=form.validated["target_in_flight"],
+        upscale_delay=form.validated["upscale_delay"],
+        downscale_delay=form.validated["downscale_delay"],
+        scale_to_zero_after=form.validated["scale_to_zero_after"],
     )
     message = f"Rule for {rule.model_name} saved."
     if not is_htmx(request):

@@ -40,6 +40,9 @@ def _import_settings(**env: str) -> subprocess.CompletedProcess:
         ("LOCALAI_MAX_BODY_BYTES", "12"),
         ("LOCALAI_DB_STATEMENT_TIMEOUT", "soon"),
         ("LOCALAI_DB_CONNECT_TIMEOUT", "500ms"),
+        ("LOCALAI_AUTOSCALE_WINDOW", "half a minute"),
+        ("LOCALAI_AUTOSCALE_WINDOW", "0"),
+        ("LOCALAI_AUTOSCALE_SAMPLE_INTERVAL", "10s"),
     ],
 )
 def test_bad_setting_stops_startup_naming_the_variable(name, value):

@@ -23,6 +23,8 @@ from scheduling.models import LoadFailure, ModelConfig, PlacementDecision, Sched
 MAX_OPTIONS_BYTES = 64 * 1024
 MAX_BIGINT = 2**63 - 1
 MAX_INT = 2**31 - 1
+MAX_DELAY = 7 * 24 * 3600  # seconds: a week
+MAX_TARGET_IN_FLIGHT = 100_000
 
 
 # --- scheduling rules -----------------------------------------------------------------------------------
@@ -40,6 +42,38 @@ class RuleWriteSerializer(serializers.Serializer):
     )
     max_replicas = serializers.IntegerField(
         required=False, default=0, min_value=0, max_value=MAX_REPLICAS_LIMIT, help_text="0 = no limit."
+    )
+    target_in_flight = serializers.IntegerField(
+        required=False,
+        default=0,
+        min_value=0,
+        max_value=MAX_TARGET_IN_FLIGHT,
+        help_text="In-flight requests per replica the autoscaler aims at; 0 = off (a replica is added only "
+        "when every replica is busy).",
+    )
+    upscale_delay = serializers.IntegerField(
+        required=False,
+        default=30,
+        min_value=0,
+        max_value=MAX_DELAY,
+        help_text="Seconds the desired count must stay above the current one before replicas are added.",
+    )
+    downscale_delay = serializers.IntegerField(
+        required=False,
+        default=None,
+        allow_null=True,
+        min_value=0,
+        max_value=MAX_DELAY,
+        help_text="Seconds the desired count must stay below the current one (and since the last scale-up) "
+        "before idle replicas are unloaded; null = LOCALAI_SCALE_DOWN_DELAY.",
+    )
+    scale_to_zero_after = serializers.IntegerField(
+        required=False,
+        default=0,
+        min_value=0,
+        max_value=MAX_DELAY,
+        help_text="With min_replicas 0: unload the last replica after this many seconds without a request; "
+        "0 = never.",
     )
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
@@ -64,6 +98,10 @@ class RuleSerializer(serializers.ModelSerializer):
             "node_selector",
             "min_replicas",
             "max_replicas",
+            "target_in_flight",
+            "upscale_delay",
+            "downscale_delay",
+            "scale_to_zero_after",
             "unsatisfiable_until",
             "unsatisfiable_ticks",
             "current_replicas",

@@ -156,13 +156,32 @@ def test_admin_door_actions_and_forms(admin_client, admin_user):
     rule = RuleFactory(model_name="m", min_replicas=0, max_replicas=1)
     answer = admin_client.post(
         f"/admin/scheduling/schedulingrule/{rule.pk}/change/",
-        {"model_name": "m", "node_selector": '{"gpu": "a100"}', "min_replicas": "1", "max_replicas": "2"},
+        {
+            "model_name": "m",
+            "node_selector": '{"gpu": "a100"}',
+            "min_replicas": "1",
+            "max_replicas": "2",
+            "target_in_flight": "0",
+            "upscale_delay": "30",
+            "scale_to_zero_after": "0",
+        },
     )
     assert answer.status_code == 302, answer.content[:3000]
     entry = only_entry(action="rule.update")
     assert entry.via == "admin" and entry.target_id == "m"
-    assert entry.before == {"node_selector": {}, "min_replicas": 0, "max_replicas": 1}
-    assert entry.after == {"node_selector": {"gpu": "a100"}, "min_replicas": 1, "max_replicas": 2}
+    autoscaling = {
+        "target_in_flight": 0,
+        "upscale_delay": 30,
+        "downscale_delay": None,
+        "scale_to_zero_after": 0,
+    }
+    assert entry.before == {"node_selector": {}, "min_replicas": 0, "max_replicas": 1, **autoscaling}
+    assert entry.after == {
+        "node_selector": {"gpu": "a100"},
+        "min_replicas": 1,
+        "max_replicas": 2,
+        **autoscaling,
+    }
 
     SchedulingRule.objects.filter(pk=rule.pk).update(unsatisfiable_ticks=3, unsatisfiable_reason="no node")
     answer = admin_client.post(

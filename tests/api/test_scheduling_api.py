@@ -31,6 +31,10 @@ def test_create_and_read(api):
         "node_selector": {"gpu.vendor": "nvidia"},
         "min_replicas": 1,
         "max_replicas": 3,
+        "target_in_flight": 0,
+        "upscale_delay": 30,
+        "downscale_delay": None,
+        "scale_to_zero_after": 0,
         "unsatisfiable_until": None,
         "unsatisfiable_ticks": 0,
         "current_replicas": 0,
@@ -113,3 +117,67 @@ def test_odd_model_names_round_trip(api, name):
 def test_malformed_json_is_400(api):
     response = api.post(URL, "{", content_type="application/json")
     assert response.status_code == 400 and set(response.json()) == {"error", "details"}
+
+
+# --- load-based autoscaling fields (README "Autoscaling") -----------------------------------------------
+
+
+def test_autoscaling_fields_round_trip_in_whole_seconds(api):
+    body = {
+        "model_name": "A",
+        "min_replicas": 0,
+        "max_replicas": 8,
+        "target_in_flight": 4,
+        "upscale_delay": 10,
+        "downscale_delay": 120,
+        "scale_to_zero_after": 600,
+    }
+    answer = api.post(URL, body, format="json")
+    assert answer.status_code == 200, answer.json()
+    rule = api.get(f"{URL}/A").json()
+    assert {key: rule[key] for key in body} == body
+    # Posting again without them puts the defaults back (the POST replaces the rule's fields).
+    api.post(URL, {"model_name": "A"}, format="json")
+    rule = SchedulingRule.objects.get(model_name="A")
+    assert (rule.target_in_flight, rule.upscale_delay, rule.downscale_delay, rule.scale_to_zero_after) == (
+        0,
+        30,
+        None,
+        0,
+    )
+
+
+def test_saving_a_rule_restarts_its_pending_scale_timers(api):
+    from django.utils import timezone
+
+    api.post(URL, {"model_name": "A", "target_in_flight": 2}, format="json")
+    now = timezone.now()
+    SchedulingRule.objects.update(scale_up_since=now, scale_down_since=now, scaled_up_at=now)
+    api.post(URL, {"model_name": "A", "target_in_flight": 3}, format="json")
+    rule = SchedulingRule.objects.get(model_name="A")
+    assert (rule.scale_up_since, rule.scale_down_since) == (None, None)
+    assert rule.scaled_up_at == now  # the no-flap guard keeps the last scale-up
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("target_in_flight", -1),
+        ("target_in_flight", 1.5),
+        ("target_in_flight", "four"),
+        ("upscale_delay", -5),
+        ("upscale_delay", 2.5),
+        ("upscale_delay", "30s"),
+        ("downscale_delay", -1),
+        ("downscale_delay", 0.1),
+        ("scale_to_zero_after", -1),
+        ("scale_to_zero_after", 10**9),
+        ("scale_to_zero_after", None),
+        ("upscale_delay", None),
+    ],
+)
+def test_bad_autoscaling_values_are_a_400_and_nothing_is_saved(api, field, value):
+    answer = api.post(URL, {"model_name": "B", field: value}, format="json")
+    assert answer.status_code == 400
+    assert field in str(answer.json())
+    assert not SchedulingRule.objects.filter(model_name="B").exists()

@@ -87,3 +87,36 @@ def test_min_above_max_shows_the_servers_error_inline_and_edit_in_place(page) ->
     page.get_by_role("dialog").get_by_role("button", name="Delete").click()
     expect(page.locator('tr[data-rule="pinned"]')).to_have_count(0)
     assert not SchedulingRule.objects.filter(model_name="pinned").exists()
+
+
+def test_the_rule_form_sets_load_based_scaling(page) -> None:
+    ModelConfigFactory(name="qwen3-8b")
+    page.goto("/ui/scheduling/")
+    page.get_by_role("button", name="+ New rule").click()
+    page.get_by_label("Model").fill("qwen3-8b")
+    page.get_by_label("Min replicas").fill("0")
+    page.get_by_label("Max replicas").fill("8")
+    expect(page.get_by_role("group", name="Load-based scaling")).to_be_visible()
+    page.get_by_label("Target in-flight per replica").fill("4")
+    page.get_by_label("Upscale delay (s)").fill("15")
+    page.get_by_label("Scale to zero after (s)").fill("-3")
+    page.get_by_role("button", name="Save rule").click()
+    expect(page.locator("#rule-zero-after-error")).to_contain_text("greater than or equal to 0")
+    expect(page.get_by_label("Target in-flight per replica")).to_have_value("4")
+    screenshot(page, "scheduling-autoscale-form")
+    page.get_by_label("Scale to zero after (s)").fill("600")
+    page.get_by_role("button", name="Save rule").click()
+    row = page.locator('tr[data-rule="qwen3-8b"]')
+    expect(row).to_contain_text("4 in flight per replica · to zero after 600 s")
+    rule = SchedulingRule.objects.get(model_name="qwen3-8b")
+    assert (rule.target_in_flight, rule.upscale_delay, rule.downscale_delay, rule.scale_to_zero_after) == (
+        4,
+        15,
+        None,
+        600,
+    )
+    screenshot(page, "scheduling-autoscale-row", full_page=True)
+    page.get_by_role("button", name="Edit rule for qwen3-8b").click()
+    expect(page.get_by_label("Scale to zero after (s)")).to_have_value("600")
+    page.get_by_text("Pin to nodes").click()
+    expect(page.get_by_role("group", name="Load-based scaling")).to_be_hidden()

@@ -214,3 +214,74 @@ def test_scheduling_posts_are_staff_only_and_need_csrf(plain_client: Client, sta
         == 403
     )
     assert not SchedulingRule.objects.exists()
+
+
+# --- load-based scaling fields (README "Autoscaling") ---------------------------------------------------
+
+
+def test_create_a_rule_with_load_based_scaling_and_edit_it_again(staff_client: Client) -> None:
+    response = post_rule(
+        staff_client,
+        model_name="auto",
+        min_replicas="0",
+        max_replicas="8",
+        target_in_flight="4",
+        upscale_delay="15",
+        downscale_delay="120",
+        scale_to_zero_after="600",
+    )
+    assert response.status_code == 200
+    rule = SchedulingRule.objects.get(model_name="auto")
+    assert (rule.target_in_flight, rule.upscale_delay, rule.downscale_delay, rule.scale_to_zero_after) == (
+        4,
+        15,
+        120,
+        600,
+    )
+    row = rule_row(response.content.decode(), "auto")
+    assert "Auto-scaling" in row and "4 in flight per replica · to zero after 600 s" in row
+    edit = staff_client.get("/ui/scheduling/form?model=auto", **HTMX).content.decode()
+    for input_id, value in [
+        ("rule-target", "4"),
+        ("rule-upscale-delay", "15"),
+        ("rule-downscale-delay", "120"),
+        ("rule-zero-after", "600"),
+    ]:
+        assert re.search(rf'id="{input_id}"[^>]*value="{value}"', edit), input_id
+    assert 'id="rule-mode-autoscale" name="mode" value="autoscale" checked' in edit
+
+
+def test_empty_scaling_fields_take_the_defaults(staff_client: Client, settings) -> None:
+    post_rule(staff_client, model_name="plain")
+    rule = SchedulingRule.objects.get(model_name="plain")
+    assert (rule.target_in_flight, rule.upscale_delay, rule.downscale_delay, rule.scale_to_zero_after) == (
+        0,
+        30,
+        None,
+        0,
+    )
+    blank = staff_client.get("/ui/scheduling/form", **HTMX).content.decode()
+    down = f"{settings.LOCALAI_SCALE_DOWN_DELAY:g}"
+    assert re.search(rf'id="rule-downscale-delay"[^>]*placeholder="{down}"', blank)
+    assert f"Empty: LOCALAI_SCALE_DOWN_DELAY ({down} s)" in blank
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "message"),
+    [
+        ({"target_in_flight": "-1"}, "rule-target-error", "greater than or equal to 0"),
+        ({"upscale_delay": "2.5"}, "rule-upscale-delay-error", "A valid integer is required"),
+        ({"downscale_delay": "soon"}, "rule-downscale-delay-error", "A valid integer is required"),
+        ({"scale_to_zero_after": "99999999"}, "rule-zero-after-error", "less than or equal to"),
+    ],
+)
+def test_bad_scaling_values_are_shown_inline(
+    staff_client: Client, fields: dict, field: str, message: str
+) -> None:
+    response = post_rule(staff_client, model_name="m", **fields)
+    assert response.status_code == 422
+    html = unescape(response.content.decode())
+    assert re.search(rf'<p class="field-error" id="{field}">[^<]*{re.escape(message)}', html)
+    value = next(iter(fields.values()))
+    assert f'value="{value}"' in html  # what was typed stays
+    assert not SchedulingRule.objects.exists()
