@@ -31,6 +31,7 @@ from django.db.models import F
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from localai_cluster.db_router import primary_reads
 from nodes.choices import NodeStatus, NodeType, ReplicaState
 from nodes.models import ModelReplica, Node, NodeLabel, process_key
 from scheduling.choices import Verdict
@@ -581,7 +582,7 @@ def replica_claim(
         raise ValueError("vram_bytes must be a whole number of bytes, at least 0")
     model = ModelRequirement(model_name, vram_bytes, dict(selector or {}))
     now = timezone.now()
-    with transaction.atomic():
+    with primary_reads(), transaction.atomic():
         node = Node.objects.select_for_update().filter(pk=node_id).first()
         if node is None:
             return Claim(None, Judgement(Verdict.NOT_HEALTHY, "removed"))

@@ -21,6 +21,7 @@ from django.db import connections
 from django.utils import timezone
 
 from localai_cluster import locks
+from localai_cluster.db_router import primary_reads
 from localai_cluster.metrics import BREAKER_TRIPS, TICK_DURATION
 from nodes.choices import ReplicaState
 from scheduling import pipeline
@@ -221,7 +222,8 @@ def reconcile_tick(*, now: datetime | None = None) -> TickReport:
         if not acquired:
             logger.info("reconcile tick skipped: another process holds the lock")
             return TickReport(skipped=True)
-        report = _tick(now or timezone.now(), Settings.from_django())
+        with primary_reads():  # decisions are never taken on a lagging read replica
+            report = _tick(now or timezone.now(), Settings.from_django())
     report.duration = time.monotonic() - started
     TICK_DURATION.labels("reconcile").observe(report.duration)
     return report
