@@ -64,7 +64,9 @@ def test_the_agent_sends_the_digest_alone_once_accepted_and_the_list_at_once_whe
     seen = len(fake.calls_to("/heartbeat"))
     wait_until(lambda: len(fake.calls_to("/heartbeat")) >= seen + 3, timeout=30, message="more heartbeats")
     later = fake.calls_to("/heartbeat")[seen + 1 :]
-    assert later and all("replicas" not in call.body and call.body["replica_digest"] == empty for call in later)
+    assert later and all(
+        "replicas" not in call.body and call.body["replica_digest"] == empty for call in later
+    )
 
     fake.send_replicas = True  # the rows differ: a digest-only heartbeat is answered by the list
     seen = len(fake.calls_to("/heartbeat"))
