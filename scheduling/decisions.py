@@ -46,6 +46,8 @@ class DecisionRecord:
     duration: float = 0.0
     message: str = ""
     candidates: Sequence[Mapping[str, str]] = field(default_factory=list)
+    # Nodes the caller left out of `candidates`, counted by verdict (added to those beyond the bound).
+    omitted: Mapping[str, int] | None = None
 
 
 def decisions_record(*, records: Iterable[DecisionRecord], now: datetime | None = None) -> int:
@@ -54,6 +56,8 @@ def decisions_record(*, records: Iterable[DecisionRecord], now: datetime | None 
     rows = []
     for record in records:
         listed, omitted = _bounded(record.candidates)
+        for verdict, count in (record.omitted or {}).items():
+            omitted[verdict] = omitted.get(verdict, 0) + count
         rows.append(
             PlacementDecision(
                 created_at=when,
