@@ -1,6 +1,6 @@
-"""CPU time of the local PostgreSQL server, for the benches: every process of the server (backends, including
-the ones that ended, and its background workers), read from /proc. Linux only; the server must run on this
-machine (the embedded one does)."""
+"""CPU time of process trees for the benches, read from /proc: the local PostgreSQL server (its backends,
+including the ones that ended, and its background workers), or uvicorn and its workers. Linux only; the server
+must run on this machine (the embedded one does)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,13 @@ def postmaster_pid(backend_pid: int) -> int:
 
 def server_cpu_seconds(postmaster: int) -> float:
     """CPU seconds used so far by the server: the postmaster, its children alive now, and those it reaped."""
+    return tree_cpu_seconds(postmaster)
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU seconds used so far by a process, its children alive now, and the children it reaped (e.g. the
+    PostgreSQL server, or uvicorn with its worker processes)."""
+    postmaster = root
     main = _fields(postmaster)
     total = _own(main) + int(main[13]) + int(main[14])
     for entry in Path("/proc").iterdir():
