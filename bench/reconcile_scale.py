@@ -277,7 +277,7 @@ def main() -> None:
     print(f"runs: {args.runs} each")
     print(
         "| tick                                     | median ms |    min ms |    max ms |   queries |"
-        " web CPU ms |  PG CPU ms |"
+        " bench CPU ms | PG CPU ms |"
     )
     print("|" + "---|" * 7)
     row("steady (nothing to do)", steady)

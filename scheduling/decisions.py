@@ -15,6 +15,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import DatabaseError, transaction
+from django.db.models import DateTimeField, Value
 from django.utils import timezone
 
 from scheduling.models import PlacementDecision
@@ -60,7 +61,10 @@ def decisions_record(*, records: Iterable[DecisionRecord], now: datetime | None 
             omitted[verdict] = omitted.get(verdict, 0) + count
         rows.append(
             PlacementDecision(
-                created_at=when,
+                # An expression here keeps the insert a plain multi-row VALUES: Django's UNNEST form for literal
+                # rows sends the JSON columns as text arrays, which psycopg escapes character by character in
+                # Python (about 10 ms per record of 64 candidates, measured by bench/reconcile_scale.py).
+                created_at=Value(when, output_field=DateTimeField()),
                 model_name=record.model_name[:255],
                 trigger=record.trigger,
                 outcome=record.outcome,

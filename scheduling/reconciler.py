@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import json
 import logging
 import time
 from collections import defaultdict
@@ -87,6 +88,31 @@ def cluster_capacity(
     return capacity, matched
 
 
+class CapacityIndex:
+    """`cluster_capacity` for many rules over one tick's nodes: each selector's gate runs once over the nodes,
+    then a rule costs only its model's rows (a tick with thousands of rules short would otherwise judge every
+    node once per rule)."""
+
+    def __init__(self, nodes: Iterable[NodeSnapshot]) -> None:
+        self._nodes = list(nodes)
+        self._by_selector: dict[str, tuple[dict[Any, NodeSnapshot], int]] = {}
+
+    def __call__(self, selector: Mapping[str, str], rows_per_node: Mapping[Any, int]) -> tuple[int, bool]:
+        key = json.dumps(selector, sort_keys=True, default=str)
+        entry = self._by_selector.get(key)
+        if entry is None:
+            passing = {node.id: node for node in self._nodes if pipeline.gate(node, selector) is None}
+            total = sum(max(n.effective_cap - n.replicas_of_model, 0) for n in passing.values())
+            entry = self._by_selector[key] = (passing, total)
+        passing, capacity = entry
+        for node_id, count in rows_per_node.items():
+            node = passing.get(node_id)
+            if node is not None:
+                empty = max(node.effective_cap - node.replicas_of_model, 0)
+                capacity += max(node.effective_cap - max(node.replicas_of_model, count), 0) - empty
+        return capacity, bool(passing)
+
+
 def _idle_for(replica: ReplicaView, now: datetime, delay: float) -> bool:
     if replica.state != ReplicaState.LOADED or replica.in_flight > 0:
         return False
@@ -128,9 +154,11 @@ def plan_rule(
     config: Settings,
     already_trimmed: frozenset = frozenset(),
     rows_per_node: Mapping[Any, int] | None = None,
+    capacity_index: CapacityIndex | None = None,
 ) -> RulePlan:
     """Decide one rule's tick (BEHAVIOUR §5 steps 0–4). `rows_per_node`: the model's rows in any state per
-    node (the snapshot's count, as the claim sees them); without it, the live `replicas` are counted."""
+    node (the snapshot's count, as the claim sees them); without it, the live `replicas` are counted.
+    `capacity_index`: the tick's `CapacityIndex` over `nodes` (the same answer, computed once per selector)."""
     plan = RulePlan(rule.model_name)
     if rule.unsatisfiable_until and rule.unsatisfiable_until > now:
         plan.skipped = True
@@ -145,6 +173,8 @@ def plan_rule(
             rows = defaultdict(int)
             for replica in replicas:
                 rows[replica.node_id] += 1
+        if capacity_index is not None:
+            return capacity_index(rule.selector, rows)
         return cluster_capacity(rule.model_name, rule.selector, nodes, rows)
 
     if current < rule.min_replicas:
@@ -242,6 +272,7 @@ def _tick(now: datetime, config: Settings) -> TickReport:
     overcap = plan_overcap_trims(live, snapshot.nodes, now=now, delay=config.scale_down_delay)
     trimmed_ids = frozenset(r.id for r in overcap)
     nodes = list(snapshot.nodes.values())
+    capacity_index = CapacityIndex(nodes)
     plans = [
         plan_rule(
             rule,
@@ -251,6 +282,7 @@ def _tick(now: datetime, config: Settings) -> TickReport:
             config=config,
             already_trimmed=trimmed_ids,
             rows_per_node=snapshot.rows_of(rule.model_name),
+            capacity_index=capacity_index,
         )
         for rule in rules
     ]
