@@ -17,6 +17,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from console.forms import SCOPE_ADMIN, ApiKeyForm
 from console.samples import overview_series
+from localai_cluster.db_router import replica_page
 from localai_cluster.htmx import is_htmx, outcome, staff_required, toast
 from nodes import apikeys
 from nodes.models import ApiKey
@@ -88,6 +89,7 @@ def key_revoke(request: HttpRequest, key_id: int) -> HttpResponse:
 # --- overview -------------------------------------------------------------------------------------------
 
 
+@replica_page
 @require_GET
 @staff_required
 def overview(request: HttpRequest) -> HttpResponse:
@@ -101,6 +103,7 @@ def overview(request: HttpRequest) -> HttpResponse:
     return render(request, "console/overview.html", context)
 
 
+@replica_page
 @require_GET
 @staff_required
 def overview_samples(request: HttpRequest) -> JsonResponse:

@@ -74,8 +74,11 @@ class ClusterCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         from django.db import DatabaseError
 
+        from localai_cluster.db_router import replica_reads
+
         try:
-            metrics = list(self._collect())
+            with replica_reads():  # gauges may lag by the replica's replication (DATABASE_REPLICA_URL)
+                metrics = list(self._collect())
         except DatabaseError:
             logger.warning("metrics: the database could not be read", exc_info=True)
             metrics = []

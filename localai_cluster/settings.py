@@ -142,6 +142,33 @@ _database["OPTIONS"] = {
     ),
 }
 DATABASES = {"default": _database}
+# Reads that may lag (the pages, `/api/nodes` lists, the `/metrics` gauges) go to this read replica when set
+# (`localai_cluster.db_router`); the claim, the reconciler and every write stay on DATABASE_URL.
+DATABASE_REPLICA_URL = env_str("DATABASE_REPLICA_URL")
+if DATABASE_REPLICA_URL:
+    try:
+        _replica = dj_database_url.parse(DATABASE_REPLICA_URL)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"DATABASE_REPLICA_URL: {exc}") from None
+    if _replica.get("ENGINE") != "django.db.backends.postgresql":
+        raise ImproperlyConfigured("DATABASE_REPLICA_URL: only PostgreSQL (postgres://...) is supported")
+    _replica_url_options = dict(_replica.get("OPTIONS") or {})
+    # The same connection options and pool as the primary's, without what DATABASE_URL's query string added.
+    _replica_options = {
+        key: value
+        for key, value in _database["OPTIONS"].items()
+        if key not in _url_options and key != "options"
+    }
+    _statement_timeout = f"-c statement_timeout={int(LOCALAI_DB_STATEMENT_TIMEOUT * 1000)}"
+    _replica_options["options"] = f"{_replica_url_options.pop('options', '')} {_statement_timeout}".strip()
+    DATABASES["replica"] = {
+        **_replica,
+        "ENGINE": _database["ENGINE"],
+        "CONN_MAX_AGE": _database["CONN_MAX_AGE"],
+        "CONN_HEALTH_CHECKS": _database["CONN_HEALTH_CHECKS"],
+        "OPTIONS": {**_replica_options, **_replica_url_options},
+    }
+DATABASE_ROUTERS = ["localai_cluster.db_router.ReplicaRouter"]
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 INSTALLED_APPS = [

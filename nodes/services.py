@@ -18,7 +18,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F
 from django.db.models.functions import Greatest
 from django.utils import timezone
@@ -77,11 +77,14 @@ class RegisterResult:
 @dataclass(frozen=True)
 class HeartbeatResult:
     """The answer to a heartbeat: the node's status, its effective cap, and the process keys the worker runs
-    that have no replica row (orphans the agent stops after a second confirmation)."""
+    that have no replica row (orphans the agent stops after a second confirmation), and whether the next
+    heartbeat should list the replicas in full rather than send their digest only."""
 
     status: str
     max_replicas_per_model: int
     orphans: list[str] = field(default_factory=list)
+    # True when the agent should list its replicas in full next time (its set and the rows differ).
+    send_replicas: bool = False
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
@@ -367,6 +370,94 @@ def node_register(
     return RegisterResult(node=node, created=created, node_token=new_node_token)
 
 
+# Statuses an unchanged heartbeat keeps as they are (`unhealthy` and `offline` come back through the full path).
+_STEADY_STATUSES = (NodeStatus.HEALTHY.value, NodeStatus.DRAINING.value, NodeStatus.PENDING.value)
+_REPLICA_KEY_SQL = "r.model_name || '#' || r.replica_index::text"
+# One statement: the node's row, by primary key, only when the token is the node's, its status steady, its
+# total VRAM and vendor as reported (they drive auto-labels), every replica row already heard from, and the
+# digest of its rows (computed in SQL exactly as `replica_digest` does) equal to the digest reported.
+_UNCHANGED_HEARTBEAT_SQL = f"""
+UPDATE {Node._meta.db_table} AS n
+SET last_heartbeat = %(now)s,
+    updated_at = %(now)s,
+    available_vram = COALESCE(%(available_vram)s, n.available_vram),
+    available_ram = COALESCE(%(available_ram)s, n.available_ram),
+    total_ram = COALESCE(%(total_ram)s, n.total_ram)
+WHERE n.id = %(node_id)s
+  AND n.token_hash = %(token_hash)s
+  AND n.token_hash <> ''
+  AND n.status IN {_STEADY_STATUSES!r}
+  AND (%(total_vram)s::bigint IS NULL OR n.total_vram = %(total_vram)s::bigint)
+  AND (%(gpu_vendor)s::text IS NULL OR n.gpu_vendor = %(gpu_vendor)s::text)
+  AND %(digest)s = (
+    SELECT encode(sha256(convert_to(
+             coalesce(string_agg({_REPLICA_KEY_SQL}, E'\\n' ORDER BY {_REPLICA_KEY_SQL} COLLATE "C"), ''),
+             'UTF8')), 'hex')
+    FROM {ModelReplica._meta.db_table} r
+    WHERE r.node_id = n.id
+  )
+  AND NOT EXISTS (
+    SELECT 1 FROM {ModelReplica._meta.db_table} r WHERE r.node_id = n.id AND r.last_seen_at IS NULL
+  )
+RETURNING n.status, COALESCE(n.max_replicas_override, n.worker_max_replicas_per_model)
+"""
+
+
+def node_heartbeat_unchanged(
+    *,
+    node_id: Any,
+    token: str | None,
+    digest: str,
+    available_vram: int | None = None,
+    total_vram: int | None = None,
+    available_ram: int | None = None,
+    total_ram: int | None = None,
+    gpu_vendor: str | None = None,
+) -> HeartbeatResult | None:
+    """A heartbeat that reports nothing new, in ONE indexed UPDATE (authentication included): when `token`
+    is the node's, its status is `healthy`, `draining` or `pending`, its total VRAM and GPU vendor are as
+    reported, every replica row was already heard from, and `digest` (`replica_digest` of the agent's keys)
+    equals the digest of the node's replica rows, it records `last_heartbeat` and the reported free figures
+    and answers. None otherwise — nothing was written, and the caller authenticates and runs
+    `node_heartbeat`, which reconciles. The reported free VRAM is written as is: no tolerance is needed,
+    since writing it costs nothing more in the same statement.
+
+    A heartbeat it answers lists exactly the node's rows, all of them already heard from: the full
+    reconciliation would delete nothing, add no orphan and keep the reservation (0), so skipping it changes
+    nothing but the rows' `last_seen_at` (the health probe counts such a heartbeat as news of every replica
+    loaded before it: `scheduling.health`)."""
+    if not token or not digest:
+        return None
+    try:
+        node_uuid = node_id if isinstance(node_id, uuid.UUID) else uuid.UUID(str(node_id))
+    except (TypeError, ValueError, AttributeError):
+        return None
+    for size_name, size in (
+        ("total_vram", total_vram),
+        ("available_vram", available_vram),
+        ("total_ram", total_ram),
+        ("available_ram", available_ram),
+    ):
+        _check_size(size_name, size)
+    params: dict[str, Any] = {
+        "now": timezone.now(),
+        "node_id": node_uuid,
+        "token_hash": token_hash(token),
+        "digest": digest,
+        "available_vram": available_vram,
+        "total_vram": total_vram,
+        "available_ram": available_ram,
+        "total_ram": total_ram,
+        "gpu_vendor": None if gpu_vendor is None else gpu_vendor[:64],
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(_UNCHANGED_HEARTBEAT_SQL, params)
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    return HeartbeatResult(status=row[0], max_replicas_per_model=row[1])
+
+
 def node_heartbeat(
     *,
     node: Node,
@@ -463,10 +554,14 @@ def node_heartbeat(
 
     if gone:
         logger.info("node %r: removed %d replica row(s) whose process is gone", locked.name, len(gone))
+    orphans = sorted(listed - known)
     return HeartbeatResult(
         status=locked.status,
         max_replicas_per_model=locked.effective_max_replicas,
-        orphans=sorted(listed - known),
+        orphans=orphans,
+        # Rows kept unlisted (a load on its way, a replica loaded since) or orphans: the sets still differ,
+        # so the agent's next heartbeat lists its replicas rather than a digest that cannot match.
+        send_replicas=bool(orphans) or len(known) - len(seen) - len(gone) > 0,
     )
 
 

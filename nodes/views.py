@@ -18,6 +18,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
+from localai_cluster.db_router import replica_page
 from localai_cluster.htmx import is_htmx, outcome, staff_required, toast
 from nodes import services
 from nodes.exceptions import InvalidTransition, InvalidValue
@@ -96,6 +97,7 @@ def _error(
 # --- pages ----------------------------------------------------------------------------------------------
 
 
+@replica_page
 @require_GET
 @staff_required
 def node_list(request: HttpRequest) -> HttpResponse:
@@ -107,6 +109,7 @@ def node_list(request: HttpRequest) -> HttpResponse:
     return render(request, PAGE, context)
 
 
+@replica_page
 @require_GET
 @staff_required
 def node_detail(request: HttpRequest, node_id: uuid.UUID) -> HttpResponse:
@@ -126,6 +129,7 @@ def node_detail(request: HttpRequest, node_id: uuid.UUID) -> HttpResponse:
     return render(request, PAGE, context)
 
 
+@replica_page
 @require_GET
 @staff_required
 def node_audit(request: HttpRequest, node_id: uuid.UUID) -> HttpResponse:

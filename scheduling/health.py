@@ -20,8 +20,8 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import connections, transaction
-from django.db.models import Q
-from django.db.models.functions import Coalesce
+from django.db.models import Case, DateTimeField, F, Q, When
+from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 
 from console.samples import metric_sample_take
@@ -30,6 +30,7 @@ from localai_cluster.metrics import TICK_DURATION
 from nodes.choices import NodeStatus, NodeType, ReplicaState
 from nodes.inflight import inflight_reclaim_dead_owners
 from nodes.models import ModelReplica, Node
+from nodes.services import LOADED_GRACE_HEARTBEATS
 from scheduling.decisions import decisions_prune
 
 logger = logging.getLogger(__name__)
@@ -150,6 +151,21 @@ def recover_fresh_nodes(*, now: datetime) -> list[str]:
     return names
 
 
+def _heard_at() -> Greatest:
+    """When the control plane last heard of a replica: its own `last_seen_at` (or load times), or its node's
+    last heartbeat when that heartbeat vouched for it. A recorded heartbeat lists every loaded replica whose
+    load ended `LOADED_GRACE_HEARTBEATS` intervals before it (the full reconciliation removes one it does not
+    list; the unchanged heartbeat answers only when it lists them all), but the unchanged heartbeat leaves
+    `last_seen_at` alone: one UPDATE of the node row, none of its replicas (`nodes.services`)."""
+    grace = timedelta(seconds=LOADED_GRACE_HEARTBEATS * settings.LOCALAI_HEARTBEAT_INTERVAL)
+    vouched = Case(
+        When(loaded_at__lte=F("node__last_heartbeat") - grace, then=F("node__last_heartbeat")),
+        default=None,
+        output_field=DateTimeField(),
+    )
+    return Greatest(Coalesce("last_seen_at", "loaded_at", "load_started_at"), vouched)
+
+
 def probe_unheard_replicas(*, now: datetime) -> tuple[int, list[str]]:
     """Probe (gRPC health, 5 s) loaded replicas on healthy nodes not heard from for `LOCALAI_PROBE_STALE_AFTER`.
     A replica that answers is marked heard-from; one that does not is removed alone and its exact process key
@@ -157,7 +173,7 @@ def probe_unheard_replicas(*, now: datetime) -> tuple[int, list[str]]:
     cutoff = now - timedelta(seconds=settings.LOCALAI_PROBE_STALE_AFTER)
     replicas = list(
         ModelReplica.objects.select_related("node")
-        .annotate(heard_at=Coalesce("last_seen_at", "loaded_at", "load_started_at"))
+        .annotate(heard_at=_heard_at())
         .filter(
             state=ReplicaState.LOADED,
             node__status=NodeStatus.HEALTHY,

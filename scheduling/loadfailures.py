@@ -177,6 +177,14 @@ def load_failure_clear(*, model_name: str, reason: str) -> bool:
     return deleted > 0
 
 
+def load_failures_clear(*, model_names: list[str], reason: str) -> int:
+    """`load_failure_clear` of many models in one statement; answers how many had failed loads."""
+    deleted, _ = LoadFailure.objects.filter(model_name__in=model_names).delete()
+    if deleted:
+        logger.info("load backoff of %d model(s) cleared: %s", deleted, reason)
+    return deleted
+
+
 def load_failures_clear_all(*, reason: str) -> int:
     """Forgets every model's failed loads; answers how many models had some."""
     deleted, _ = LoadFailure.objects.all().delete()

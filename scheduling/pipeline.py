@@ -31,6 +31,7 @@ from django.db.models import F
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from localai_cluster.db_router import primary_reads
 from nodes.choices import NodeStatus, NodeType, ReplicaState
 from nodes.models import ModelReplica, Node, NodeLabel, process_key
 from scheduling.choices import Verdict
@@ -601,7 +602,7 @@ def replica_claim(
         raise ValueError("vram_bytes must be a whole number of bytes, at least 0")
     model = ModelRequirement(model_name, vram_bytes, dict(selector or {}))
     now = timezone.now()
-    with transaction.atomic():
+    with primary_reads(), transaction.atomic():
         node = Node.objects.select_for_update().filter(pk=node_id).first()
         if node is None:
             return Claim(None, Judgement(Verdict.NOT_HEALTHY, "removed"))
@@ -675,3 +676,161 @@ def claim_any(plan: Plan, *, vram_bytes: int, backend: str) -> tuple[ModelReplic
         assert claim.refused is not None
         refused[node.id] = claim.refused
     return None, plan.with_refusals(refused)
+
+
+@dataclass(frozen=True)
+class ClaimRequest:
+    """One slot wanted by a batch claim (`replicas_claim`)."""
+
+    node_id: Any
+    model_name: str
+    vram_bytes: int = 0
+    backend: str = ""
+    selector: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BatchClaim:
+    """A batch claim's answer for one request: the `loading` row and its node (id, name, address and token
+    salt: what a load needs), or the verdict that refused it."""
+
+    replica: ModelReplica | None
+    node: Node | None = None
+    refused: Judgement | None = None
+
+
+def replicas_claim(requests: list[ClaimRequest]) -> list[BatchClaim]:
+    """`replica_claim` for many slots in one short transaction and a fixed number of statements whatever their
+    number: the nodes' rows locked in id order (every writer of a node's replicas locks its row first, so the
+    indexes read next cannot change), their labels and taken indexes read once, each request judged in turn
+    on the committed figures plus the requests granted before it (same predicate as the plan), then every
+    `loading` row inserted in one statement and the reservations added in one more. Answers one `BatchClaim`
+    per request, in order. A unique violation (a writer that did not lock the node) falls back to one
+    `replica_claim` per request."""
+    from django.db.models import BigIntegerField, Case, Value, When
+
+    if not requests:
+        return []
+    for request in requests:
+        if isinstance(request.vram_bytes, bool) or not isinstance(request.vram_bytes, int):
+            raise ValueError("vram_bytes must be a whole number of bytes, at least 0")
+        if request.vram_bytes < 0:
+            raise ValueError("vram_bytes must be a whole number of bytes, at least 0")
+    now = timezone.now()
+    node_ids = sorted({request.node_id for request in requests}, key=str)
+    models = sorted({request.model_name for request in requests})
+    try:
+        with primary_reads(), transaction.atomic():
+            locked = {
+                node.id: node
+                for node in Node.objects.select_for_update()
+                .filter(pk__in=node_ids)
+                .order_by("id")
+                .only(
+                    "id",
+                    "name",
+                    "node_type",
+                    "address",
+                    "token_salt",
+                    "status",
+                    "approved_at",
+                    "max_replicas_override",
+                    "worker_max_replicas_per_model",
+                    "total_vram",
+                    "available_vram",
+                    "reserved_vram",
+                )
+            }
+            taken: dict[tuple[Any, str], set[int]] = defaultdict(set)
+            for node_id, model_name, index in ModelReplica.objects.filter(
+                node_id__in=node_ids, model_name__in=models
+            ).values_list("node_id", "model_name", "replica_index"):
+                taken[(node_id, model_name)].add(index)
+            labels: dict[Any, dict[str, str]] = defaultdict(dict)
+            if any(request.selector for request in requests):
+                for node_id, key, value in NodeLabel.objects.filter(node_id__in=node_ids).values_list(
+                    "node_id", "key", "value"
+                ):
+                    labels[node_id][key] = value
+            reserved: dict[Any, int] = defaultdict(int)
+            answers: list[BatchClaim] = []
+            rows: list[ModelReplica] = []
+            for request in requests:
+                node = locked.get(request.node_id)
+                if node is None:
+                    answers.append(BatchClaim(None, refused=Judgement(Verdict.NOT_HEALTHY, "removed")))
+                    continue
+                if node.node_type != NodeType.BACKEND:
+                    refused = Judgement(Verdict.NOT_HEALTHY, f"{node.node_type} node")
+                    answers.append(BatchClaim(None, refused=refused))
+                    continue
+                used = taken[(node.id, request.model_name)]
+                snapshot = NodeSnapshot(
+                    id=node.id,
+                    name=node.name,
+                    effective_cap=node.effective_max_replicas,
+                    replicas_of_model=len(used),
+                    total_vram=node.total_vram,
+                    available_vram=node.available_vram,
+                    reserved_vram=node.reserved_vram + reserved[node.id],
+                    labels=labels.get(node.id, {}),
+                    approved=node.approved_at is not None,
+                    status=node.status,
+                )
+                model = ModelRequirement(request.model_name, request.vram_bytes, dict(request.selector))
+                verdict = judge(model, snapshot)
+                if verdict is not None:
+                    answers.append(BatchClaim(None, refused=verdict))
+                    continue
+                index = _free_indexes(snapshot.effective_cap, used)[0]
+                used.add(index)
+                reserve = request.vram_bytes if node.total_vram > 0 else 0
+                reserved[node.id] += reserve
+                row = ModelReplica(
+                    node=node,
+                    model_name=request.model_name,
+                    replica_index=index,
+                    state=ReplicaState.LOADING,
+                    load_started_at=now,
+                    vram_bytes=reserve,
+                    backend=request.backend,
+                )
+                rows.append(row)
+                answers.append(BatchClaim(row, node=node))
+            with transaction.atomic():
+                ModelReplica.objects.bulk_create(rows)
+            grown = {node_id: size for node_id, size in reserved.items() if size}
+            if grown:
+                Node.objects.filter(pk__in=list(grown)).update(
+                    reserved_vram=F("reserved_vram")
+                    + Case(
+                        *(When(pk=node_id, then=Value(size)) for node_id, size in grown.items()),
+                        default=Value(0),
+                        output_field=BigIntegerField(),
+                    )
+                )
+    except IntegrityError as error:
+        if not isinstance(error.__cause__, psycopg.errors.UniqueViolation):
+            raise
+        logger.info("a batch claim lost a slot to a concurrent writer; claiming one by one")
+        return _claim_one_by_one(requests)
+    return answers
+
+
+def _claim_one_by_one(requests: list[ClaimRequest]) -> list[BatchClaim]:
+    answers = []
+    for request in requests:
+        claim = replica_claim(
+            node_id=request.node_id,
+            model_name=request.model_name,
+            vram_bytes=request.vram_bytes,
+            backend=request.backend,
+            selector=request.selector,
+        )
+        node = (
+            Node.objects.only("id", "name", "address", "token_salt").filter(pk=request.node_id).first()
+            if claim.replica is not None
+            else None
+        )
+        answers.append(BatchClaim(claim.replica, node=node, refused=claim.refused))
+    return answers

@@ -7,26 +7,29 @@ and placements whose slow loads run in parallel across nodes.
 
 from __future__ import annotations
 
+import bisect
+import heapq
+import json
 import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import connections
 from django.utils import timezone
 
 from localai_cluster import locks
+from localai_cluster.db_router import primary_reads
 from localai_cluster.metrics import BREAKER_TRIPS, TICK_DURATION
 from nodes.choices import ReplicaState
 from scheduling import pipeline
 from scheduling.autoscale import Load, autoscale_decide, inflight_averages, state_changes, zero_candidate
 from scheduling.choices import Outcome, Trigger, Verdict
-from scheduling.decisions import DecisionRecord, decisions_record
+from scheduling.decisions import MAX_RECORDED_NODES, DecisionRecord, decisions_record
 from scheduling.models import ModelConfig, SchedulingRule
 from scheduling.pipeline import ClusterSnapshot, NodeSnapshot, ReplicaView, RuleView
 from scheduling.placement import LoadFailed
@@ -92,6 +95,31 @@ def cluster_capacity(
     return capacity, matched
 
 
+class CapacityIndex:
+    """`cluster_capacity` for many rules over one tick's nodes: each selector's gate runs once over the nodes,
+    then a rule costs only its model's rows (a tick with thousands of rules short would otherwise judge every
+    node once per rule)."""
+
+    def __init__(self, nodes: Iterable[NodeSnapshot]) -> None:
+        self._nodes = list(nodes)
+        self._by_selector: dict[str, tuple[dict[Any, NodeSnapshot], int]] = {}
+
+    def __call__(self, selector: Mapping[str, str], rows_per_node: Mapping[Any, int]) -> tuple[int, bool]:
+        key = json.dumps(selector, sort_keys=True, default=str)
+        entry = self._by_selector.get(key)
+        if entry is None:
+            passing = {node.id: node for node in self._nodes if pipeline.gate(node, selector) is None}
+            total = sum(max(n.effective_cap - n.replicas_of_model, 0) for n in passing.values())
+            entry = self._by_selector[key] = (passing, total)
+        passing, capacity = entry
+        for node_id, count in rows_per_node.items():
+            node = passing.get(node_id)
+            if node is not None:
+                empty = max(node.effective_cap - node.replicas_of_model, 0)
+                capacity += max(node.effective_cap - max(node.replicas_of_model, count), 0) - empty
+        return capacity, bool(passing)
+
+
 def _idle_for(replica: ReplicaView, now: datetime, delay: float) -> bool:
     if replica.state != ReplicaState.LOADED or replica.in_flight > 0:
         return False
@@ -134,11 +162,13 @@ def plan_rule(
     already_trimmed: frozenset = frozenset(),
     rows_per_node: Mapping[Any, int] | None = None,
     load: Load | None = None,
+    capacity_index: CapacityIndex | None = None,
 ) -> RulePlan:
     """Decide one rule's tick (BEHAVIOUR §5 steps 0–4). `rows_per_node`: the model's rows in any state per
     node (the snapshot's count, as the claim sees them); without it, the live `replicas` are counted.
     `load`: the model's in-flight average over the autoscale window, for a rule with `target_in_flight` > 0
-    (README "Autoscaling"), which then replaces the all-busy burst and the idle trim."""
+    (README "Autoscaling"), which then replaces the all-busy burst and the idle trim.
+    `capacity_index`: the tick's `CapacityIndex` over `nodes` (the same answer, computed once per selector)."""
     plan = RulePlan(rule.model_name)
     if rule.unsatisfiable_until and rule.unsatisfiable_until > now:
         plan.skipped = True
@@ -153,6 +183,8 @@ def plan_rule(
             rows = defaultdict(int)
             for replica in replicas:
                 rows[replica.node_id] += 1
+        if capacity_index is not None:
+            return capacity_index(rule.selector, rows)
         return cluster_capacity(rule.model_name, rule.selector, nodes, rows)
 
     if current < rule.min_replicas:
@@ -253,7 +285,8 @@ def reconcile_tick(*, now: datetime | None = None) -> TickReport:
         if not acquired:
             logger.info("reconcile tick skipped: another process holds the lock")
             return TickReport(skipped=True)
-        report = _tick(now or timezone.now(), Settings.from_django())
+        with primary_reads():  # decisions are never taken on a lagging read replica
+            report = _tick(now or timezone.now(), Settings.from_django())
     report.duration = time.monotonic() - started
     TICK_DURATION.labels("reconcile").observe(report.duration)
     return report
@@ -282,6 +315,7 @@ def _tick(now: datetime, config: Settings) -> TickReport:
     overcap = plan_overcap_trims(live, snapshot.nodes, now=now, delay=config.scale_down_delay)
     trimmed_ids = frozenset(r.id for r in overcap)
     nodes = list(snapshot.nodes.values())
+    capacity_index = CapacityIndex(nodes)
     plans = [
         plan_rule(
             rule,
@@ -292,6 +326,7 @@ def _tick(now: datetime, config: Settings) -> TickReport:
             already_trimmed=trimmed_ids,
             rows_per_node=snapshot.rows_of(rule.model_name),
             load=loads.get(rule.model_name),
+            capacity_index=capacity_index,
         )
         for rule in rules
     ]
@@ -431,27 +466,212 @@ def _unload_retired(snapshot: ClusterSnapshot) -> list[str]:
 class _Job:
     replica: Any
     config: Any
-    node_name: str
+    node: Any
     attempt: Any
     trigger: str
     candidates: list[dict[str, str]]
-    reason: str = ""
+    omitted: Mapping[str, int] | None = None
+    started: float = 0.0
+    reason: str = ""  # the autoscaler's, for its decision record
+
+
+class _Placer:
+    """One tick's placements on one snapshot. Each model is judged on the snapshot plus the reservations this
+    tick already made (so two models do not both count on the same free VRAM), and its nodes are ranked
+    without judging the whole cluster when it is large: nodes passing a selector's gate are kept once per
+    selector in a heap by (most effective free VRAM, least in-flight, name) — the ranking of a node with no
+    replica of the model — so a placement reads only the few best entries. Small clusters, and models whose
+    eligible nodes do not outnumber what a decision record lists, go through `pipeline.evaluate` itself."""
+
+    def __init__(self, snapshot: ClusterSnapshot) -> None:
+        self.snapshot = snapshot
+        self.reserved: dict[Any, int] = defaultdict(int)  # VRAM reserved by this tick, per node
+        self.placed: dict[str, dict[Any, int]] = defaultdict(lambda: defaultdict(int))  # model → node → rows
+        self._gates: dict[tuple, _Gate] = {}
+
+    def node(self, node: NodeSnapshot, model_name: str) -> NodeSnapshot:
+        rows = self.snapshot.rows_of(model_name).get(node.id, 0) + self.placed[model_name].get(node.id, 0)
+        extra = self.reserved.get(node.id, 0)
+        if not rows and not extra:
+            return node
+        return replace(node, replicas_of_model=rows, reserved_vram=node.reserved_vram + extra)
+
+    def evaluate(self, model: pipeline.ModelRequirement) -> pipeline.Plan:
+        return pipeline.evaluate(model, [self.node(n, model.name) for n in self.snapshot.nodes.values()])
+
+    def take(self, model: pipeline.ModelRequirement, picks: Sequence[NodeSnapshot]) -> None:
+        """Counts the picks in: a row of the model each, and their VRAM reserved."""
+        for node in picks:
+            self.placed[model.name][node.id] += 1
+            if node.vram_limited and model.vram_bytes > 0:
+                self.reserved[node.id] += model.vram_bytes
+                for gate in self._gates.values():
+                    gate.changed(self.node(self.snapshot.nodes[node.id], ""))
+
+    def choose(
+        self, model: pipeline.ModelRequirement, count: int
+    ) -> tuple[list[NodeSnapshot], list[_Record], str | None]:
+        """Up to `count` nodes for the model, each with its decision record's candidates (the node chosen
+        first) and the nodes it leaves out counted by verdict (None: all listed), and the refusal when fewer
+        than `count` fit (None when all did)."""
+        fast = self._choose_fast(model, count)
+        if fast is not None:
+            return fast
+        plan = self.evaluate(model)
+        picks = pipeline.choose_nodes(model, count, plan.eligible)
+        verdicts = plan.records()
+        refusal = None
+        if len(picks) < count:
+            refusal = plan.refusal() if not picks else f"room for {len(picks)} of {count} replicas"
+        self.take(model, picks)
+        return picks, [(_chosen(verdicts, node.name), None) for node in picks], refusal
+
+    def _gate(self, selector: Mapping[str, str]) -> _Gate:
+        key = tuple(sorted(selector.items()))
+        gate = self._gates.get(key)
+        if gate is None:
+            gate = self._gates[key] = _Gate(
+                [self.node(node, "") for node in self.snapshot.nodes.values()], dict(selector)
+            )
+        return gate
+
+    def _choose_fast(
+        self, model: pipeline.ModelRequirement, count: int
+    ) -> tuple[list[NodeSnapshot], list[_Record], str | None] | None:
+        gate = self._gate(model.selector)
+        if len(gate.passing) < FAST_PATH_MIN_NODES:
+            return None
+        rows = dict(self.snapshot.rows_of(model.name))
+        for node_id, extra in self.placed[model.name].items():
+            rows[node_id] = rows.get(node_id, 0) + extra
+        wanted = MAX_RECORDED_NODES + count
+        best = gate.best(model, rows, wanted)
+        if best is None:
+            return None
+        counts = gate.room_verdicts(model, rows)
+        eligible = len(gate.passing) - sum(counts.values())
+        picks = best[:count]
+        listed = [
+            {
+                "node": node.name,
+                "verdict": Verdict.RANKED_LOWER,
+                "detail": pipeline.ranking_terms(model, node),
+            }
+            for node in best
+        ]
+        omitted: dict[str, int] = {**gate.refused_counts, **counts}
+        records: list[_Record] = []
+        for rank in range(len(picks)):
+            first = {**listed[rank], "verdict": Verdict.CHOSEN}
+            others = [entry for index, entry in enumerate(listed) if index != rank][: MAX_RECORDED_NODES - 1]
+            ranked_lower = eligible - 1 - len(others)
+            lower: dict[str, int] = {Verdict.RANKED_LOWER: ranked_lower} if ranked_lower > 0 else {}
+            records.append(([first, *others], {**omitted, **lower}))
+        self.take(model, picks)
+        return picks, records, None
+
+
+# A decision record's candidates (the node chosen first), and the nodes left out counted by verdict.
+_Record = tuple[list[dict[str, str]], Mapping[str, int] | None]
+
+# Below this many nodes passing a selector, a model is judged node by node (`pipeline.evaluate`).
+FAST_PATH_MIN_NODES = 256
+
+
+class _Gate:
+    """The nodes passing one selector's gate, ranked in a heap (see `_Placer`), and the gate's refusals
+    counted by verdict."""
+
+    def __init__(self, nodes: Iterable[NodeSnapshot], selector: Mapping[str, str]) -> None:
+        self.passing: dict[Any, NodeSnapshot] = {}
+        self.refused_counts: dict[str, int] = defaultdict(int)
+        for node in nodes:
+            judgement = pipeline.gate(node, selector)
+            if judgement is None:
+                self.passing[node.id] = node
+            else:
+                self.refused_counts[judgement.verdict] += 1
+        self.refused_counts = dict(self.refused_counts)
+        self._heap = [(-n.effective_free_vram, n.in_flight, n.name, n.id) for n in self.passing.values()]
+        heapq.heapify(self._heap)
+        self._free = sorted(n.effective_free_vram for n in self.passing.values() if n.vram_limited)
+
+    def changed(self, node: NodeSnapshot) -> None:
+        old = self.passing.get(node.id)
+        if old is None:
+            return
+        if old.vram_limited:
+            del self._free[bisect.bisect_left(self._free, old.effective_free_vram)]
+            bisect.insort(self._free, node.effective_free_vram)
+        self.passing[node.id] = node
+        heapq.heappush(self._heap, (-node.effective_free_vram, node.in_flight, node.name, node.id))
+
+    def _current(self, entry: tuple) -> NodeSnapshot | None:
+        node = self.passing[entry[3]]
+        return node if -entry[0] == node.effective_free_vram else None  # else a stale entry
+
+    def best(
+        self, model: pipeline.ModelRequirement, rows: Mapping[Any, int], wanted: int
+    ) -> list[NodeSnapshot] | None:
+        """The `wanted` best-ranked eligible nodes holding no row of the model (all ranked before any node
+        that does), or None when they are fewer or too far down the heap."""
+        popped: list[tuple] = []
+        found: list[NodeSnapshot] = []
+        seen: set[Any] = set()
+        limit = wanted + len(rows) + 4 * wanted
+        try:
+            while self._heap and len(found) < wanted and len(popped) < limit:
+                entry = heapq.heappop(self._heap)
+                node = self._current(entry)
+                if node is None or node.id in seen:
+                    continue  # stale: dropped for good
+                seen.add(node.id)
+                popped.append(entry)
+                if rows.get(node.id, 0) or not pipeline.vram_fits(model, node):
+                    continue
+                found.append(node)
+        finally:
+            for entry in popped:
+                heapq.heappush(self._heap, entry)
+        return found if len(found) == wanted else None
+
+    def room_verdicts(self, model: pipeline.ModelRequirement, rows: Mapping[Any, int]) -> dict[str, int]:
+        """How many passing nodes have no free slot for the model, and how many not VRAM enough."""
+        no_slot = [
+            self.passing[i]
+            for i, n in rows.items()
+            if i in self.passing and n >= self.passing[i].effective_cap
+        ]
+        short = 0
+        if model.vram_bytes > 0:
+            short = bisect.bisect_left(self._free, model.vram_bytes)
+            short -= sum(1 for n in no_slot if n.vram_limited and n.effective_free_vram < model.vram_bytes)
+        counts: dict[str, int] = {}
+        if no_slot:
+            counts[Verdict.NO_FREE_SLOT] = len(no_slot)
+        if short:
+            counts[Verdict.NOT_ENOUGH_VRAM] = short
+        return counts
 
 
 def _place_all(plans: Sequence[RulePlan], snapshot: ClusterSnapshot) -> tuple[list[str], list[str]]:
-    """Claim every slot first (short transactions, one node row lock each), then run the slow loads in
-    parallel, so `min = 8` over 4 nodes converges in one load time, and one failed load stops nothing else.
+    """Choose every node first (on the snapshot, counting this tick's own choices), claim them all in one
+    short transaction (`pipeline.replicas_claim`), then run the slow loads in parallel threads (at most
+    `LOAD_CONCURRENCY`, no database access there) and record each load's outcome as it ends — so `min = 8`
+    over 4 nodes converges in one load time, a failed load stops nothing else, and a tick placing hundreds of
+    replicas costs about one statement per placement plus a fixed number.
 
     A model whose last load failed is left alone while its cooldown runs (`scheduling.loadfailures`: the
     same cluster-wide backoff as the router's), and once it is over gets one probe load, not `count`. The
     circuit breaker is not involved: it counts ticks without capacity, and a model that fails to load has
     capacity."""
-    from scheduling.loadfailures import LoadBackingOff, load_attempts_begin
+    from scheduling.loadfailures import LoadBackingOff, load_attempts_begin, load_failures_clear
 
     names = [plan.model_name for plan in plans]
     configs = ModelConfig.objects.in_bulk(names, field_name="name")
     attempts = load_attempts_begin(model_names=names)
-    claimed: list[_Job] = []
+    placer = _Placer(snapshot)
+    wanted: list[tuple[pipeline.ClaimRequest, Any, Any, Any, _Record, str]] = []
     failed: list[str] = []
     records: list[DecisionRecord] = []
     for rule_plan in plans:
@@ -472,61 +692,124 @@ def _place_all(plans: Sequence[RulePlan], snapshot: ClusterSnapshot) -> tuple[li
         if attempt.is_retry:
             count = 1
         model = snapshot.requirement(model_name, config.vram_bytes)
-        plan = pipeline.evaluate(model, snapshot.nodes_for(model_name))
-        verdicts = plan.records()
-        picks = pipeline.choose_nodes(model, count, plan.eligible)
-        if len(picks) < count:  # slots exist, but not with VRAM enough for every replica wanted
-            failed.append(f"{model_name}: {plan.refusal() if not picks else 'no room for more'}")
+        picks, candidates, refusal = placer.choose(model, count)
+        if refusal is not None:  # slots exist, but not with VRAM enough for every replica wanted
+            failed.append(f"{model_name}: {refusal if not picks else 'no room for more'}")
             records.append(
                 DecisionRecord(
                     model_name=model_name,
                     trigger=trigger,
                     outcome=Outcome.NO_CAPACITY,
-                    message=plan.refusal() if not picks else f"room for {len(picks)} of {count} replicas",
-                    candidates=verdicts,
+                    message=refusal,
+                    candidates=placer.evaluate(model).records(),
                 )
             )
-        for node in picks:
-            claim = pipeline.replica_claim(
-                node_id=node.id,
-                model_name=model_name,
-                vram_bytes=config.vram_bytes,
-                backend=config.backend,
-                selector=model.selector,
+        for node, record in zip(picks, candidates, strict=True):
+            request = pipeline.ClaimRequest(
+                node.id, model_name, config.vram_bytes, config.backend, model.selector
             )
-            if claim.replica is None:
-                assert claim.refused is not None
-                failed.append(f"{model_name} on {node.name}: {claim.refused.detail} (claimed meanwhile)")
-                records.append(
-                    DecisionRecord(
-                        model_name=model_name,
-                        trigger=trigger,
-                        outcome=Outcome.NO_CAPACITY,
-                        message=f"the claim on {node.name} was refused: {claim.refused.detail}",
-                        candidates=_chosen(verdicts, node.name, claim.refused),
-                    )
-                )
-                continue
-            claimed.append(
-                _Job(
-                    claim.replica,
-                    config,
-                    node.name,
-                    attempt,
-                    trigger,
-                    _chosen(verdicts, node.name),
-                    rule_plan.reason if rule_plan.autoscale else "",
+            wanted.append(
+                (request, config, attempt, trigger, record, rule_plan.reason if rule_plan.autoscale else "")
+            )
+    claims = pipeline.replicas_claim([request for request, *_ in wanted])
+    jobs: list[_Job] = []
+    for (request, config, attempt, trigger, (chosen, omitted), reason), claim in zip(
+        wanted, claims, strict=True
+    ):
+        if claim.replica is None:
+            assert claim.refused is not None
+            name = snapshot.nodes[request.node_id].name
+            failed.append(f"{request.model_name} on {name}: {claim.refused.detail} (claimed meanwhile)")
+            records.append(
+                DecisionRecord(
+                    model_name=request.model_name,
+                    trigger=trigger,
+                    outcome=Outcome.NO_CAPACITY,
+                    message=f"the claim on {name} was refused: {claim.refused.detail}",
+                    candidates=_chosen(chosen, name, claim.refused),
+                    omitted=omitted,
                 )
             )
+            continue
+        jobs.append(_Job(claim.replica, config, claim.node, attempt, trigger, chosen, omitted, reason=reason))
     decisions_record(records=records)
-    if not claimed:
+    if not jobs:
         return [], failed
-    with ThreadPoolExecutor(max_workers=min(LOAD_CONCURRENCY, len(claimed))) as pool:
-        outcomes = list(pool.map(_load_one, claimed))
+    outcomes = _load_all(jobs)
+    loaded = sorted({job.replica.model_name for job, (ok, _t, _r) in zip(jobs, outcomes, strict=True) if ok})
+    if loaded:
+        load_failures_clear(model_names=loaded, reason="loaded")
     decisions_record(records=[record for _ok, _text, record in outcomes])
     placed = [text for ok, text, _record in outcomes if ok]
     failed += [text for ok, text, _record in outcomes if not ok]
     return placed, failed
+
+
+def _load_all(jobs: list[_Job]) -> list[tuple[bool, str, DecisionRecord]]:
+    """The loads in parallel threads (network only); each outcome recorded here as it ends."""
+    from scheduling.services import replica_load_call
+    from worker_client.errors import WorkerError
+
+    def call(job: _Job) -> Any:
+        job.started = time.monotonic()
+        try:
+            return replica_load_call(replica=job.replica, config=job.config, node=job.node)
+        except WorkerError as error:
+            return error
+
+    outcomes = []
+    with ThreadPoolExecutor(max_workers=min(LOAD_CONCURRENCY, len(jobs))) as pool:
+        futures = {pool.submit(call, job): job for job in jobs}
+        for future in as_completed(futures):
+            job = futures[future]
+            try:
+                answer = future.result()
+            except Exception as error:  # a fault in one load must not stop the others
+                logger.exception("loading %s failed", job.replica.process_key)
+                answer = error
+            outcomes.append(_load_done(job, answer))
+    return outcomes
+
+
+def _load_done(job: _Job, answer: Any) -> tuple[bool, str, DecisionRecord]:
+    from scheduling.loadfailures import load_failure_note
+    from scheduling.services import replica_load_finish
+    from worker_client.errors import WorkerError
+
+    replica = job.replica
+    label = f"{replica.process_key} on {job.node.name}"
+
+    def record(outcome: str, message: str) -> DecisionRecord:
+        return DecisionRecord(
+            model_name=replica.model_name,
+            trigger=job.trigger,
+            outcome=outcome,
+            node_name=job.node.name,
+            replica_index=replica.replica_index,
+            duration=time.monotonic() - job.started,
+            message=message,
+            candidates=job.candidates,
+            omitted=job.omitted,
+        )
+
+    try:
+        if isinstance(answer, Exception) and not isinstance(answer, WorkerError):
+            from nodes.services import replica_remove
+
+            replica_remove(replica_id=replica.id)
+            raise answer
+        replica_load_finish(replica=replica, config=job.config, node=job.node, outcome=answer)
+        why = f": {job.reason}" if job.reason else ""
+        return True, label, record(Outcome.PLACED, f"placed {label}{why}")
+    except LoadFailed as error:
+        try:
+            load_failure_note(attempt=job.attempt, error=error)
+        except Exception:
+            logger.exception("recording the failed load of %s failed", label)
+        return False, f"{label}: {error}", record(Outcome.LOAD_FAILED, str(error))
+    except Exception as error:  # a fault in one load must not stop the others
+        logger.exception("loading %s failed", label)
+        return False, f"{label}: {error}", record(Outcome.LOAD_FAILED, str(error))
 
 
 def _chosen(
@@ -544,41 +827,3 @@ def _chosen(
         if v["node"] != node_name
     ]
     return [first, *rest]
-
-
-def _load_one(job: _Job) -> tuple[bool, str, DecisionRecord]:
-    from scheduling.loadfailures import load_failure_clear, load_failure_note
-    from scheduling.services import replica_load
-
-    replica = job.replica
-    label = f"{replica.process_key} on {job.node_name}"
-    started = time.monotonic()
-
-    def record(outcome: str, message: str) -> DecisionRecord:
-        return DecisionRecord(
-            model_name=replica.model_name,
-            trigger=job.trigger,
-            outcome=outcome,
-            node_name=job.node_name,
-            replica_index=replica.replica_index,
-            duration=time.monotonic() - started,
-            message=message,
-            candidates=job.candidates,
-        )
-
-    try:
-        replica_load(replica=replica, config=job.config)
-        load_failure_clear(model_name=replica.model_name, reason="loaded")
-        why = f": {job.reason}" if job.reason else ""
-        return True, label, record(Outcome.PLACED, f"placed {label}{why}")
-    except LoadFailed as error:
-        try:
-            load_failure_note(attempt=job.attempt, error=error)
-        except Exception:
-            logger.exception("recording the failed load of %s failed", label)
-        return False, f"{label}: {error}", record(Outcome.LOAD_FAILED, str(error))
-    except Exception as error:  # a fault in one load must not stop the others
-        logger.exception("loading %s failed", label)
-        return False, f"{label}: {error}", record(Outcome.LOAD_FAILED, str(error))
-    finally:
-        connections.close_all()

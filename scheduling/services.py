@@ -35,6 +35,7 @@ from scheduling.loadfailures import load_attempt_begin, load_failure_clear, load
 from scheduling.models import ModelConfig, PlacementDecision, SchedulingRule
 from scheduling.pipeline import ModelRequirement
 from scheduling.placement import LoadFailed, NoCapacity, PlacementError, UnknownModel
+from worker_client.client import LoadResult
 from worker_client.errors import WorkerError
 
 # --- scheduling rules (admin API: /api/nodes/scheduling) ---------------------------------------------------
@@ -257,23 +258,41 @@ def replica_load(*, replica: ModelReplica, config: ModelConfig) -> PlacementResu
     address. Failure or timeout → the row deleted, exactly its reservation released, the agent told to stop
     exactly that key, and `LoadFailed` raised."""
     node = Node.objects.only("id", "name", "address", "token_salt").get(pk=replica.node_id)
-    client = worker_control_client(node.address, node_token_for(node), settings.LOCALAI_AGENT_CALL_TIMEOUT)
-    process_key = replica.process_key
     try:
-        result = client.load_replica(
-            replica.model_name,
-            replica.replica_index,
-            config.backend,
-            model_options_for(config),
-            config.vram_bytes,
-            load_timeout=settings.LOCALAI_LOAD_TIMEOUT,
-        )
+        result = replica_load_call(replica=replica, config=config, node=node)
     except WorkerError as error:
+        return replica_load_finish(replica=replica, config=config, node=node, outcome=error)
+    return replica_load_finish(replica=replica, config=config, node=node, outcome=result)
+
+
+def replica_load_call(*, replica: ModelReplica, config: ModelConfig, node: Node) -> LoadResult:
+    """The network half of `replica_load`: the agent's `LoadReplica` answer (raises `WorkerError`). No
+    database access, so the reconciler runs many in parallel threads; `node` needs id, address and token
+    salt."""
+    client = worker_control_client(node.address, node_token_for(node), settings.LOCALAI_AGENT_CALL_TIMEOUT)
+    return client.load_replica(
+        replica.model_name,
+        replica.replica_index,
+        config.backend,
+        model_options_for(config),
+        config.vram_bytes,
+        load_timeout=settings.LOCALAI_LOAD_TIMEOUT,
+    )
+
+
+def replica_load_finish(
+    *, replica: ModelReplica, config: ModelConfig, node: Node, outcome: LoadResult | WorkerError
+) -> PlacementResult:
+    """The database half of `replica_load`, given the agent's answer (or its error): one UPDATE on success."""
+    process_key = replica.process_key
+    if isinstance(outcome, WorkerError):
+        error = outcome
         replica_remove(replica_id=replica.id)
         replica_stop_on_agent(node=node, process_key=process_key)
         placement_logger.warning("loading %r on %r failed: %r", process_key, node.name, str(error))
         metrics.PLACEMENT_FAILURES.labels(config.name, "load_failed").inc()
         raise LoadFailed(f"loading {config.name} on {node.name} failed: {error.details or error}") from error
+    result = outcome
     if not replica_mark_loaded(replica_id=replica.id, address=result.address):
         # The row went away during the load (node removed, heartbeat reconciliation): do not leave a process.
         replica_stop_on_agent(node=node, process_key=process_key)

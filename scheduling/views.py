@@ -11,6 +11,7 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
+from localai_cluster.db_router import replica_page
 from localai_cluster.htmx import is_htmx, outcome, staff_required, toast
 from scheduling import services
 from scheduling.api.serializers import DecisionFilterSerializer
@@ -59,6 +60,7 @@ def _page(request: HttpRequest, form: RuleForm | None = None) -> HttpResponse:
     return render(request, PAGE, context)
 
 
+@replica_page
 @require_GET
 @staff_required
 def rule_list(request: HttpRequest) -> HttpResponse:
@@ -127,6 +129,7 @@ def rule_delete(request: HttpRequest) -> HttpResponse:
 # --- load backoff (scheduling.loadfailures): shown here and on the nodes page ---------------------------
 
 
+@replica_page
 @require_GET
 @staff_required
 def load_failures(request: HttpRequest) -> HttpResponse:
@@ -162,6 +165,7 @@ DECISIONS_PAGE = "scheduling/decisions.html"
 DECISIONS_PER_PAGE = 50
 
 
+@replica_page
 @require_GET
 @staff_required
 def decision_list(request: HttpRequest) -> HttpResponse:

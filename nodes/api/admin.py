@@ -23,6 +23,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from localai_cluster.api import PAGE_PARAMETERS, Conflict, paginated_response, paginated_schema
+from localai_cluster.db_router import replica_reads
 from nodes import services
 from nodes.api.admin_serializers import (
     AUTH_ERRORS,
@@ -125,7 +126,8 @@ class NodeListView(AdminAPIView):
         tags=TAGS,
     )
     def get(self, request: Request) -> Response:
-        return paginated_response(request, self, node_queryset(), NodeSerializer)
+        with replica_reads():
+            return paginated_response(request, self, node_queryset(), NodeSerializer)
 
 
 class NodeDetailView(AdminAPIView):
@@ -201,7 +203,8 @@ class NodeModelsView(AdminAPIView):
         tags=TAGS,
     )
     def get(self, request: Request, node_id: str) -> Response:
-        return Response(ReplicaSerializer(node_replica_list(node=_node(node_id)), many=True).data)
+        with replica_reads():
+            return Response(ReplicaSerializer(node_replica_list(node=_node(node_id)), many=True).data)
 
 
 class NodeUnloadView(AdminAPIView):

@@ -24,7 +24,7 @@ from nodes.tokens import node_token_matches, token_hash
 NODE_ID_KWARG = "node_id"
 
 
-def _bearer(request: Request) -> str | None:
+def bearer_token(request: Request) -> str | None:
     """The value of `Authorization: Bearer <value>`; None when there is no usable bearer credential."""
     parts = authentication.get_authorization_header(request).split()
     if len(parts) != 2 or parts[0].lower() != b"bearer":
@@ -42,7 +42,7 @@ class RegistrationTokenAuthentication(authentication.BaseAuthentication):
         expected = settings.LOCALAI_REGISTRATION_TOKEN
         if not expected:
             return None, None
-        presented = _bearer(request)
+        presented = bearer_token(request)
         if presented is None:
             raise exceptions.NotAuthenticated("A registration token is required (Authorization: Bearer).")
         if not hmac.compare_digest(presented.encode(), expected.encode()):
@@ -57,7 +57,7 @@ class NodeTokenAuthentication(authentication.BaseAuthentication):
     """The node token of the node named by the route's `node_id`; `request.auth` is that `Node`."""
 
     def authenticate(self, request: Request) -> tuple[None, Node]:
-        presented = _bearer(request)
+        presented = bearer_token(request)
         if presented is None:
             raise exceptions.NotAuthenticated("This node's token is required (Authorization: Bearer).")
         node_id = (request.parser_context or {}).get("kwargs", {}).get(NODE_ID_KWARG)

@@ -271,7 +271,19 @@ class HeartbeatSerializer(serializers.Serializer):
     available_ram = size_field(required=False)
     total_ram = size_field(required=False)
     gpu_vendor = StrictCharField(max_length=64, required=False, allow_blank=True)
-    replicas = HeartbeatReplicasField(required=False, default=list, max_length=MAX_REPORTED_REPLICAS)
+    replicas = HeartbeatReplicasField(
+        required=False,
+        max_length=MAX_REPORTED_REPLICAS,
+        help_text="Every process it runs. Left out with `replica_digest` given: the set is unchanged (the "
+        "answer's `send_replicas` asks for the full list when the control plane's rows differ). Left out "
+        "without a digest: no process.",
+    )
+    replica_digest = serializers.RegexField(
+        r"^[0-9a-f]{64}$",
+        required=False,
+        help_text="SHA-256 (hex) of the process keys it runs, distinct, sorted by code point, joined by `\\n`. "
+        "When it matches the node's rows, the heartbeat costs one UPDATE and nothing is reconciled.",
+    )
 
 
 # --- responses ----------------------------------------------------------------------------------------------
@@ -297,6 +309,10 @@ class HeartbeatResponseSerializer(serializers.Serializer):
     max_replicas_per_model = serializers.IntegerField()
     orphans = serializers.ListField(
         child=serializers.CharField(), help_text="Process keys the worker runs that have no replica row."
+    )
+    send_replicas = serializers.BooleanField(
+        help_text="List `replicas` in full next time (the control plane's rows differ from the set reported, "
+        "or only a digest that did not match was sent: then nothing was recorded, send again at once)."
     )
 
 

@@ -12,7 +12,7 @@ from rest_framework.views import APIView
 
 from localai_cluster.api import Conflict
 from nodes import services
-from nodes.api.auth import NodeTokenAuthentication, RegistrationTokenAuthentication
+from nodes.api.auth import NodeTokenAuthentication, RegistrationTokenAuthentication, bearer_token
 from nodes.api.serializers import (
     ErrorSerializer,
     HeartbeatResponseSerializer,
@@ -26,6 +26,7 @@ from nodes.exceptions import InvalidTransition, InvalidValue, NameTaken
 from nodes.models import Node
 from nodes.selectors import node_replica_list
 from nodes.tokens import backend_token_for
+from worker_client.agent.keys import replica_digest
 
 TAG = "worker"
 NODE_ID = OpenApiParameter("node_id", OpenApiTypes.UUID, OpenApiParameter.PATH, description="The node's id.")
@@ -111,7 +112,17 @@ class RegisterView(WorkerAPIView):
 
 class HeartbeatView(NodeAPIView):
     """Refreshes resources and `last_heartbeat`, reconciles replica rows with the processes listed, never
-    approves. `orphans`: listed processes with no replica row (the agent stops them after two answers)."""
+    approves. `orphans`: listed processes with no replica row (the agent stops them after two answers).
+
+    A heartbeat that reports nothing new — its replica set's digest (`replica_digest`, or the digest of the
+    `replicas` listed) matches the node's rows, all already heard from, and the status, total VRAM and vendor
+    need no change — costs one UPDATE that also checks the token (`services.node_heartbeat_unchanged`).
+    Anything else authenticates as every worker route does and reconciles in full; a digest sent without its
+    list that does not match answers `send_replicas: true` and records nothing (the agent sends the list
+    at once)."""
+
+    def perform_authentication(self, request: Request) -> None:
+        """Lazy: the unchanged heartbeat's UPDATE checks the token itself; `request.auth` authenticates."""
 
     @extend_schema(
         tags=[TAG],
@@ -123,12 +134,38 @@ class HeartbeatView(NodeAPIView):
     )
     def post(self, request: Request, node_id: str) -> Response:
         serializer = HeartbeatSerializer(data=request.data)
+        listed = digest = None
+        fields: dict = {}
+        if serializer.is_valid():
+            fields = dict(serializer.validated_data)
+            listed = fields.pop("replicas", None)
+            digest = fields.pop("replica_digest", None)
+            if listed is not None:
+                digest = replica_digest(replica["key"] for replica in listed)
+            if digest is not None:
+                unchanged = services.node_heartbeat_unchanged(
+                    node_id=node_id, token=bearer_token(request), digest=digest, **fields
+                )
+                if unchanged is not None:
+                    return self._answer(unchanged)
+        node = request.auth  # authenticates: 401, 403 or 404 before any 400
         serializer.is_valid(raise_exception=True)
-        result = services.node_heartbeat(node=request.auth, **serializer.validated_data)
+        if listed is None and digest is not None:
+            # Only a digest, and it does not match: nothing to reconcile with; ask for the list.
+            return self._answer(
+                services.HeartbeatResult(
+                    status=node.status, max_replicas_per_model=node.effective_max_replicas, send_replicas=True
+                )
+            )
+        return self._answer(services.node_heartbeat(node=node, replicas=listed or (), **fields))
+
+    @staticmethod
+    def _answer(result: services.HeartbeatResult) -> Response:
         body = {
             "status": result.status,
             "max_replicas_per_model": result.max_replicas_per_model,
             "orphans": result.orphans,
+            "send_replicas": result.send_replicas,
         }
         return Response(HeartbeatResponseSerializer(body).data)
 

@@ -57,7 +57,9 @@ class FakeControlPlane:
 
     Knobs: `heartbeat_statuses` (statuses for the next heartbeats, then 200), `heartbeat_orphans` (`orphans`
     for the next heartbeats, then `orphans`), `in_flight` (summed by `GET /api/node/{id}/models`),
-    `heartbeat_interval` (registration answer), `on_call` (path suffix → function called on such a call).
+    `heartbeat_interval` (registration answer), `on_call` (path suffix → function called on such a call),
+    `send_replicas` (the heartbeat answer's `send_replicas`; None leaves the field out, as an older control
+    plane does).
     """
 
     node_id = "7"
@@ -70,6 +72,7 @@ class FakeControlPlane:
         self.orphans: list[str] = []
         self.in_flight = 0
         self.heartbeat_interval: float | None = None
+        self.send_replicas: bool | None = None
         self.on_call: dict[str, Callable[[], None]] = {}
         self.lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler(), bind_and_activate=False)
@@ -119,11 +122,10 @@ class FakeControlPlane:
                 return 401, {"error": "bad token"}
             if call.path.endswith("/heartbeat"):
                 status = self.heartbeat_statuses.pop(0) if self.heartbeat_statuses else 200
-                return status, {
-                    "status": "healthy",
-                    "max_replicas_per_model": 1,
-                    "orphans": list(self.orphans),
-                }
+                answer = {"status": "healthy", "max_replicas_per_model": 1, "orphans": list(self.orphans)}
+                if self.send_replicas is not None:
+                    answer["send_replicas"] = self.send_replicas
+                return status, answer
             if call.path.endswith("/models"):
                 return 200, [{"model_name": "m", "replica_index": 0, "in_flight": self.in_flight}]
             return 200, {}

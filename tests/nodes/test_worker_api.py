@@ -199,7 +199,12 @@ def test_heartbeat_answers_status_effective_cap_and_orphans(api, register):
     }
     answer = api.post(f"/api/node/{node_id}/heartbeat", body, format="json", **auth(token))
     assert answer.status_code == 200
-    assert answer.json() == {"status": "pending", "max_replicas_per_model": 4, "orphans": ["m#0"]}
+    assert answer.json() == {
+        "status": "pending",
+        "max_replicas_per_model": 4,
+        "orphans": ["m#0"],
+        "send_replicas": True,  # an orphan: the agent lists its replicas again next time
+    }
     assert Node.objects.get(pk=node_id).available_vram == 8 * GiB
 
 

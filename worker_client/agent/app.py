@@ -20,6 +20,7 @@ from worker_client.agent.controlplane import (
     TokenRejected,
 )
 from worker_client.agent.host import detect_gpu, ram
+from worker_client.agent.keys import replica_digest
 from worker_client.agent.logstore import LogStore
 from worker_client.agent.ports import PortAllocator, can_bind
 from worker_client.agent.service import WorkerControlService, start_server
@@ -65,6 +66,8 @@ class Agent:
         self.control_plane = ControlPlane(config.register_to, config.registration_token)
         self._has_gpu = detect_gpu() is not None
         self._orphan_suspects: set[str] = set()
+        # The digest of the replica set the control plane last accepted (answered `send_replicas: false`).
+        self._listed_digest: str | None = None
         # Read (or made) before serving anything: a state directory that cannot be used stops the agent.
         self.credential = node_credential(config.state_dir, config.node_name)
 
@@ -144,20 +147,32 @@ class Agent:
                 delay = min(delay * 2, MAX_RETRY_DELAY)
                 continue
             self._orphan_suspects = set()
+            self._listed_digest = None
             log.info("registered as node %s (%s)", self.registration.id, self.registration.status)
             return
 
     async def _heartbeat(self) -> None:
+        """One heartbeat. While the replica set is the one the control plane last accepted in full, only its
+        digest is sent (the control plane's cheapest path); an answer with `send_replicas` (its rows differ)
+        makes the next heartbeat list every replica — at once when this one sent only the digest."""
         assert self.registration is not None
-        try:
-            answer = await self.control_plane.heartbeat(self.registration, self._heartbeat_body())
-        except TokenRejected as error:
-            log.warning("heartbeat refused (%s); registering again", error)
-            await self._register()
-            return
-        except ControlPlaneError as error:
-            log.warning("heartbeat failed: %s", error)
-            return
+        for _attempt in range(2):
+            body, sent_list = self._heartbeat_body()
+            try:
+                answer = await self.control_plane.heartbeat(self.registration, body)
+            except TokenRejected as error:
+                log.warning("heartbeat refused (%s); registering again", error)
+                await self._register()
+                return
+            except ControlPlaneError as error:
+                log.warning("heartbeat failed: %s", error)
+                self._listed_digest = None
+                return
+            # An agent that answers without the field (an older control plane) keeps listing in full.
+            accepted = answer.get("send_replicas", True) is False
+            self._listed_digest = body["replica_digest"] if accepted else None
+            if sent_list or accepted:
+                break
         for key in self._confirmed_orphans(answer.get("orphans") or []):
             log.warning("%s: the control plane has no replica for it in two heartbeats; stopping it", key)
             await self.supervisor.stop(key)
@@ -199,13 +214,16 @@ class Agent:
             "replicas": [replica.key for replica in self.supervisor.replicas()],
         }
 
-    def _heartbeat_body(self) -> dict[str, Any]:
-        return {
-            **self._memory(),
-            "replicas": [
-                {"key": r.key, "address": r.address, "state": r.state} for r in self.supervisor.replicas()
-            ],
-        }
+    def _heartbeat_body(self) -> tuple[dict[str, Any], bool]:
+        """The heartbeat's body, and whether it lists the replicas (else it carries only their digest: the set
+        is the one the control plane accepted last time)."""
+        replicas = self.supervisor.replicas()
+        digest = replica_digest(r.key for r in replicas)
+        body: dict[str, Any] = {**self._memory(), "replica_digest": digest}
+        if digest == self._listed_digest:
+            return body, False
+        body["replicas"] = [{"key": r.key, "address": r.address, "state": r.state} for r in replicas]
+        return body, True
 
     # --- shutdown ---
 

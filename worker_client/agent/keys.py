@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 
 SEPARATOR = "#"
@@ -28,3 +29,10 @@ def matches(selector: str, key: str) -> bool:
 def resolve(selector: str, keys: Iterable[str]) -> list[str]:
     """The keys among `keys` that `selector` designates, sorted."""
     return sorted(key for key in keys if matches(selector, key))
+
+
+def replica_digest(keys: Iterable[str]) -> str:
+    """The digest of a replica set, shared by the agent and the control plane: SHA-256 (hex) of the distinct
+    process keys sorted by code point and joined by newlines (the empty set included). A heartbeat carrying
+    it lets the control plane skip the reconciliation when nothing changed (`nodes.services`)."""
+    return hashlib.sha256("\n".join(sorted(set(keys))).encode()).hexdigest()
