@@ -20,6 +20,7 @@ import yaml
 from django.core.exceptions import ValidationError
 from django.db import transaction
 
+from scheduling.artifacts import FilesInvalid, files_clean
 from scheduling.loadfailures import load_failure_clear
 from scheduling.models import ModelConfig
 
@@ -30,7 +31,7 @@ MAX_VRAM_BYTES = 2**63 - 1
 # `scheme://…` (http, https, huggingface, oci, ollama, file is handled as a path).
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 # Top-level YAML keys that map onto catalog columns; everything else goes into `options`.
-_COLUMN_KEYS = frozenset({"name", "backend", "context_size", "vram_bytes"})
+_COLUMN_KEYS = frozenset({"name", "backend", "context_size", "vram_bytes", "download_files"})
 
 
 def models_path() -> Path:
@@ -46,6 +47,7 @@ def model_config_upsert(
     options: Mapping[str, Any] | None = None,
     vram_bytes: int = 0,
     context_size: int | None = None,
+    files: list[dict[str, Any]] | None = None,
 ) -> tuple[ModelConfig, bool]:
     """Creates or replaces the catalog entry `name`; answers it and whether it was created. Clears the
     model's load backoff: the edit may be the fix."""
@@ -58,10 +60,21 @@ def model_config_upsert(
                 "options": dict(options or {}),
                 "vram_bytes": vram_bytes,
                 "context_size": context_size,
+                "files": list(files or []),
             },
         )
         load_failure_clear(model_name=name, reason="catalog entry edited")
     return config, created
+
+
+def model_files_set(*, name: str, files: list[dict[str, Any]]) -> ModelConfig:
+    """Replaces the `files` of catalog entry `name` (the scan's result); clears its load backoff."""
+    with transaction.atomic():
+        config = ModelConfig.objects.select_for_update().get(name=name)
+        config.files = files
+        config.save(update_fields=["files", "updated_at"])
+        load_failure_clear(model_name=name, reason="catalog entry edited")
+    return config
 
 
 def model_config_delete(*, name: str) -> bool:
@@ -132,6 +145,7 @@ def _parse_entry(entry: Any, source: str, base: Path) -> dict[str, Any]:
         options["parameters"] = rest
     else:
         options.pop("parameters", None)
+    files = _download_files(entry.get("download_files"), f"{source}: {name}")
     vram = _as_int(entry.get("vram_bytes"), "vram_bytes", f"{source}: {name}")
     if vram is not None:
         vram_source = "yaml"
@@ -144,8 +158,42 @@ def _parse_entry(entry: Any, source: str, base: Path) -> dict[str, Any]:
         "options": options,
         "vram_bytes": min(vram, MAX_VRAM_BYTES),
         "context_size": context_size,
+        "files": files,
         "vram_source": vram_source,
     }
+
+
+def huggingface_url(uri: str) -> str:
+    """LocalAI's `huggingface://org/repo/path/file[@branch]` as its https download URL."""
+    rest = uri.removeprefix("huggingface://").removeprefix("hf://")
+    branch = "main"
+    if "@" in rest:
+        rest, branch = rest.rsplit("@", 1)
+    org, repo, path = [*rest.split("/", 2), "", ""][:3]
+    return f"https://huggingface.co/{org}/{repo}/resolve/{branch}/{path}"
+
+
+def _download_files(value: Any, source: str) -> list[dict[str, Any]]:
+    """LocalAI's `download_files` (`filename`, `uri`, `sha256`) as catalog `files` (`path`, `uri`, `sha256`,
+    `size` 0: the agent takes the server's). `huggingface://` URIs become their https URL."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ValidationError(f"{source}: 'download_files' must be a list")
+    files = []
+    for item in value:
+        if not isinstance(item, dict):
+            raise ValidationError(f"{source}: each of 'download_files' must be a mapping")
+        uri = str(item.get("uri") or "")
+        if uri.startswith(("huggingface://", "hf://")):
+            uri = huggingface_url(uri)
+        files.append(
+            {"uri": uri, "sha256": item.get("sha256") or "", "size": 0, "path": item.get("filename")}
+        )
+    try:
+        return files_clean(files)
+    except FilesInvalid as error:
+        raise ValidationError(f"{source}: download_files: {error}") from None
 
 
 def models_import_yaml(*, paths: Iterable[str | Path], base: Path | None = None) -> list[ImportedModel]:

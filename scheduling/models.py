@@ -15,6 +15,8 @@ class ModelConfig(models.Model):
     options = models.JSONField(default=dict, blank=True)
     vram_bytes = models.BigIntegerField(default=0)
     context_size = models.IntegerField(null=True, blank=True)
+    # Files staged to a worker before a load: [{"uri", "sha256", "size", "path"}] (scheduling.artifacts).
+    files = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -41,6 +43,8 @@ class SchedulingRule(models.Model):
     node_selector = models.JSONField(default=dict, blank=True)
     min_replicas = models.IntegerField(default=0)
     max_replicas = models.IntegerField(default=0)
+    # The reconciler asks matching nodes to stage the model's files ahead of any load.
+    prefetch = models.BooleanField(default=False)
     unsatisfiable_until = models.DateTimeField(null=True, blank=True)
     unsatisfiable_ticks = models.IntegerField(default=0)
     unsatisfiable_reason = models.CharField(max_length=255, blank=True, default="")

@@ -201,6 +201,7 @@ class TickReport:
     failed: list[str] = field(default_factory=list)
     trimmed: list[str] = field(default_factory=list)
     tripped: list[str] = field(default_factory=list)  # "<model>: <reason>"
+    prefetched: list[str] = field(default_factory=list)  # "<model> on <node>: <paths>"
     duration: float = 0.0
 
     def lines(self) -> list[str]:
@@ -266,7 +267,24 @@ def _tick(now: datetime, config: Settings) -> TickReport:
     if placements:
         placed, failed = _place_all(placements, snapshot)
         report.placed, report.failed = placed, failed
+    report.prefetched = _prefetch(snapshot)
     return report
+
+
+def _prefetch(snapshot: ClusterSnapshot) -> list[str]:
+    """Rules with `prefetch: true`: every matching node that does not hold all of the model's files yet is
+    asked to stage them (the agent downloads each file once, whatever how often it is asked). Never raises."""
+    from scheduling.services import model_prefetch
+
+    started: list[str] = []
+    for model_name in SchedulingRule.objects.filter(prefetch=True).values_list("model_name", flat=True):
+        try:
+            for result in model_prefetch(model_name=model_name, only_missing=True):
+                if result.downloading:
+                    started.append(f"{model_name} on {result.node_name}: {', '.join(result.downloading)}")
+        except Exception:
+            logger.exception("prefetch of %s failed", model_name)
+    return started
 
 
 def _apply_breakers(
@@ -373,7 +391,7 @@ def _place_all(plans: Sequence[RulePlan], snapshot: ClusterSnapshot) -> tuple[li
             continue
         if attempt.is_retry:
             count = 1
-        model = snapshot.requirement(model_name, config.vram_bytes)
+        model = snapshot.requirement(model_name, config.vram_bytes, pipeline.model_artifacts(config.files))
         plan = pipeline.evaluate(model, snapshot.nodes_for(model_name))
         verdicts = plan.records()
         picks = pipeline.choose_nodes(model, count, plan.eligible)
@@ -395,6 +413,7 @@ def _place_all(plans: Sequence[RulePlan], snapshot: ClusterSnapshot) -> tuple[li
                 vram_bytes=config.vram_bytes,
                 backend=config.backend,
                 selector=model.selector,
+                artifacts=model.artifacts,
             )
             if claim.replica is None:
                 assert claim.refused is not None

@@ -25,6 +25,7 @@ MAX_INT = 2**31 - 1
 LABEL_MAX_LENGTH = 255
 MAX_LABELS = 256  # per node, as the admin API
 MAX_REPORTED_REPLICAS = 4096  # process keys in one registration or heartbeat
+MAX_REPORTED_ARTIFACTS = 100_000  # sha256 in one heartbeat
 REPLICA_KEY_MAX_LENGTH = 512
 CREDENTIAL_MIN_LENGTH, CREDENTIAL_MAX_LENGTH = 32, 256
 # Control characters, format characters (bidi overrides, zero-width), surrogates, line and paragraph separators.
@@ -262,6 +263,26 @@ class HeartbeatSerializer(serializers.Serializer):
     total_ram = size_field(required=False)
     gpu_vendor = StrictCharField(max_length=64, required=False, allow_blank=True)
     replicas = HeartbeatReplicasField(required=False, default=list, max_length=MAX_REPORTED_REPLICAS)
+    artifacts = serializers.ListField(
+        child=serializers.RegexField(r"^[0-9a-f]{64}$"),
+        required=False,
+        max_length=MAX_REPORTED_ARTIFACTS,
+        help_text="sha256 of the model files the agent holds, verified (placement prefers such nodes).",
+    )
+
+
+class DownloadReportSerializer(serializers.Serializer):
+    key = StrictCharField(max_length=300, help_text="`<model>#<index>`")
+    state = serializers.ChoiceField(choices=["downloading", "loading"])
+    bytes = serializers.IntegerField(min_value=0, max_value=2**63 - 1, required=False, default=0)
+    total = serializers.IntegerField(min_value=0, max_value=2**63 - 1, required=False, default=0)
+    rate = serializers.FloatField(min_value=0, max_value=2**62, required=False, default=0)
+
+
+class DownloadsSerializer(serializers.Serializer):
+    """`POST /api/node/{id}/downloads`: staging progress of the node's `downloading` replicas."""
+
+    replicas = DownloadReportSerializer(many=True, max_length=MAX_REPORTED_REPLICAS)
 
 
 # --- responses ----------------------------------------------------------------------------------------------
@@ -314,6 +335,10 @@ class ReplicaSerializer(serializers.ModelSerializer):
             "loaded_at",
             "backend",
             "vram_bytes",
+            "progress",
+            "download_bytes",
+            "download_total",
+            "download_rate",
         ]
         read_only_fields = fields
 

@@ -16,5 +16,9 @@ urlpatterns = [
     path(
         "api/models/<path:name>/retry-load", views.ModelRetryLoadView.as_view(), name="api-model-retry-load"
     ),
+    path(
+        "api/models/<path:name>/files/scan", views.ModelFilesScanView.as_view(), name="api-model-files-scan"
+    ),
+    path("api/models/<path:name>/prefetch", views.ModelPrefetchView.as_view(), name="api-model-prefetch"),
     path("api/models/<path:name>", views.ModelDetailView.as_view(), name="api-model"),
 ]
