@@ -31,6 +31,7 @@ def test_create_and_read(api):
         "node_selector": {"gpu.vendor": "nvidia"},
         "min_replicas": 1,
         "max_replicas": 3,
+        "prefetch": False,
         "unsatisfiable_until": None,
         "unsatisfiable_ticks": 0,
         "current_replicas": 0,

@@ -112,6 +112,7 @@ class FileServer:
                             with server.lock:
                                 server.sent += cut
                             server.release.wait()
+                            self.close_connection = True
                             return  # the connection is cut: the client resumes
                         try:
                             self.wfile.write(block)
