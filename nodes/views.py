@@ -334,7 +334,9 @@ def replica_logs(request: HttpRequest, node_id: uuid.UUID, key: str) -> HttpResp
         "replica_count": len(indexes),
         "scopes": scopes if len(indexes) > 1 else [],
         "ws_path": f"/ws/nodes/{node.pk}/backend-logs/{quote(key, safe='')}",
-        "staging_url": f"{reverse('nodes:staging', args=[node.pk])}?key={quote(key, safe='')}" if separator else "",
+        "staging_url": f"{reverse('nodes:staging', args=[node.pk])}?key={quote(key, safe='')}"
+        if separator
+        else "",
     }
     return render(request, "nodes/logs.html", context)
 
@@ -348,7 +350,9 @@ def replica_staging(request: HttpRequest, node_id: uuid.UUID) -> HttpResponse:
     model_name, _, index_text = request.GET.get("key", "").partition("#")
     if not model_name or not index_text.isdigit():
         raise Http404("Not a process key.")
-    replica = ModelReplica.objects.filter(node=node, model_name=model_name, replica_index=int(index_text)).first()
+    replica = ModelReplica.objects.filter(
+        node=node, model_name=model_name, replica_index=int(index_text)
+    ).first()
     context = {
         "node": node,
         "replica": replica,

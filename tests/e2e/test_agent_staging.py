@@ -29,7 +29,9 @@ def test_concurrent_loads_share_one_download_and_progress_is_reported_while_it_r
 
     def load(index: int) -> None:
         try:
-            results[index] = agent.client().load_replica("m", index, "echo", files=files, download_timeout=120)
+            results[index] = agent.client().load_replica(
+                "m", index, "echo", files=files, download_timeout=120
+            )
         except WorkerError as error:
             results[index] = error
 
