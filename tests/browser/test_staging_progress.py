@@ -19,7 +19,9 @@ SHA = "ab" * 32
 def report(node, done: int, rate: int) -> None:
     replica_download_progress(
         node=node,
-        reports=[{"key": "llama-8b#0", "state": "downloading", "bytes": done, "total": 400 * MiB, "rate": rate}],
+        reports=[
+            {"key": "llama-8b#0", "state": "downloading", "bytes": done, "total": 400 * MiB, "rate": rate}
+        ],
     )
 
 
