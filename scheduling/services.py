@@ -40,11 +40,12 @@ def rule_upsert(
     node_selector: dict[str, str],
     min_replicas: int,
     max_replicas: int,
-    prefetch: bool = False,
+    prefetch: bool | None = None,
 ) -> SchedulingRule:
     """Creates the rule of `model_name` or updates it in place (same id). The rule's circuit breaker is reset:
     a new selector or minimum deserves a fresh look on the next reconciler tick. The database's check
-    constraints back the invariants (min, max ≥ 0; min ≤ max when max > 0); callers validate first."""
+    constraints back the invariants (min, max ≥ 0; min ≤ max when max > 0); callers validate first.
+    `prefetch` None keeps the rule's current value (False for a new rule)."""
     with transaction.atomic():
         rule, _ = SchedulingRule.objects.update_or_create(
             model_name=model_name,
@@ -52,7 +53,7 @@ def rule_upsert(
                 "node_selector": dict(node_selector),
                 "min_replicas": min_replicas,
                 "max_replicas": max_replicas,
-                "prefetch": prefetch,
+                **({} if prefetch is None else {"prefetch": prefetch}),
                 "unsatisfiable_ticks": 0,
                 "unsatisfiable_until": None,
                 "unsatisfiable_reason": "",
