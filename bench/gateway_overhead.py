@@ -88,13 +88,15 @@ class Cluster:
             time.sleep(0.2)
         raise SystemExit(f"the control plane did not start; see {self.log_dir}/web.log")
 
-    def add_agent(self, name: str, *, slots: int = 1, vram: str = "24GiB", labels: str = "") -> None:
+    def add_agent(
+        self, name: str, *, slots: int = 1, vram: str = "24GiB", labels: str = "", extra: tuple[str, ...] = ()
+    ) -> None:
         address = f"127.0.0.1:{_free_port()}"
         command = [sys.executable, "-m", "worker_client.agent", "--register-to", self.url, "--addr", address]
         command += ["--node-name", name, "--max-replicas-per-model", str(slots), "--vram", vram]
         if labels:
             command += ["--node-labels", labels]
-        command += ["--drain-timeout", "2s", "--state-dir", str(self.log_dir / "agent-state" / name)]
+        command += ["--drain-timeout", "2s", "--state-dir", str(self.log_dir / "agent-state" / name), *extra]
         self._spawn(command, f"{name}.log")
         self.agents.append((name, address))
 

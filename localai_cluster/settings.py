@@ -61,6 +61,11 @@ LOCALAI_UNSATISFIABLE_COOLDOWN = env_seconds("LOCALAI_UNSATISFIABLE_COOLDOWN", 3
 LOCALAI_LOAD_TIMEOUT = env_seconds("LOCALAI_LOAD_TIMEOUT", 300, minimum=0.1)
 # First cooldown after a failed load of a model (doubles per failed attempt, up to 5 min; 0 turns it off).
 LOCALAI_LOAD_FAILURE_BACKOFF = env_seconds("LOCALAI_LOAD_FAILURE_BACKOFF", 10)
+# Longest an agent may take to stage a model's files before its load (issue 15); a cold request waits
+# LOCALAI_LOAD_TIMEOUT plus this for a model with files.
+LOCALAI_DOWNLOAD_TIMEOUT = env_seconds("LOCALAI_DOWNLOAD_TIMEOUT", 3600, minimum=0.1)
+# Files a catalog model names as cp://NAME live here; the control plane serves them to agents.
+LOCALAI_ARTIFACTS_PATH = env_str("LOCALAI_ARTIFACTS_PATH", "./artifacts")
 # Deadline of every short WorkerControl call to an agent (stop, admin calls, the logs stream's opening); a
 # load waits LOCALAI_LOAD_TIMEOUT on top of it.
 LOCALAI_AGENT_CALL_TIMEOUT = env_seconds("LOCALAI_AGENT_CALL_TIMEOUT", 10, minimum=0.1)

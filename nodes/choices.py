@@ -15,6 +15,7 @@ class NodeStatus(models.TextChoices):
 
 
 class ReplicaState(models.TextChoices):
+    DOWNLOADING = "downloading", "Downloading"
     LOADING = "loading", "Loading"
     LOADED = "loaded", "Loaded"
     UNLOADING = "unloading", "Unloading"

@@ -40,6 +40,8 @@ class Node(models.Model):
     # reported them at its last registration; sorted, no duplicates.
     backends = models.JSONField(default=list, blank=True)
     last_heartbeat = models.DateTimeField(null=True, blank=True)
+    # sha256 of the model files the agent holds, verified (its last heartbeat): placement prefers them.
+    artifacts = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -114,6 +116,11 @@ class ModelReplica(models.Model):
     last_seen_at = models.DateTimeField(null=True, blank=True)
     vram_bytes = models.BigIntegerField(default=0)
     backend = models.CharField(max_length=64, blank=True, default="")
+    # Staging of the model's files (state `downloading`), as the agent last reported it.
+    progress = models.FloatField(default=0.0)  # 0–1
+    download_bytes = models.BigIntegerField(default=0)
+    download_total = models.BigIntegerField(default=0)
+    download_rate = models.BigIntegerField(default=0)  # bytes per second
 
     class Meta:
         ordering = ["node__name", "model_name", "replica_index"]

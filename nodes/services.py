@@ -10,6 +10,7 @@ such a row gives back exactly its `vram_bytes` (never taking `reserved_vram` bel
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import Iterable, Mapping
@@ -382,7 +383,8 @@ SET last_heartbeat = %(now)s,
     updated_at = %(now)s,
     available_vram = COALESCE(%(available_vram)s, n.available_vram),
     available_ram = COALESCE(%(available_ram)s, n.available_ram),
-    total_ram = COALESCE(%(total_ram)s, n.total_ram)
+    total_ram = COALESCE(%(total_ram)s, n.total_ram),
+    artifacts = COALESCE(%(artifacts)s::jsonb, n.artifacts)
 WHERE n.id = %(node_id)s
   AND n.token_hash = %(token_hash)s
   AND n.token_hash <> ''
@@ -413,6 +415,7 @@ def node_heartbeat_unchanged(
     available_ram: int | None = None,
     total_ram: int | None = None,
     gpu_vendor: str | None = None,
+    artifacts: Iterable[str] | None = None,
 ) -> HeartbeatResult | None:
     """A heartbeat that reports nothing new, in ONE indexed UPDATE (authentication included): when `token`
     is the node's, its status is `healthy`, `draining` or `pending`, its total VRAM and GPU vendor are as
@@ -449,6 +452,8 @@ def node_heartbeat_unchanged(
         "available_ram": available_ram,
         "total_ram": total_ram,
         "gpu_vendor": None if gpu_vendor is None else gpu_vendor[:64],
+        # The model files it holds (sha256) are written as reported, in the same statement.
+        "artifacts": None if artifacts is None else json.dumps(sorted(set(artifacts))),
     }
     with connection.cursor() as cursor:
         cursor.execute(_UNCHANGED_HEARTBEAT_SQL, params)
@@ -467,6 +472,7 @@ def node_heartbeat(
     available_ram: int | None = None,
     total_ram: int | None = None,
     gpu_vendor: str | None = None,
+    artifacts: Iterable[str] | None = None,
 ) -> HeartbeatResult:
     """Record a heartbeat: resources (a figure left None is kept), `last_heartbeat`, and the replica rows.
 
@@ -487,6 +493,8 @@ def node_heartbeat(
     listed = {key for key in (_reported_key(replica) for replica in replicas) if key}
     now = timezone.now()
     load_deadline = now - timedelta(seconds=settings.LOCALAI_LOAD_TIMEOUT)
+    # A row still staging its files is kept for the download timeout on top (the agent lists processes only).
+    download_deadline = load_deadline - timedelta(seconds=settings.LOCALAI_DOWNLOAD_TIMEOUT)
     # A heartbeat the agent built just before a load reached it does not list that replica yet; a row that
     # became `loaded` within the last few heartbeat intervals is kept until a later heartbeat speaks for it.
     loaded_deadline = now - timedelta(seconds=LOADED_GRACE_HEARTBEATS * settings.LOCALAI_HEARTBEAT_INTERVAL)
@@ -505,8 +513,11 @@ def node_heartbeat(
             known.add(key)
             if key in listed:
                 seen.append(pk)
-            elif state == ReplicaState.LOADING and (
-                load_started_at is None or load_started_at > load_deadline
+            elif (
+                state == ReplicaState.LOADING and (load_started_at is None or load_started_at > load_deadline)
+            ) or (
+                state == ReplicaState.DOWNLOADING
+                and (load_started_at is None or load_started_at > download_deadline)
             ):
                 reserved += vram_bytes  # a load still on its way: keep its slot and its reservation
             elif state == ReplicaState.LOADED and loaded_at is not None and loaded_at > loaded_deadline:
@@ -532,6 +543,8 @@ def node_heartbeat(
             locked.total_ram = total_ram
         if gpu_vendor is not None:
             locked.gpu_vendor = gpu_vendor[:64]
+        if artifacts is not None:
+            locked.artifacts = sorted(set(artifacts))
         locked.reserved_vram = reserved
         locked.last_heartbeat = now
         locked.save(
@@ -542,6 +555,7 @@ def node_heartbeat(
                 "available_ram",
                 "total_ram",
                 "gpu_vendor",
+                "artifacts",
                 "reserved_vram",
                 "last_heartbeat",
                 "updated_at",
@@ -823,12 +837,45 @@ def node_override_reset(*, node: Node) -> Node:
 
 
 def replica_mark_loaded(*, replica_id: Any, address: str) -> bool:
-    """`loading` → `loaded` on the same row, with the agent's address and `loaded_at`. False when the row is
-    gone or not loading (it was removed meanwhile: the caller should stop the process)."""
-    updated = ModelReplica.objects.filter(pk=replica_id, state=ReplicaState.LOADING).update(
-        state=ReplicaState.LOADED, address=address, loaded_at=timezone.now()
-    )
+    """`loading` (or `downloading`) → `loaded` on the same row, with the agent's address and `loaded_at`. False
+    when the row is gone or not loading (it was removed meanwhile: the caller should stop the process)."""
+    updated = ModelReplica.objects.filter(
+        pk=replica_id, state__in=[ReplicaState.LOADING, ReplicaState.DOWNLOADING]
+    ).update(state=ReplicaState.LOADED, address=address, loaded_at=timezone.now(), progress=1.0)
     return updated == 1
+
+
+def replica_download_progress(*, node: Node, reports: Iterable[Mapping[str, Any]]) -> int:
+    """The agent's staging progress for its `downloading` rows: `bytes`, `total`, `rate`, and `progress`
+    (bytes/total); a report with `state` `loading` (files in place) moves the row to `loading` with a fresh
+    `load_started_at` (its load timeout starts now). Rows in any other state are left alone; answers how
+    many rows changed."""
+    changed = 0
+    for report in reports:
+        model_name, _, index = str(report["key"]).rpartition("#")
+        if not model_name or not index.isdigit():
+            continue
+        rows = ModelReplica.objects.filter(
+            node=node, model_name=model_name, replica_index=int(index), state=ReplicaState.DOWNLOADING
+        )
+        total = int(report.get("total") or 0)
+        done = min(int(report.get("bytes") or 0), total) if total else int(report.get("bytes") or 0)
+        if report.get("state") == ReplicaState.LOADING:
+            changed += rows.update(
+                state=ReplicaState.LOADING,
+                load_started_at=timezone.now(),
+                progress=1.0,
+                download_bytes=F("download_total"),
+                download_rate=0,
+            )
+        else:
+            changed += rows.update(
+                progress=(done / total) if total else 0.0,
+                download_bytes=done,
+                download_total=total,
+                download_rate=int(report.get("rate") or 0),
+            )
+    return changed
 
 
 def replica_remove(*, replica_id: Any) -> ModelReplica | None:

@@ -22,4 +22,5 @@ urlpatterns = [
     path("ui/nodes/<uuid:node_id>/replicas/<int:replica_id>/unload", views.replica_unload, name="unload"),
     # `key` is `model#N` (sent as `model%23N`) or a bare model name, which may contain `/`.
     path("ui/nodes/<uuid:node_id>/logs/<path:key>", views.replica_logs, name="logs"),
+    path("ui/nodes/<uuid:node_id>/staging", views.replica_staging, name="staging"),
 ]

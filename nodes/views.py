@@ -21,6 +21,7 @@ from django.views.decorators.http import require_GET, require_POST
 from localai_cluster.db_router import replica_page
 from localai_cluster.htmx import is_htmx, outcome, staff_required, toast
 from nodes import services
+from nodes.choices import ReplicaState
 from nodes.exceptions import InvalidTransition, InvalidValue
 from nodes.forms import CapacityForm, LabelForm, LabelRemoveForm
 from nodes.models import ModelReplica, Node, process_key
@@ -56,7 +57,14 @@ def _drawer_context(node: Node) -> dict:
 
     replicas = [replace(item, placed_by=placed_by(item.replica)) for item in replicas]
     most, most_model = most_replicas_of_one_model(replicas)
-    return {"node": node, "replicas": replicas, "most_replicas": most, "most_replicas_model": most_model}
+    downloading = any(item.replica.state == ReplicaState.DOWNLOADING for item in replicas)
+    return {
+        "node": node,
+        "replicas": replicas,
+        "most_replicas": most,
+        "most_replicas_model": most_model,
+        "downloading": downloading,
+    }
 
 
 AUDIT_IN_DRAWER = 8
@@ -356,5 +364,29 @@ def replica_logs(request: HttpRequest, node_id: uuid.UUID, key: str) -> HttpResp
         "replica_count": len(indexes),
         "scopes": scopes if len(indexes) > 1 else [],
         "ws_path": f"/ws/nodes/{node.pk}/backend-logs/{quote(key, safe='')}",
+        "staging_url": f"{reverse('nodes:staging', args=[node.pk])}?key={quote(key, safe='')}"
+        if separator
+        else "",
     }
     return render(request, "nodes/logs.html", context)
+
+
+@require_GET
+@staff_required
+def replica_staging(request: HttpRequest, node_id: uuid.UUID) -> HttpResponse:
+    """The logs page's download progress of one replica (`?key=model#N`): a bar and the rate while its files
+    download; it polls itself until the replica is loaded."""
+    node = get_object_or_404(Node, pk=node_id)
+    model_name, _, index_text = request.GET.get("key", "").partition("#")
+    if not model_name or not index_text.isdigit():
+        raise Http404("Not a process key.")
+    replica = ModelReplica.objects.filter(
+        node=node, model_name=model_name, replica_index=int(index_text)
+    ).first()
+    context = {
+        "node": node,
+        "replica": replica,
+        "key": process_key(model_name, int(index_text)),
+        "staging_url": request.get_full_path(),
+    }
+    return render(request, "nodes/logs.html#staging_panel", context)

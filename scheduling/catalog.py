@@ -22,6 +22,7 @@ from django.db import transaction
 
 from audit import services as audit
 from audit.models import Action
+from scheduling.artifacts import FilesInvalid, files_clean
 from scheduling.loadfailures import load_failure_clear, load_failure_payload
 from scheduling.models import LoadFailure, ModelConfig
 
@@ -32,7 +33,7 @@ MAX_VRAM_BYTES = 2**63 - 1
 # `scheme://…` (http, https, huggingface, oci, ollama, file is handled as a path).
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 # Top-level YAML keys that map onto catalog columns; everything else goes into `options`.
-_COLUMN_KEYS = frozenset({"name", "backend", "context_size", "vram_bytes"})
+_COLUMN_KEYS = frozenset({"name", "backend", "context_size", "vram_bytes", "download_files"})
 
 
 def models_path() -> Path:
@@ -48,6 +49,7 @@ def model_config_upsert(
     options: Mapping[str, Any] | None = None,
     vram_bytes: int = 0,
     context_size: int | None = None,
+    files: list[dict[str, Any]] | None = None,
 ) -> tuple[ModelConfig, bool]:
     """Creates or replaces the catalog entry `name`; answers it and whether it was created. Clears the
     model's load backoff: the edit may be the fix. Audited as `model.create` / `model.update`."""
@@ -61,6 +63,7 @@ def model_config_upsert(
                 "options": dict(options or {}),
                 "vram_bytes": vram_bytes,
                 "context_size": context_size,
+                "files": list(files or []),
             },
         )
         load_failure_clear(model_name=name, reason="catalog entry edited")
@@ -91,6 +94,16 @@ def model_audit(action: str, *, name: str, before: Any, after: Any) -> None:
     audit.record(
         action=action, target_type="model", target_id=name, target_name=name, before=before, after=after
     )
+
+
+def model_files_set(*, name: str, files: list[dict[str, Any]]) -> ModelConfig:
+    """Replaces the `files` of catalog entry `name` (the scan's result); clears its load backoff."""
+    with transaction.atomic():
+        config = ModelConfig.objects.select_for_update().get(name=name)
+        config.files = files
+        config.save(update_fields=["files", "updated_at"])
+        load_failure_clear(model_name=name, reason="catalog entry edited")
+    return config
 
 
 def model_config_delete(*, name: str) -> bool:
@@ -210,6 +223,7 @@ def _parse_entry(entry: Any, source: str, base: Path) -> dict[str, Any]:
             raise ValueError(f"more than {MAX_OPTION_VALUES} values")
     except ValueError as exc:
         raise ValidationError(f"{source}: {name}: {exc}") from None
+    files = _download_files(entry.get("download_files"), f"{source}: {name}")
     vram = _as_int(entry.get("vram_bytes"), "vram_bytes", f"{source}: {name}")
     if vram is not None:
         vram_source = "yaml"
@@ -222,8 +236,42 @@ def _parse_entry(entry: Any, source: str, base: Path) -> dict[str, Any]:
         "options": options,
         "vram_bytes": min(vram, MAX_VRAM_BYTES),
         "context_size": context_size,
+        "files": files,
         "vram_source": vram_source,
     }
+
+
+def huggingface_url(uri: str) -> str:
+    """LocalAI's `huggingface://org/repo/path/file[@branch]` as its https download URL."""
+    rest = uri.removeprefix("huggingface://").removeprefix("hf://")
+    branch = "main"
+    if "@" in rest:
+        rest, branch = rest.rsplit("@", 1)
+    org, repo, path = [*rest.split("/", 2), "", ""][:3]
+    return f"https://huggingface.co/{org}/{repo}/resolve/{branch}/{path}"
+
+
+def _download_files(value: Any, source: str) -> list[dict[str, Any]]:
+    """LocalAI's `download_files` (`filename`, `uri`, `sha256`) as catalog `files` (`path`, `uri`, `sha256`,
+    `size` 0: the agent takes the server's). `huggingface://` URIs become their https URL."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ValidationError(f"{source}: 'download_files' must be a list")
+    files = []
+    for item in value:
+        if not isinstance(item, dict):
+            raise ValidationError(f"{source}: each of 'download_files' must be a mapping")
+        uri = str(item.get("uri") or "")
+        if uri.startswith(("huggingface://", "hf://")):
+            uri = huggingface_url(uri)
+        files.append(
+            {"uri": uri, "sha256": item.get("sha256") or "", "size": 0, "path": item.get("filename")}
+        )
+    try:
+        return files_clean(files)
+    except FilesInvalid as error:
+        raise ValidationError(f"{source}: download_files: {error}") from None
 
 
 def models_import_yaml(*, paths: Iterable[str | Path], base: Path | None = None) -> list[ImportedModel]:

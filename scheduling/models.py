@@ -15,6 +15,8 @@ class ModelConfig(models.Model):
     options = models.JSONField(default=dict, blank=True)
     vram_bytes = models.BigIntegerField(default=0)
     context_size = models.IntegerField(null=True, blank=True)
+    # Files staged to a worker before a load: [{"uri", "sha256", "size", "path"}] (scheduling.artifacts).
+    files = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -53,6 +55,8 @@ class SchedulingRule(models.Model):
     scale_up_since = models.DateTimeField(null=True, blank=True)
     scale_down_since = models.DateTimeField(null=True, blank=True)
     scaled_up_at = models.DateTimeField(null=True, blank=True)
+    # The reconciler asks matching nodes to stage the model's files ahead of any load.
+    prefetch = models.BooleanField(default=False)
     unsatisfiable_until = models.DateTimeField(null=True, blank=True)
     unsatisfiable_ticks = models.IntegerField(default=0)
     unsatisfiable_reason = models.CharField(max_length=255, blank=True, default="")

@@ -6,11 +6,13 @@ dry run (`GET /api/plan`, `cluster_status --why`) all go through it.
    `draining`, `not_healthy`, `selector_mismatch` (the missing `key=value`), `no_free_slot` (used/cap),
    `not_enough_vram` (needed vs free after reservations), `eviction_candidate` (room only by evicting an
    idle replica: which one); None when the node can take the replica.
-3. **Ranking** — `rank_key`: spread before stacking, then most effective free VRAM, then least in-flight,
-   then name. `evaluate()` applies 2 and 3 to a snapshot: every node gets its verdict, the best eligible one
+3. **Ranking** — `rank_key`: spread before stacking, then a node holding all the model's files (by sha256,
+   from its heartbeat) before one that would download them, then most effective free VRAM, then least
+   in-flight, then name. `evaluate()` applies 2 and 3 to a snapshot: every node gets its verdict, the best eligible one
    is `chosen`, the others `ranked_lower`; with no eligible node, the least recently used eviction victim.
 4. **Claim** — `replica_claim()`: locks the node row, re-judges it on fresh figures with the same predicate,
-   and inserts a `loading` row with its VRAM reservation, or answers the verdict that refused it.
+   and inserts a `loading` row (`downloading` when the model has files the node does not hold yet) with its
+   VRAM reservation, or answers the verdict that refused it.
 
 A slot is a replica row of the model on the node in any state (an index in use cannot be claimed again).
 A node reporting no VRAM (`total_vram` 0, a CPU node) is placed on by slots alone.
@@ -40,7 +42,7 @@ from scheduling.models import SchedulingRule
 logger = logging.getLogger("scheduling.placement")
 
 GiB = 1024**3
-LIVE_STATES = (ReplicaState.LOADING, ReplicaState.LOADED)
+LIVE_STATES = (ReplicaState.DOWNLOADING, ReplicaState.LOADING, ReplicaState.LOADED)
 
 # Headlines of a refusal, by the furthest verdict any node reached.
 REASON_NO_MATCHING_NODE = "no node matches the selector"
@@ -64,6 +66,7 @@ class ModelRequirement:
     name: str
     vram_bytes: int = 0
     selector: Mapping[str, str] = field(default_factory=dict)
+    artifacts: frozenset[str] = frozenset()  # sha256 of the model's catalog `files`
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,11 @@ class NodeSnapshot:
     approved: bool = True
     status: str = NodeStatus.HEALTHY
     address: str = ""
+    artifacts: frozenset[str] = frozenset()  # sha256 of the files the agent holds (heartbeat)
+
+    def holds(self, model: ModelRequirement) -> bool:
+        """Whether the node holds every file of the model (False for a model without files)."""
+        return bool(model.artifacts) and model.artifacts <= self.artifacts
 
     @property
     def effective_free_vram(self) -> int:
@@ -174,9 +182,11 @@ class ClusterSnapshot:
             for node in self.nodes.values()
         ]
 
-    def requirement(self, model_name: str, vram_bytes: int) -> ModelRequirement:
+    def requirement(
+        self, model_name: str, vram_bytes: int, artifacts: frozenset[str] = frozenset()
+    ) -> ModelRequirement:
         rule = self.rules.get(model_name)
-        return ModelRequirement(model_name, vram_bytes, dict(rule.selector) if rule else {})
+        return ModelRequirement(model_name, vram_bytes, dict(rule.selector) if rule else {}, artifacts)
 
     def evaluate(self, model: ModelRequirement) -> Plan:
         """`evaluate` over this snapshot, eviction victims included."""
@@ -188,6 +198,17 @@ class ClusterSnapshot:
         return evaluate(
             model, self.nodes_for(model.name), idle=idle, live_counts=counts, min_replicas=minimums
         )
+
+
+def _artifacts(value: Any) -> frozenset[str]:
+    return frozenset(str(item) for item in value) if isinstance(value, list) else frozenset()
+
+
+def model_artifacts(files: Any) -> frozenset[str]:
+    """The sha256 of a catalog model's `files` (those that have one)."""
+    if not isinstance(files, list):
+        return frozenset()
+    return frozenset(str(f["sha256"]) for f in files if isinstance(f, dict) and f.get("sha256"))
 
 
 def _selector(value: Any) -> dict[str, str]:
@@ -232,6 +253,7 @@ def cluster_snapshot() -> ClusterSnapshot:
             approved=n["approved_at"] is not None,
             status=n["status"],
             address=n["address"],
+            artifacts=_artifacts(n["artifacts"]),
         )
         for n in Node.objects.filter(node_type=NodeType.BACKEND).values(
             "id",
@@ -244,6 +266,7 @@ def cluster_snapshot() -> ClusterSnapshot:
             "available_vram",
             "reserved_vram",
             "address",
+            "artifacts",
         )
     }
     rules = {
@@ -389,14 +412,26 @@ def judge(
 # --- ranking and the plan (pure) --------------------------------------------------------------------------
 
 
-def rank_key(node: NodeSnapshot) -> tuple[bool, int, int, str]:
-    """Spread before stacking, then most effective free VRAM, then least in-flight, then name."""
-    return (node.replicas_of_model > 0, -node.effective_free_vram, node.in_flight, node.name)
+def rank_key(node: NodeSnapshot, model: ModelRequirement | None = None) -> tuple[bool, bool, int, int, str]:
+    """Spread before stacking, then a node holding all the model's files, then most effective free VRAM,
+    then least in-flight, then name."""
+    holds = model is not None and node.holds(model)
+    return (node.replicas_of_model > 0, not holds, -node.effective_free_vram, node.in_flight, node.name)
 
 
 def ranking_terms(model: ModelRequirement, node: NodeSnapshot) -> str:
     vram = f"{gib(node.effective_free_vram)} free" if node.vram_limited else "no VRAM reported"
-    return f"{node.replicas_of_model} replica(s) of {model.name} here, {vram}, {node.in_flight} in flight"
+    files = ""
+    if model.artifacts:
+        count = len(model.artifacts)
+        files = (
+            f", holds all {count} file(s)"
+            if node.holds(model)
+            else f", {len(model.artifacts - node.artifacts)} of {count} file(s) to download"
+        )
+    return (
+        f"{node.replicas_of_model} replica(s) of {model.name} here{files}, {vram}, {node.in_flight} in flight"
+    )
 
 
 @dataclass(frozen=True)
@@ -528,7 +563,7 @@ def evaluate(
             eligible.append(node)
         else:
             refused.append((node, judgement))
-    eligible.sort(key=rank_key)
+    eligible.sort(key=lambda node: rank_key(node, model))
     candidates = [
         Candidate(
             node.id,
@@ -555,7 +590,7 @@ def choose_nodes(model: ModelRequirement, count: int, eligible: Iterable[NodeSna
     for _ in range(count):
         if not view:
             break
-        best = min(view.values(), key=rank_key)
+        best = min(view.values(), key=lambda node: rank_key(node, model))
         picks.append(best)
         after = replace(
             best,
@@ -592,12 +627,14 @@ def replica_claim(
     vram_bytes: int = 0,
     backend: str = "",
     selector: Mapping[str, str] | None = None,
+    artifacts: frozenset[str] = frozenset(),
 ) -> Claim:
     """Claims a slot for one replica of the model on the node in one short transaction: locks the node row,
     judges it again on what is committed now (same predicate as the plan, no eviction), inserts a `loading`
     row at the lowest free index (a unique violation means another scheduler took it: the next one) and adds
     the reservation (`vram_bytes`, nothing on a node reporting no VRAM). Never raises for a lost race: the
-    refusal says which check failed."""
+    refusal says which check failed. With `artifacts` (the model's files' sha256) the node does not hold
+    all of, the row starts `downloading` (it counts against capacity exactly like `loading`)."""
     if isinstance(vram_bytes, bool) or not isinstance(vram_bytes, int) or vram_bytes < 0:
         raise ValueError("vram_bytes must be a whole number of bytes, at least 0")
     model = ModelRequirement(model_name, vram_bytes, dict(selector or {}))
@@ -629,6 +666,8 @@ def replica_claim(
         if refused is not None:
             return Claim(None, refused)
         reserve = vram_bytes if node.total_vram > 0 else 0
+        held = _artifacts(node.artifacts)
+        state = ReplicaState.DOWNLOADING if artifacts and not artifacts <= held else ReplicaState.LOADING
         replica = None
         for index in _free_indexes(snapshot.effective_cap, taken):
             try:
@@ -637,7 +676,7 @@ def replica_claim(
                         node=node,
                         model_name=model_name,
                         replica_index=index,
-                        state=ReplicaState.LOADING,
+                        state=state,
                         load_started_at=now,
                         vram_bytes=reserve,
                         backend=backend,
@@ -659,7 +698,9 @@ def replica_claim(
     return Claim(replica)
 
 
-def claim_any(plan: Plan, *, vram_bytes: int, backend: str) -> tuple[ModelReplica | None, Plan]:
+def claim_any(
+    plan: Plan, *, vram_bytes: int, backend: str, artifacts: frozenset[str] = frozenset()
+) -> tuple[ModelReplica | None, Plan]:
     """Claims on the plan's eligible nodes best first until one claim wins; the plan comes back with the
     refusals of the claims that lost."""
     refused: dict[Any, Judgement] = {}
@@ -670,6 +711,7 @@ def claim_any(plan: Plan, *, vram_bytes: int, backend: str) -> tuple[ModelReplic
             vram_bytes=vram_bytes,
             backend=backend,
             selector=plan.model.selector,
+            artifacts=artifacts,
         )
         if claim.replica is not None:
             return claim.replica, plan.with_refusals(refused)
@@ -687,6 +729,7 @@ class ClaimRequest:
     vram_bytes: int = 0
     backend: str = ""
     selector: Mapping[str, str] = field(default_factory=dict)
+    artifacts: frozenset[str] = frozenset()  # the model's files' sha256: a node without them all downloads
 
 
 @dataclass(frozen=True)
@@ -739,6 +782,7 @@ def replicas_claim(requests: list[ClaimRequest]) -> list[BatchClaim]:
                     "total_vram",
                     "available_vram",
                     "reserved_vram",
+                    "artifacts",
                 )
             }
             taken: dict[tuple[Any, str], set[int]] = defaultdict(set)
@@ -786,11 +830,12 @@ def replicas_claim(requests: list[ClaimRequest]) -> list[BatchClaim]:
                 used.add(index)
                 reserve = request.vram_bytes if node.total_vram > 0 else 0
                 reserved[node.id] += reserve
+                downloads = request.artifacts and not request.artifacts <= _artifacts(node.artifacts)
                 row = ModelReplica(
                     node=node,
                     model_name=request.model_name,
                     replica_index=index,
-                    state=ReplicaState.LOADING,
+                    state=ReplicaState.DOWNLOADING if downloads else ReplicaState.LOADING,
                     load_started_at=now,
                     vram_bytes=reserve,
                     backend=request.backend,
@@ -826,6 +871,7 @@ def _claim_one_by_one(requests: list[ClaimRequest]) -> list[BatchClaim]:
             vram_bytes=request.vram_bytes,
             backend=request.backend,
             selector=request.selector,
+            artifacts=request.artifacts,
         )
         node = (
             Node.objects.only("id", "name", "address", "token_salt").filter(pk=request.node_id).first()

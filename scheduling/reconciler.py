@@ -265,6 +265,7 @@ class TickReport:
     failed: list[str] = field(default_factory=list)
     trimmed: list[str] = field(default_factory=list)
     tripped: list[str] = field(default_factory=list)  # "<model>: <reason>"
+    prefetched: list[str] = field(default_factory=list)  # "<model> on <node>: <paths>"
     duration: float = 0.0
 
     def lines(self) -> list[str]:
@@ -350,7 +351,24 @@ def _tick(now: datetime, config: Settings) -> TickReport:
     if placements:
         placed, failed = _place_all(placements, snapshot)
         report.placed, report.failed = placed, failed
+    report.prefetched = _prefetch(snapshot)
     return report
+
+
+def _prefetch(snapshot: ClusterSnapshot) -> list[str]:
+    """Rules with `prefetch: true`: every matching node that does not hold all of the model's files yet is
+    asked to stage them (the agent downloads each file once, whatever how often it is asked). Never raises."""
+    from scheduling.services import model_prefetch
+
+    started: list[str] = []
+    for model_name in SchedulingRule.objects.filter(prefetch=True).values_list("model_name", flat=True):
+        try:
+            for result in model_prefetch(model_name=model_name, only_missing=True):
+                if result.downloading:
+                    started.append(f"{model_name} on {result.node_name}: {', '.join(result.downloading)}")
+        except Exception:
+            logger.exception("prefetch of %s failed", model_name)
+    return started
 
 
 def _apply_breakers(
@@ -691,7 +709,7 @@ def _place_all(plans: Sequence[RulePlan], snapshot: ClusterSnapshot) -> tuple[li
             continue
         if attempt.is_retry:
             count = 1
-        model = snapshot.requirement(model_name, config.vram_bytes)
+        model = snapshot.requirement(model_name, config.vram_bytes, pipeline.model_artifacts(config.files))
         picks, candidates, refusal = placer.choose(model, count)
         if refusal is not None:  # slots exist, but not with VRAM enough for every replica wanted
             failed.append(f"{model_name}: {refusal if not picks else 'no room for more'}")
@@ -706,7 +724,7 @@ def _place_all(plans: Sequence[RulePlan], snapshot: ClusterSnapshot) -> tuple[li
             )
         for node, record in zip(picks, candidates, strict=True):
             request = pipeline.ClaimRequest(
-                node.id, model_name, config.vram_bytes, config.backend, model.selector
+                node.id, model_name, config.vram_bytes, config.backend, model.selector, model.artifacts
             )
             wanted.append(
                 (request, config, attempt, trigger, record, rule_plan.reason if rule_plan.autoscale else "")

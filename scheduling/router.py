@@ -178,14 +178,17 @@ def model_has_routable_replica(*, model_name: str) -> bool:
         return bool(cursor.fetchone()[0])
 
 
-def replica_ensure_loaded(*, model_name: str, timeout: float) -> None:
+def replica_ensure_loaded(*, model_name: str, timeout: float, download_timeout: float = 0.0) -> None:
     """Makes sure `model_name` has a routable replica: takes the per-model load lock shared by every web
-    process (a PostgreSQL advisory lock, polled so the wait is bounded by `timeout`), re-checks, and places
-    one when there is still none. Raises `UnknownModel`, `NoCapacity` or `LoadFailed` from placement, or
+    process (a PostgreSQL advisory lock, polled so the wait is bounded by `timeout`, plus `download_timeout`
+    for a catalog model with `files` to stage), re-checks, and places one when there is still none. Raises `UnknownModel`, `NoCapacity` or `LoadFailed` from placement, or
     `NoCapacity` when the wait for another process's load times out."""
+    from scheduling.models import ModelConfig
     from scheduling.services import replica_place
 
     key = locks.model_key(model_name)
+    if download_timeout and ModelConfig.objects.filter(name=model_name).exclude(files=[]).exists():
+        timeout += download_timeout
     deadline = time.monotonic() + timeout
     delay = LOCK_POLL_START
     while True:
@@ -556,13 +559,20 @@ _cold_loads: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyn
 
 async def _ensure_loaded(model_name: str) -> None:
     """Waits until the model has a routable replica, placing one when needed. Concurrent callers in this
-    process share one wait (and one load); the wait is bounded by `LOCALAI_LOAD_TIMEOUT`."""
+    process share one wait (and one load); the wait is bounded by `LOCALAI_LOAD_TIMEOUT`, plus
+    `LOCALAI_DOWNLOAD_TIMEOUT` for a model whose files are staged first."""
     loop = asyncio.get_running_loop()
     waits = _cold_loads.setdefault(loop, {})
     future = waits.get(model_name)
     if future is None:
         timeout = float(settings.LOCALAI_LOAD_TIMEOUT)
-        work = partial(_in_thread, replica_ensure_loaded, model_name=model_name, timeout=timeout)
+        work = partial(
+            _in_thread,
+            replica_ensure_loaded,
+            model_name=model_name,
+            timeout=timeout,
+            download_timeout=float(settings.LOCALAI_DOWNLOAD_TIMEOUT),
+        )
         future = waits[model_name] = loop.run_in_executor(_load_executor, work)
         future.add_done_callback(lambda _done: waits.pop(model_name, None))
     await asyncio.shield(future)

@@ -27,7 +27,8 @@ def rules_with_current_replicas() -> QuerySet[WithAnnotations[SchedulingRule, Cu
     """Rules by model name with `current_replicas` (loading + loaded rows of the model): one query."""
     current = (
         ModelReplica.objects.filter(
-            model_name=OuterRef("model_name"), state__in=[ReplicaState.LOADING, ReplicaState.LOADED]
+            model_name=OuterRef("model_name"),
+            state__in=[ReplicaState.DOWNLOADING, ReplicaState.LOADING, ReplicaState.LOADED],
         )
         .order_by()
         .values("model_name")

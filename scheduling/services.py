@@ -51,12 +51,14 @@ def rule_upsert(
     upscale_delay: int = 30,
     downscale_delay: int | None = None,
     scale_to_zero_after: int = 0,
+    prefetch: bool | None = None,
 ) -> SchedulingRule:
     """Creates the rule of `model_name` or updates it in place (same id). The rule's circuit breaker is reset:
     a new selector or minimum deserves a fresh look on the next reconciler tick; so is the autoscaler's
     pending scale-up or scale-down (its delays start again). The database's check constraints back the
     invariants (min, max ≥ 0; min ≤ max when max > 0; target and delays ≥ 0); callers validate first.
-    Audited as `rule.create` / `rule.update`."""
+    Audited as `rule.create` / `rule.update`.
+    `prefetch` None keeps the rule's current value (False for a new rule)."""
     with transaction.atomic():
         previous = SchedulingRule.objects.select_for_update().filter(model_name=model_name).first()
         rule, created = SchedulingRule.objects.update_or_create(
@@ -71,6 +73,7 @@ def rule_upsert(
                 "scale_to_zero_after": scale_to_zero_after,
                 "scale_up_since": None,
                 "scale_down_since": None,
+                **({} if prefetch is None else {"prefetch": prefetch}),
                 "unsatisfiable_ticks": 0,
                 "unsatisfiable_until": None,
                 "unsatisfiable_reason": "",
@@ -232,7 +235,7 @@ def model_requirement(config: ModelConfig) -> ModelRequirement:
     """What a new replica of a catalog entry needs: its VRAM, and its rule's selector (none without a rule)."""
     rule = SchedulingRule.objects.filter(model_name=config.name).only("node_selector").first()
     selector = dict(rule.node_selector) if rule and isinstance(rule.node_selector, dict) else {}
-    return ModelRequirement(config.name, config.vram_bytes, selector)
+    return ModelRequirement(config.name, config.vram_bytes, selector, pipeline.model_artifacts(config.files))
 
 
 def placement_plan(*, model_name: str) -> pipeline.Plan:
@@ -253,8 +256,9 @@ def replica_stop_on_node(*, node_id: Any, process_key: str) -> None:
 
 
 def replica_load(*, replica: ModelReplica, config: ModelConfig) -> PlacementResult:
-    """`LoadReplica` for a claimed `loading` row, outside any transaction, with the catalog entry's backend,
-    options and VRAM, bounded by `LOCALAI_LOAD_TIMEOUT`. Success → the same row `loaded` at the agent's
+    """`LoadReplica` for a claimed `loading` (or `downloading`) row, outside any transaction, with the catalog
+    entry's backend, options, VRAM and `files` (staged by the agent first, within `LOCALAI_DOWNLOAD_TIMEOUT`),
+    bounded by `LOCALAI_LOAD_TIMEOUT`. Success → the same row `loaded` at the agent's
     address. Failure or timeout → the row deleted, exactly its reservation released, the agent told to stop
     exactly that key, and `LoadFailed` raised."""
     node = Node.objects.only("id", "name", "address", "token_salt").get(pk=replica.node_id)
@@ -277,6 +281,8 @@ def replica_load_call(*, replica: ModelReplica, config: ModelConfig, node: Node)
         model_options_for(config),
         config.vram_bytes,
         load_timeout=settings.LOCALAI_LOAD_TIMEOUT,
+        files=list(config.files or []),
+        download_timeout=settings.LOCALAI_DOWNLOAD_TIMEOUT,
     )
 
 
@@ -391,7 +397,9 @@ def replica_place(*, model_name: str, trigger: str = Trigger.REQUEST) -> Placeme
     while True:
         plan = pipeline.cluster_snapshot().evaluate(requirement)
         had_candidates = bool(plan.eligible)
-        replica, plan = pipeline.claim_any(plan, vram_bytes=config.vram_bytes, backend=config.backend)
+        replica, plan = pipeline.claim_any(
+            plan, vram_bytes=config.vram_bytes, backend=config.backend, artifacts=requirement.artifacts
+        )
         if replica is not None:
             break
         if had_candidates and not reranked:
@@ -590,3 +598,53 @@ def model_unload_all(*, model_name: str, force: bool = False) -> list[UnloadedRe
         " (requests in flight cut off)" if busy else "",
     )
     return removed
+
+
+# --- model files: prefetch (issue 15) ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PrefetchResult:
+    """One node asked to stage a model's files: what it is downloading and what it already holds, or the
+    error of the call."""
+
+    node_name: str
+    downloading: list[str] = field(default_factory=list)
+    held: list[str] = field(default_factory=list)
+    error: str = ""
+
+
+def model_prefetch(*, model_name: str, only_missing: bool = False) -> list[PrefetchResult]:
+    """Asks every schedulable node matching the model's rule's selector to stage the model's `files` ahead
+    of any load (`StageFiles`: the agent starts the downloads in the background and answers at once). With
+    `only_missing`, nodes whose heartbeat already lists every file are skipped (the reconciler's prefetch).
+    Raises `UnknownModel`. Errors per node are answered, not raised."""
+    config = ModelConfig.objects.filter(name=model_name).first()
+    if config is None:
+        raise UnknownModel(f"the model {model_name!r} is not in the catalog")
+    files = list(config.files or [])
+    if not files:
+        return []
+    requirement = model_requirement(config)
+    results: list[PrefetchResult] = []
+    for node in pipeline.cluster_snapshot().nodes.values():
+        if pipeline.gate(node, requirement.selector) is not None:
+            continue
+        if only_missing and node.holds(requirement):
+            continue
+        row = Node.objects.only("id", "name", "address", "token_salt").filter(pk=node.id).first()
+        if row is None:
+            continue
+        client = worker_control_client(row.address, node_token_for(row), settings.LOCALAI_AGENT_CALL_TIMEOUT)
+        try:
+            downloading, held = client.stage_files(
+                model_name, files, download_timeout=settings.LOCALAI_DOWNLOAD_TIMEOUT
+            )
+        except WorkerError as error:
+            placement_logger.warning("prefetch of %s on %s failed: %s", model_name, node.name, error)
+            results.append(PrefetchResult(node.name, error=str(error.details or error)))
+            continue
+        if downloading:
+            placement_logger.info("prefetching %s on %s: %s", model_name, node.name, ", ".join(downloading))
+        results.append(PrefetchResult(node.name, downloading, held))
+    return results

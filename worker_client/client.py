@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -187,6 +187,8 @@ def _load_request(
     model_options: Mapping[str, Any] | None,
     vram_bytes: int,
     load_timeout: float,
+    files: Sequence[Mapping[str, Any]] = (),
+    download_timeout: float = 0.0,
 ) -> worker_pb2.LoadReplicaRequest:
     return worker_pb2.LoadReplicaRequest(
         model_name=model_name,
@@ -195,7 +197,22 @@ def _load_request(
         model_options=backend_pb2.ModelOptions(**(model_options or {})),
         vram_bytes=vram_bytes,
         load_timeout_seconds=load_timeout,
+        files=artifact_messages(files),
+        download_timeout_seconds=download_timeout,
     )
+
+
+def artifact_messages(files: Sequence[Mapping[str, Any]]) -> list[worker_pb2.ArtifactFile]:
+    """Catalog `files` entries (`uri`, `sha256`, `size`, `path`) as protocol messages."""
+    return [
+        worker_pb2.ArtifactFile(
+            uri=str(f.get("uri", "")),
+            sha256=str(f.get("sha256") or ""),
+            size=int(f.get("size") or 0),
+            path=str(f.get("path", "")),
+        )
+        for f in files
+    ]
 
 
 def _load_result(reply: worker_pb2.LoadReplicaReply) -> LoadResult:
@@ -354,10 +371,34 @@ class WorkerControlClient(_Caller):
         model_options: Mapping[str, Any] | None = None,
         vram_bytes: int = 0,
         load_timeout: float = DEFAULT_LOAD_TIMEOUT,
+        *,
+        files: Sequence[Mapping[str, Any]] = (),
+        download_timeout: float = 0.0,
     ) -> LoadResult:
-        """Starts `<model_name>#<replica_index>` and loads it; waits up to `load_timeout` (+ the deadline)."""
-        request = _load_request(model_name, replica_index, backend, model_options, vram_bytes, load_timeout)
-        return _load_result(self._call(self._stub, "LoadReplica", request, load_timeout + self.timeout))
+        """Starts `<model_name>#<replica_index>` and loads it; waits up to `load_timeout` (+ the deadline), plus
+        `download_timeout` when it has `files` to stage first."""
+        request = _load_request(
+            model_name,
+            replica_index,
+            backend,
+            model_options,
+            vram_bytes,
+            load_timeout,
+            files,
+            download_timeout,
+        )
+        wait = load_timeout + self.timeout + (download_timeout if files else 0.0)
+        return _load_result(self._call(self._stub, "LoadReplica", request, wait))
+
+    def stage_files(
+        self, model_name: str, files: Sequence[Mapping[str, Any]], download_timeout: float = 0.0
+    ) -> tuple[list[str], list[str]]:
+        """Asks the agent to stage `files` in the background; answers (downloading paths, held paths)."""
+        request = worker_pb2.StageFilesRequest(
+            model_name=model_name, files=artifact_messages(files), download_timeout_seconds=download_timeout
+        )
+        reply = self._call(self._stub, "StageFiles", request)
+        return list(reply.downloading), list(reply.held)
 
     def stop_replica(self, id: str) -> list[str]:
         """Stops `model#N`, or every replica of a bare model name; answers the keys stopped."""

@@ -25,6 +25,7 @@ MAX_INT = 2**31 - 1
 LABEL_MAX_LENGTH = 255
 MAX_LABELS = 256  # per node, as the admin API
 MAX_REPORTED_REPLICAS = 4096  # process keys in one registration or heartbeat
+MAX_REPORTED_ARTIFACTS = 100_000  # sha256 in one heartbeat
 REPLICA_KEY_MAX_LENGTH = 512
 MAX_REPORTED_BACKENDS = 256  # backend names in one registration
 BACKEND_NAME_MAX_LENGTH = 64  # as a catalog model's `backend`
@@ -284,6 +285,26 @@ class HeartbeatSerializer(serializers.Serializer):
         help_text="SHA-256 (hex) of the process keys it runs, distinct, sorted by code point, joined by `\\n`. "
         "When it matches the node's rows, the heartbeat costs one UPDATE and nothing is reconciled.",
     )
+    artifacts = serializers.ListField(
+        child=serializers.RegexField(r"^[0-9a-f]{64}$"),
+        required=False,
+        max_length=MAX_REPORTED_ARTIFACTS,
+        help_text="sha256 of the model files the agent holds, verified (placement prefers such nodes).",
+    )
+
+
+class DownloadReportSerializer(serializers.Serializer):
+    key = StrictCharField(max_length=300, help_text="`<model>#<index>`")
+    state = serializers.ChoiceField(choices=["downloading", "loading"])
+    bytes = serializers.IntegerField(min_value=0, max_value=2**63 - 1, required=False, default=0)
+    total = serializers.IntegerField(min_value=0, max_value=2**63 - 1, required=False, default=0)
+    rate = serializers.FloatField(min_value=0, max_value=2**62, required=False, default=0)
+
+
+class DownloadsSerializer(serializers.Serializer):
+    """`POST /api/node/{id}/downloads`: staging progress of the node's `downloading` replicas."""
+
+    replicas = DownloadReportSerializer(many=True, max_length=MAX_REPORTED_REPLICAS)
 
 
 # --- responses ----------------------------------------------------------------------------------------------
@@ -340,6 +361,10 @@ class ReplicaSerializer(serializers.ModelSerializer):
             "loaded_at",
             "backend",
             "vram_bytes",
+            "progress",
+            "download_bytes",
+            "download_total",
+            "download_rate",
         ]
         read_only_fields = fields
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+
 from django.conf import settings
+from django.http import HttpResponse, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import exceptions, status
@@ -14,6 +20,7 @@ from localai_cluster.api import Conflict
 from nodes import services
 from nodes.api.auth import NodeTokenAuthentication, RegistrationTokenAuthentication, bearer_token
 from nodes.api.serializers import (
+    DownloadsSerializer,
     ErrorSerializer,
     HeartbeatResponseSerializer,
     HeartbeatSerializer,
@@ -217,3 +224,92 @@ class ModelsView(NodeAPIView):
     )
     def get(self, request: Request, node_id: str) -> Response:
         return Response(ReplicaSerializer(node_replica_list(node=request.auth), many=True).data)
+
+
+class DownloadsView(NodeAPIView):
+    """Staging progress of this node's `downloading` replicas (the agent posts it at least every 2 s while
+    files download); `state: loading` says the replica's files are in place and its backend is starting."""
+
+    @extend_schema(
+        tags=[TAG],
+        operation_id="node_self_downloads",
+        summary="Report the staging progress of this node's replicas",
+        parameters=[NODE_ID],
+        request=DownloadsSerializer,
+        responses={200: OpenApiTypes.OBJECT, 400: ERR_400, 401: ERR_401, 403: ERR_403, 404: ERR_404},
+    )
+    def post(self, request: Request, node_id: str) -> Response:
+        serializer = DownloadsSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        changed = services.replica_download_progress(
+            node=request.auth, reports=serializer.validated_data["replicas"]
+        )
+        return Response({"updated": changed})
+
+
+ARTIFACT_CHUNK = 1024 * 1024
+_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+
+
+async def _file_chunks(path: Path, start: int, length: int) -> AsyncIterator[bytes]:
+    """`length` bytes of `path` from `start`, read in a thread a chunk at a time."""
+    handle = await asyncio.to_thread(path.open, "rb")
+    try:
+        await asyncio.to_thread(handle.seek, start)
+        left = length
+        while left > 0:
+            chunk = await asyncio.to_thread(handle.read, min(ARTIFACT_CHUNK, left))
+            if not chunk:
+                return
+            left -= len(chunk)
+            yield chunk
+    finally:
+        await asyncio.to_thread(handle.close)
+
+
+class ArtifactView(NodeAPIView):
+    """`cp://NAME` files: the file NAME under `LOCALAI_ARTIFACTS_PATH`, for agents only (their node token),
+    with HTTP Range (`bytes=START-` or `bytes=START-END`: 206, or 416 past the end) so a download resumes."""
+
+    @extend_schema(
+        tags=[TAG],
+        operation_id="node_artifact",
+        summary="Download a cp:// model file (Range supported)",
+        parameters=[NODE_ID],
+        responses={
+            (200, "application/octet-stream"): OpenApiTypes.BINARY,
+            (206, "application/octet-stream"): OpenApiTypes.BINARY,
+            401: ERR_401,
+            403: ERR_403,
+            404: ERR_404,
+        },
+    )
+    def get(self, request: Request, node_id: str, name: str) -> HttpResponse | StreamingHttpResponse:
+        from scheduling.artifacts import artifact_path
+
+        path = artifact_path(name)
+        if path is None:
+            raise exceptions.NotFound(f"No file {name!r} under LOCALAI_ARTIFACTS_PATH.")
+        size = path.stat().st_size
+        start, end = 0, size - 1
+        status_code = status.HTTP_200_OK
+        wanted = request.headers.get("Range", "")
+        if wanted:
+            match = _RANGE.match(wanted.strip())
+            if match is None or int(match.group(1)) >= size:
+                answer = HttpResponse(status=status.HTTP_416_REQUESTED_RANGE_NOT_SATISFIABLE)
+                answer["Content-Range"] = f"bytes */{size}"
+                return answer
+            start = int(match.group(1))
+            if match.group(2):
+                end = min(int(match.group(2)), size - 1)
+            status_code = status.HTTP_206_PARTIAL_CONTENT
+        length = max(end - start + 1, 0)
+        response = StreamingHttpResponse(
+            _file_chunks(path, start, length), status=status_code, content_type="application/octet-stream"
+        )
+        response["Content-Length"] = str(length)
+        response["Accept-Ranges"] = "bytes"
+        if status_code == status.HTTP_206_PARTIAL_CONTENT:
+            response["Content-Range"] = f"bytes {start}-{end}/{size}"
+        return response

@@ -11,4 +11,6 @@ urlpatterns = [
     path("api/node/<str:node_id>/drain", worker.DrainView.as_view(), name="node-drain"),
     path("api/node/<str:node_id>/deregister", worker.DeregisterView.as_view(), name="node-deregister"),
     path("api/node/<str:node_id>/models", worker.ModelsView.as_view(), name="node-models"),
+    path("api/node/<str:node_id>/downloads", worker.DownloadsView.as_view(), name="node-downloads"),
+    path("api/node/<str:node_id>/artifacts/<path:name>", worker.ArtifactView.as_view(), name="node-artifact"),
 ]

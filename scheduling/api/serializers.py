@@ -16,6 +16,7 @@ from nodes.api.admin_serializers import (
     StringMapField,
     has_bad_text,
 )
+from scheduling.artifacts import FilesInvalid, files_clean
 from scheduling.choices import Outcome, Verdict
 from scheduling.loadfailures import load_failure_payload
 from scheduling.models import LoadFailure, ModelConfig, PlacementDecision, SchedulingRule
@@ -75,6 +76,11 @@ class RuleWriteSerializer(serializers.Serializer):
         help_text="With min_replicas 0: unload the last replica after this many seconds without a request; "
         "0 = never.",
     )
+    prefetch = serializers.BooleanField(
+        required=False,
+        default=False,
+        help_text="Stage the model's files on every matching node ahead of any load (reconciler).",
+    )
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         if attrs["max_replicas"] > 0 and attrs["min_replicas"] > attrs["max_replicas"]:
@@ -102,6 +108,7 @@ class RuleSerializer(serializers.ModelSerializer):
             "upscale_delay",
             "downscale_delay",
             "scale_to_zero_after",
+            "prefetch",
             "unsatisfiable_until",
             "unsatisfiable_ticks",
             "current_replicas",
@@ -126,6 +133,33 @@ class OptionsField(serializers.JSONField):
         return data
 
 
+@extend_schema_field(
+    {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "properties": {
+                "uri": {"type": "string"},
+                "sha256": {"type": "string"},
+                "size": {"type": "integer"},
+                "path": {"type": "string"},
+            },
+            "required": ["uri", "path"],
+        },
+    }
+)
+class FilesField(serializers.JSONField):
+    """`[{uri, sha256, size, path}]`: files staged to a worker before a load (`scheduling.artifacts`)."""
+
+    def to_internal_value(self, data: Any) -> list[dict[str, Any]]:
+        if has_bad_text(data):
+            raise serializers.ValidationError("NUL characters and unpaired surrogates are not allowed.")
+        try:
+            return files_clean(data)
+        except FilesInvalid as error:
+            raise serializers.ValidationError(str(error)) from None
+
+
 class ModelConfigSerializer(serializers.ModelSerializer):
     """A catalog entry. On `PUT`/`PATCH /api/models/{name}` the name comes from the URL; a `name` in the body
     must be the same."""
@@ -146,10 +180,16 @@ class ModelConfigSerializer(serializers.ModelSerializer):
     context_size = serializers.IntegerField(
         required=False, allow_null=True, default=None, min_value=0, max_value=MAX_INT
     )
+    files = FilesField(
+        required=False,
+        default=list,
+        help_text="Files the agent stages under its models path before loading: uri (https://, http:// or "
+        "cp://NAME), sha256, size, path.",
+    )
 
     class Meta:
         model = ModelConfig
-        fields = ["name", "backend", "model", "options", "vram_bytes", "context_size"]
+        fields = ["name", "backend", "model", "options", "vram_bytes", "context_size", "files"]
 
 
 class ModelConfigUpdateSerializer(ModelConfigSerializer):
@@ -288,3 +328,18 @@ class UnloadedReplicaSerializer(serializers.Serializer):
 
 class UnloadAllSerializer(serializers.Serializer):
     unloaded = UnloadedReplicaSerializer(many=True)
+
+
+# --- model files -----------------------------------------------------------------------------------------
+
+
+class PrefetchNodeSerializer(serializers.Serializer):
+    node_name = serializers.CharField()
+    downloading = serializers.ListField(child=serializers.CharField(), help_text="Paths being downloaded.")
+    held = serializers.ListField(child=serializers.CharField(), help_text="Paths already present, verified.")
+    error = serializers.CharField(help_text="The agent's error; empty when it was asked.")
+
+
+class PrefetchSerializer(serializers.Serializer):
+    model = serializers.CharField()
+    nodes = PrefetchNodeSerializer(many=True)

@@ -18,5 +18,9 @@ urlpatterns = [
     ),
     path("api/models/<path:name>/load", views.ModelLoadView.as_view(), name="api-model-load"),
     path("api/models/<path:name>/unload", views.ModelUnloadView.as_view(), name="api-model-unload"),
+    path(
+        "api/models/<path:name>/files/scan", views.ModelFilesScanView.as_view(), name="api-model-files-scan"
+    ),
+    path("api/models/<path:name>/prefetch", views.ModelPrefetchView.as_view(), name="api-model-prefetch"),
     path("api/models/<path:name>", views.ModelDetailView.as_view(), name="api-model"),
 ]

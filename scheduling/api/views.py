@@ -26,13 +26,15 @@ from scheduling.api.serializers import (
     ModelConfigUpdateSerializer,
     ModelDetailSerializer,
     PlanSerializer,
+    PrefetchSerializer,
     RuleSerializer,
     RuleWriteSerializer,
     UnloadAllRequestSerializer,
     UnloadAllSerializer,
     UnloadedReplicaSerializer,
 )
-from scheduling.catalog import model_config_delete, model_config_upsert, model_retry_load
+from scheduling.artifacts import files_scan
+from scheduling.catalog import model_config_delete, model_config_upsert, model_files_set, model_retry_load
 from scheduling.choices import Outcome
 from scheduling.loadfailures import LoadBackingOff
 from scheduling.models import ModelConfig, SchedulingRule
@@ -41,6 +43,7 @@ from scheduling.selectors import decisions_filtered, rules_with_current_replicas
 from scheduling.services import (
     ReplicasBusy,
     model_load_one,
+    model_prefetch,
     model_unload_all,
     placement_plan,
     rule_delete,
@@ -375,6 +378,55 @@ class ModelUnloadView(_ModelActionView):
         if not removed and not ModelConfig.objects.filter(name=name).exists():
             raise exceptions.NotFound("No model with this name in the catalog, and no replica of it.")
         return Response(UnloadAllSerializer({"unloaded": removed}).data)
+
+
+class ModelFilesScanView(_ModelActionView):
+    """`POST /api/models/{name}/files/scan`: fills `sha256` and `size` of the model's `cp://` files from the
+    files under `LOCALAI_ARTIFACTS_PATH`."""
+
+    suffix = "/files/scan"
+
+    @extend_schema(
+        operation_id="models_files_scan",
+        parameters=[NAME_PATH_PARAM],
+        request=None,
+        responses={200: ModelDetailSerializer, **error_responses(400, *AUTH_ERRORS, 404)},
+        description="Computes sha256 and size of every `cp://` file of the model from LOCALAI_ARTIFACTS_PATH "
+        "and saves them; 400 naming the files that are not there (nothing saved). Answers the model.",
+        tags=["models"],
+    )
+    def post(self, request: Request, name: str) -> Response:
+        config = self._config(name)
+        files, missing = files_scan(list(config.files or []))
+        if missing:
+            raise exceptions.ValidationError(
+                {"files": [f"not found under LOCALAI_ARTIFACTS_PATH: {', '.join(missing)}"]}
+            )
+        config = model_files_set(name=config.name, files=files)
+        return Response(ModelDetailSerializer(config).data)
+
+
+class ModelPrefetchView(_ModelActionView):
+    """`POST /api/models/{name}/prefetch`: asks every matching node to stage the model's files now."""
+
+    suffix = "/prefetch"
+
+    @extend_schema(
+        operation_id="models_prefetch",
+        parameters=[NAME_PATH_PARAM],
+        request=None,
+        responses={200: PrefetchSerializer, **error_responses(400, *AUTH_ERRORS, 404)},
+        description="Asks every schedulable node matching the model's rule to stage its files ahead of any "
+        "load (the agents download in the background). Answers per node what it is downloading and what it "
+        "holds, or the error; 400 for a model without files.",
+        tags=["models"],
+    )
+    def post(self, request: Request, name: str) -> Response:
+        config = self._config(name)
+        if not config.files:
+            raise exceptions.ValidationError({"files": ["The model has no files to prefetch."]})
+        results = model_prefetch(model_name=config.name)
+        return Response(PrefetchSerializer({"model": config.name, "nodes": results}).data)
 
 
 # --- placement decisions and the dry run ----------------------------------------------------------------

@@ -16,14 +16,14 @@ from tests.factories import ModelConfigFactory
 pytestmark = pytest.mark.django_db
 
 FIXTURES = Path(__file__).parent / "fixtures"
-FIELDS = {"name", "backend", "model", "options", "vram_bytes", "context_size"}
+FIELDS = {"name", "backend", "model", "options", "vram_bytes", "context_size", "files"}
 
 
 def test_create_list_get_put_patch_delete(api):
     body = {"name": "org/m:v1.5", "backend": "llama-cpp", "model": "m.gguf", "options": {"NGPULayers": 99}}
     response = api.post("/api/models", body, format="json")
     assert response.status_code == 201
-    assert response.json() == {**body, "vram_bytes": 0, "context_size": None}
+    assert response.json() == {**body, "vram_bytes": 0, "context_size": None, "files": []}
     assert [m["name"] for m in api.get("/api/models").json()["results"]] == ["org/m:v1.5"]
     url = f"/api/models/{quote(body['name'])}"
     assert set(api.get(url).json()) == FIELDS | {"load_failure"}
@@ -41,6 +41,7 @@ def test_create_list_get_put_patch_delete(api):
         "options": {},
         "vram_bytes": 0,
         "context_size": None,
+        "files": [],
         "load_failure": None,
     }
     assert api.delete(url).status_code == 204

@@ -35,6 +35,7 @@ def test_create_and_read(api):
         "upscale_delay": 30,
         "downscale_delay": None,
         "scale_to_zero_after": 0,
+        "prefetch": False,
         "unsatisfiable_until": None,
         "unsatisfiable_ticks": 0,
         "current_replicas": 0,

@@ -11,7 +11,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -59,6 +59,10 @@ class RealAgent:
             str(self.state_dir),
             *args,
         ]
+        self.args = list(args)
+        self.models_path = (
+            Path(args[args.index("--models-path") + 1]) if "--models-path" in args else REPO_ROOT / "models"
+        )
         self.process = subprocess.Popen(
             command, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=dict(os.environ)
         )
@@ -131,8 +135,11 @@ def start_agents_fixture(
         vram: str = "24GiB",
         labels: str = "",
         heartbeat_interval: str = "1s",
-        args: tuple[str, ...] = (),
+        args: Sequence[str] = (),
+        extra_args: Sequence[str] = (),
+        own_models_path: bool = False,
     ) -> list[RealAgent]:
+        """`args`/`extra_args`: more agent flags. `own_models_path`: each agent gets `--models-path <tmp>/<name>-models` (`agent.models_path`)."""
         started = []
         for _ in range(count):
             name = f"gw-{os.getpid()}-{len(agents)}"
@@ -140,7 +147,9 @@ def start_agents_fixture(
             flags += ["--heartbeat-interval", heartbeat_interval]  # after the default of 1 s: this one wins
             if labels:
                 flags += ["--node-labels", labels]
-            agent = RealAgent(cp_server, name, tmp_path / f"{name}.log", [*flags, *args])
+            if own_models_path:
+                flags += ["--models-path", str(tmp_path / f"{name}-models")]
+            agent = RealAgent(cp_server, name, tmp_path / f"{name}.log", [*flags, *args, *extra_args])
             agents.append(agent)
             started.append(agent)
         for agent in started:

@@ -25,39 +25,45 @@ _sym_db = _symbol_database.Default()
 from . import backend_pb2 as backend__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cworker.proto\x12\x06worker\x1a\rbackend.proto\"\xb0\x01\n\x12LoadReplicaRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rreplica_index\x18\x02 \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12,\n\rmodel_options\x18\x04 \x01(\x0b\x32\x15.backend.ModelOptions\x12\x12\n\nvram_bytes\x18\x05 \x01(\x04\x12\x1c\n\x14load_timeout_seconds\x18\x06 \x01(\x01\"[\n\x10LoadReplicaReply\x12\x13\n\x0bprocess_key\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x14\n\x0cload_seconds\x18\x04 \x01(\x01\" \n\x12StopReplicaRequest\x12\n\n\x02id\x18\x01 \x01(\t\"#\n\x10StopReplicaReply\x12\x0f\n\x07stopped\x18\x01 \x03(\t\"\x15\n\x13ListReplicasRequest\"\xb6\x01\n\x0eReplicaProcess\x12\x13\n\x0bprocess_key\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rreplica_index\x18\x03 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x0b\n\x03pid\x18\x05 \x01(\x05\x12\r\n\x05state\x18\x06 \x01(\t\x12\x12\n\nstarted_at\x18\x07 \x01(\x01\x12\x0f\n\x07\x62\x61\x63kend\x18\x08 \x01(\t\x12\x12\n\nvram_bytes\x18\t \x01(\x04\"=\n\x11ListReplicasReply\x12(\n\x08replicas\x18\x01 \x03(\x0b\x32\x16.worker.ReplicaProcess\"\\\n\x07LogLine\x12\x13\n\x0bprocess_key\x18\x01 \x01(\t\x12\x11\n\ttimestamp\x18\x02 \x01(\x01\x12\x0e\n\x06stream\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x0b\n\x03seq\x18\x05 \x01(\x04\"*\n\x0eGetLogsRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04tail\x18\x02 \x01(\r\".\n\x0cGetLogsReply\x12\x1e\n\x05lines\x18\x01 \x03(\x0b\x32\x0f.worker.LogLine\"\x1f\n\x11StreamLogsRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x14\n\x12ListLogKeysRequest\" \n\x10ListLogKeysReply\x12\x0c\n\x04keys\x18\x01 \x03(\t2\xa7\x03\n\rWorkerControl\x12\x45\n\x0bLoadReplica\x12\x1a.worker.LoadReplicaRequest\x1a\x18.worker.LoadReplicaReply\"\x00\x12\x45\n\x0bStopReplica\x12\x1a.worker.StopReplicaRequest\x1a\x18.worker.StopReplicaReply\"\x00\x12H\n\x0cListReplicas\x12\x1b.worker.ListReplicasRequest\x1a\x19.worker.ListReplicasReply\"\x00\x12\x39\n\x07GetLogs\x12\x16.worker.GetLogsRequest\x1a\x14.worker.GetLogsReply\"\x00\x12<\n\nStreamLogs\x12\x19.worker.StreamLogsRequest\x1a\x0f.worker.LogLine\"\x00\x30\x01\x12\x45\n\x0bListLogKeys\x12\x1a.worker.ListLogKeysRequest\x1a\x18.worker.ListLogKeysReply\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cworker.proto\x12\x06worker\x1a\rbackend.proto\"G\n\x0c\x41rtifactFile\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x0c\n\x04path\x18\x04 \x01(\t\"n\n\x11StageFilesRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12#\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x14.worker.ArtifactFile\x12 \n\x18\x64ownload_timeout_seconds\x18\x03 \x01(\x01\"4\n\x0fStageFilesReply\x12\x13\n\x0b\x64ownloading\x18\x01 \x03(\t\x12\x0c\n\x04held\x18\x02 \x03(\t\"\xf7\x01\n\x12LoadReplicaRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rreplica_index\x18\x02 \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12,\n\rmodel_options\x18\x04 \x01(\x0b\x32\x15.backend.ModelOptions\x12\x12\n\nvram_bytes\x18\x05 \x01(\x04\x12\x1c\n\x14load_timeout_seconds\x18\x06 \x01(\x01\x12#\n\x05\x66iles\x18\x07 \x03(\x0b\x32\x14.worker.ArtifactFile\x12 \n\x18\x64ownload_timeout_seconds\x18\x08 \x01(\x01\"[\n\x10LoadReplicaReply\x12\x13\n\x0bprocess_key\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x14\n\x0cload_seconds\x18\x04 \x01(\x01\" \n\x12StopReplicaRequest\x12\n\n\x02id\x18\x01 \x01(\t\"#\n\x10StopReplicaReply\x12\x0f\n\x07stopped\x18\x01 \x03(\t\"\x15\n\x13ListReplicasRequest\"\xb6\x01\n\x0eReplicaProcess\x12\x13\n\x0bprocess_key\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rreplica_index\x18\x03 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x0b\n\x03pid\x18\x05 \x01(\x05\x12\r\n\x05state\x18\x06 \x01(\t\x12\x12\n\nstarted_at\x18\x07 \x01(\x01\x12\x0f\n\x07\x62\x61\x63kend\x18\x08 \x01(\t\x12\x12\n\nvram_bytes\x18\t \x01(\x04\"=\n\x11ListReplicasReply\x12(\n\x08replicas\x18\x01 \x03(\x0b\x32\x16.worker.ReplicaProcess\"\\\n\x07LogLine\x12\x13\n\x0bprocess_key\x18\x01 \x01(\t\x12\x11\n\ttimestamp\x18\x02 \x01(\x01\x12\x0e\n\x06stream\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x0b\n\x03seq\x18\x05 \x01(\x04\"*\n\x0eGetLogsRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04tail\x18\x02 \x01(\r\".\n\x0cGetLogsReply\x12\x1e\n\x05lines\x18\x01 \x03(\x0b\x32\x0f.worker.LogLine\"\x1f\n\x11StreamLogsRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x14\n\x12ListLogKeysRequest\" \n\x10ListLogKeysReply\x12\x0c\n\x04keys\x18\x01 \x03(\t2\xeb\x03\n\rWorkerControl\x12\x45\n\x0bLoadReplica\x12\x1a.worker.LoadReplicaRequest\x1a\x18.worker.LoadReplicaReply\"\x00\x12\x45\n\x0bStopReplica\x12\x1a.worker.StopReplicaRequest\x1a\x18.worker.StopReplicaReply\"\x00\x12H\n\x0cListReplicas\x12\x1b.worker.ListReplicasRequest\x1a\x19.worker.ListReplicasReply\"\x00\x12\x39\n\x07GetLogs\x12\x16.worker.GetLogsRequest\x1a\x14.worker.GetLogsReply\"\x00\x12<\n\nStreamLogs\x12\x19.worker.StreamLogsRequest\x1a\x0f.worker.LogLine\"\x00\x30\x01\x12\x45\n\x0bListLogKeys\x12\x1a.worker.ListLogKeysRequest\x1a\x18.worker.ListLogKeysReply\"\x00\x12\x42\n\nStageFiles\x12\x19.worker.StageFilesRequest\x1a\x17.worker.StageFilesReply\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LOADREPLICAREQUEST']._serialized_start=40
-  _globals['_LOADREPLICAREQUEST']._serialized_end=216
-  _globals['_LOADREPLICAREPLY']._serialized_start=218
-  _globals['_LOADREPLICAREPLY']._serialized_end=309
-  _globals['_STOPREPLICAREQUEST']._serialized_start=311
-  _globals['_STOPREPLICAREQUEST']._serialized_end=343
-  _globals['_STOPREPLICAREPLY']._serialized_start=345
-  _globals['_STOPREPLICAREPLY']._serialized_end=380
-  _globals['_LISTREPLICASREQUEST']._serialized_start=382
-  _globals['_LISTREPLICASREQUEST']._serialized_end=403
-  _globals['_REPLICAPROCESS']._serialized_start=406
-  _globals['_REPLICAPROCESS']._serialized_end=588
-  _globals['_LISTREPLICASREPLY']._serialized_start=590
-  _globals['_LISTREPLICASREPLY']._serialized_end=651
-  _globals['_LOGLINE']._serialized_start=653
-  _globals['_LOGLINE']._serialized_end=745
-  _globals['_GETLOGSREQUEST']._serialized_start=747
-  _globals['_GETLOGSREQUEST']._serialized_end=789
-  _globals['_GETLOGSREPLY']._serialized_start=791
-  _globals['_GETLOGSREPLY']._serialized_end=837
-  _globals['_STREAMLOGSREQUEST']._serialized_start=839
-  _globals['_STREAMLOGSREQUEST']._serialized_end=870
-  _globals['_LISTLOGKEYSREQUEST']._serialized_start=872
-  _globals['_LISTLOGKEYSREQUEST']._serialized_end=892
-  _globals['_LISTLOGKEYSREPLY']._serialized_start=894
-  _globals['_LISTLOGKEYSREPLY']._serialized_end=926
-  _globals['_WORKERCONTROL']._serialized_start=929
-  _globals['_WORKERCONTROL']._serialized_end=1352
+  _globals['_ARTIFACTFILE']._serialized_start=39
+  _globals['_ARTIFACTFILE']._serialized_end=110
+  _globals['_STAGEFILESREQUEST']._serialized_start=112
+  _globals['_STAGEFILESREQUEST']._serialized_end=222
+  _globals['_STAGEFILESREPLY']._serialized_start=224
+  _globals['_STAGEFILESREPLY']._serialized_end=276
+  _globals['_LOADREPLICAREQUEST']._serialized_start=279
+  _globals['_LOADREPLICAREQUEST']._serialized_end=526
+  _globals['_LOADREPLICAREPLY']._serialized_start=528
+  _globals['_LOADREPLICAREPLY']._serialized_end=619
+  _globals['_STOPREPLICAREQUEST']._serialized_start=621
+  _globals['_STOPREPLICAREQUEST']._serialized_end=653
+  _globals['_STOPREPLICAREPLY']._serialized_start=655
+  _globals['_STOPREPLICAREPLY']._serialized_end=690
+  _globals['_LISTREPLICASREQUEST']._serialized_start=692
+  _globals['_LISTREPLICASREQUEST']._serialized_end=713
+  _globals['_REPLICAPROCESS']._serialized_start=716
+  _globals['_REPLICAPROCESS']._serialized_end=898
+  _globals['_LISTREPLICASREPLY']._serialized_start=900
+  _globals['_LISTREPLICASREPLY']._serialized_end=961
+  _globals['_LOGLINE']._serialized_start=963
+  _globals['_LOGLINE']._serialized_end=1055
+  _globals['_GETLOGSREQUEST']._serialized_start=1057
+  _globals['_GETLOGSREQUEST']._serialized_end=1099
+  _globals['_GETLOGSREPLY']._serialized_start=1101
+  _globals['_GETLOGSREPLY']._serialized_end=1147
+  _globals['_STREAMLOGSREQUEST']._serialized_start=1149
+  _globals['_STREAMLOGSREQUEST']._serialized_end=1180
+  _globals['_LISTLOGKEYSREQUEST']._serialized_start=1182
+  _globals['_LISTLOGKEYSREQUEST']._serialized_end=1202
+  _globals['_LISTLOGKEYSREPLY']._serialized_start=1204
+  _globals['_LISTLOGKEYSREPLY']._serialized_end=1236
+  _globals['_WORKERCONTROL']._serialized_start=1239
+  _globals['_WORKERCONTROL']._serialized_end=1730
 # @@protoc_insertion_point(module_scope)

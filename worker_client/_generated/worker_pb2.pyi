@@ -7,21 +7,55 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ArtifactFile(_message.Message):
+    __slots__ = ("uri", "sha256", "size", "path")
+    URI_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    uri: str
+    sha256: str
+    size: int
+    path: str
+    def __init__(self, uri: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., path: _Optional[str] = ...) -> None: ...
+
+class StageFilesRequest(_message.Message):
+    __slots__ = ("model_name", "files", "download_timeout_seconds")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    DOWNLOAD_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    files: _containers.RepeatedCompositeFieldContainer[ArtifactFile]
+    download_timeout_seconds: float
+    def __init__(self, model_name: _Optional[str] = ..., files: _Optional[_Iterable[_Union[ArtifactFile, _Mapping]]] = ..., download_timeout_seconds: _Optional[float] = ...) -> None: ...
+
+class StageFilesReply(_message.Message):
+    __slots__ = ("downloading", "held")
+    DOWNLOADING_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    downloading: _containers.RepeatedScalarFieldContainer[str]
+    held: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, downloading: _Optional[_Iterable[str]] = ..., held: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class LoadReplicaRequest(_message.Message):
-    __slots__ = ("model_name", "replica_index", "backend", "model_options", "vram_bytes", "load_timeout_seconds")
+    __slots__ = ("model_name", "replica_index", "backend", "model_options", "vram_bytes", "load_timeout_seconds", "files", "download_timeout_seconds")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     REPLICA_INDEX_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     MODEL_OPTIONS_FIELD_NUMBER: _ClassVar[int]
     VRAM_BYTES_FIELD_NUMBER: _ClassVar[int]
     LOAD_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    DOWNLOAD_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     replica_index: int
     backend: str
     model_options: _backend_pb2.ModelOptions
     vram_bytes: int
     load_timeout_seconds: float
-    def __init__(self, model_name: _Optional[str] = ..., replica_index: _Optional[int] = ..., backend: _Optional[str] = ..., model_options: _Optional[_Union[_backend_pb2.ModelOptions, _Mapping]] = ..., vram_bytes: _Optional[int] = ..., load_timeout_seconds: _Optional[float] = ...) -> None: ...
+    files: _containers.RepeatedCompositeFieldContainer[ArtifactFile]
+    download_timeout_seconds: float
+    def __init__(self, model_name: _Optional[str] = ..., replica_index: _Optional[int] = ..., backend: _Optional[str] = ..., model_options: _Optional[_Union[_backend_pb2.ModelOptions, _Mapping]] = ..., vram_bytes: _Optional[int] = ..., load_timeout_seconds: _Optional[float] = ..., files: _Optional[_Iterable[_Union[ArtifactFile, _Mapping]]] = ..., download_timeout_seconds: _Optional[float] = ...) -> None: ...
 
 class LoadReplicaReply(_message.Message):
     __slots__ = ("process_key", "address", "pid", "load_seconds")

@@ -64,6 +64,11 @@ class WorkerControlStub:
                 request_serializer=worker__pb2.ListLogKeysRequest.SerializeToString,
                 response_deserializer=worker__pb2.ListLogKeysReply.FromString,
                 _registered_method=True)
+        self.StageFiles = channel.unary_unary(
+                '/worker.WorkerControl/StageFiles',
+                request_serializer=worker__pb2.StageFilesRequest.SerializeToString,
+                response_deserializer=worker__pb2.StageFilesReply.FromString,
+                _registered_method=True)
 
 
 class WorkerControlServicer:
@@ -110,6 +115,13 @@ class WorkerControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StageFiles(self, request, context):
+        """Starts staging a model's files in the background (prefetch) and returns at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -142,6 +154,11 @@ def add_WorkerControlServicer_to_server(servicer, server):
                     servicer.ListLogKeys,
                     request_deserializer=worker__pb2.ListLogKeysRequest.FromString,
                     response_serializer=worker__pb2.ListLogKeysReply.SerializeToString,
+            ),
+            'StageFiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.StageFiles,
+                    request_deserializer=worker__pb2.StageFilesRequest.FromString,
+                    response_serializer=worker__pb2.StageFilesReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -306,6 +323,33 @@ class WorkerControl:
             '/worker.WorkerControl/ListLogKeys',
             worker__pb2.ListLogKeysRequest.SerializeToString,
             worker__pb2.ListLogKeysReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StageFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/worker.WorkerControl/StageFiles',
+            worker__pb2.StageFilesRequest.SerializeToString,
+            worker__pb2.StageFilesReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 
+from worker_client.agent.artifacts import ArtifactStore, human_bytes
 from worker_client.agent.config import AgentConfig
 from worker_client.agent.controlplane import (
     ControlPlane,
@@ -37,6 +38,9 @@ SERVER_STOP_GRACE = 1.0
 # Each control-plane call made while shutting down (drain, in-flight poll, deregister) waits at most this long:
 # a control plane that does not answer must not hold the agent's shutdown.
 SHUTDOWN_CALL_TIMEOUT = 3.0
+# While files are being staged, progress goes to the control plane (and the replica's log) this often.
+PROGRESS_INTERVAL = 1.0
+PROGRESS_LOG_EVERY = 2  # progress reports per log line
 
 
 def _is_loopback(host: str) -> bool:
@@ -53,6 +57,14 @@ class Agent:
         self.config = config
         self.logs = LogStore()
         self.registration: Registration | None = None
+        self.artifacts = ArtifactStore(
+            config.models_path,
+            cache_size=config.models_cache_size,
+            control_plane_url=config.register_to,
+            node_token=self.node_token,
+            node_id=lambda: self.registration.id if self.registration else "",
+            note=self._note,
+        )
         self.supervisor = Supervisor(
             backends=config.backends,
             bind_host=config.bind_host,
@@ -62,7 +74,10 @@ class Agent:
             models_path=config.models_path,
             allowed_model_roots=config.allowed_model_roots,
             backend_token=lambda: self.registration.backend_token if self.registration else "",
+            artifacts=self.artifacts,
+            on_staged=self._staged,
         )
+        self._reports: set[asyncio.Task[None]] = set()
         self.control_plane = ControlPlane(config.register_to, config.registration_token)
         self._has_gpu = detect_gpu() is not None
         self._orphan_suspects: set[str] = set()
@@ -97,11 +112,12 @@ class Agent:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         life = asyncio.create_task(self._register_and_heartbeat())
+        progress = asyncio.create_task(self._report_progress())
         stopping = asyncio.create_task(stop.wait())
         try:
             await asyncio.wait({life, stopping}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (life, stopping):
+            for task in (life, progress, stopping):
                 task.cancel()
             await self._shutdown(server)
         if life.done() and not life.cancelled():
@@ -219,11 +235,67 @@ class Agent:
         is the one the control plane accepted last time)."""
         replicas = self.supervisor.replicas()
         digest = replica_digest(r.key for r in replicas)
-        body: dict[str, Any] = {**self._memory(), "replica_digest": digest}
+        body: dict[str, Any] = {
+            **self._memory(),
+            "artifacts": self.artifacts.held(),
+            "replica_digest": digest,
+        }
         if digest == self._listed_digest:
             return body, False
         body["replicas"] = [{"key": r.key, "address": r.address, "state": r.state} for r in replicas]
         return body, True
+
+    # --- staging progress ---
+
+    def _note(self, key: str, text: str) -> None:
+        """A staging message: in the replica's own log (`model#i`) when it is for one, and in the agent's."""
+        if key:
+            self.logs.append(key, "stdout", text)
+        log.info("%s%s", f"{key}: " if key else "", text)
+
+    def _staged(self, key: str) -> None:
+        """The replica's files are in place: tell the control plane at once that it is loading now."""
+        task = asyncio.create_task(self._send_progress([{"key": key, "state": "loading"}]))
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
+
+    async def _send_progress(self, replicas: list[dict[str, Any]]) -> None:
+        if self.registration is None:
+            return
+        try:
+            await self.control_plane.downloads(self.registration, {"replicas": replicas})
+        except ControlPlaneError as error:
+            log.warning("progress report failed: %s", error)
+
+    async def _report_progress(self) -> None:
+        """Every `PROGRESS_INTERVAL` while files are staged for replicas: bytes done/total and rate per
+        replica to the control plane (`POST /api/node/{id}/downloads`); every few reports, a line in the
+        replica's log. Survives every failure."""
+        ticks = 0
+        while True:
+            await asyncio.sleep(PROGRESS_INTERVAL)
+            try:
+                keys = sorted(self.artifacts.waiting)
+                if not keys:
+                    continue
+                ticks += 1
+                reports = []
+                for key in keys:
+                    done, total, rate = self.artifacts.progress(key)
+                    reports.append(
+                        {"key": key, "state": "downloading", "bytes": done, "total": total, "rate": rate}
+                    )
+                    if ticks % PROGRESS_LOG_EVERY == 0:
+                        share = f" ({100 * done / total:.0f}%)" if total else ""
+                        self.logs.append(
+                            key,
+                            "stdout",
+                            f"[agent] downloading: {human_bytes(done)} of {human_bytes(total)}{share}, "
+                            f"{human_bytes(rate)}/s",
+                        )
+                await self._send_progress(reports)
+            except Exception:
+                log.exception("progress report failed")
 
     # --- shutdown ---
 

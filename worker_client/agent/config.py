@@ -218,6 +218,7 @@ class AgentConfig:
     allowed_model_roots: tuple[Path, ...]  # besides `models_path`, which is always allowed
     tls: ServerTls | None  # None: WorkerControl is plaintext
     state_dir: Path  # where the node credential is kept (worker_client.agent.state)
+    models_cache_size: int = 0  # bytes of staged model files the agent may keep; 0 = unlimited
 
     @property
     def advertise_addr(self) -> str:
@@ -256,6 +257,12 @@ _OPTIONS = {
         _Option("--backends-config", "LOCALAI_BACKENDS_CONFIG", "", "YAML: name: {command: [...], env: {}}"),
         _Option("--models-path", "LOCALAI_MODELS_PATH", "./models", "directory of model files"),
         _Option("--drain-timeout", None, "30s", argparse.SUPPRESS),
+        _Option(
+            "--models-cache-size",
+            "LOCALAI_MODELS_CACHE_SIZE",
+            "0",
+            "disk budget of staged model files, e.g. 200GiB (0 = unlimited)",
+        ),
         _Option(
             "--allowed-model-roots",
             "LOCALAI_ALLOWED_MODEL_ROOTS",
@@ -352,6 +359,7 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         allowed_model_roots=value("allowed_model_roots", parse_paths),
         tls=tls,
         state_dir=(optional("state_dir", Path) or default_state_dir(environ)).expanduser().resolve(),
+        models_cache_size=value("models_cache_size", parse_size),
     )
 
 

@@ -97,6 +97,10 @@ class ControlPlane:
         answer = await self._request("POST", f"/api/node/{node.id}/heartbeat", node.node_token, body)
         return answer if isinstance(answer, dict) else {}
 
+    async def downloads(self, node: Registration, body: dict[str, Any]) -> None:
+        """POST /api/node/{id}/downloads: staging progress of the node's replicas."""
+        await self._request("POST", f"/api/node/{node.id}/downloads", node.node_token, body, timeout=5.0)
+
     async def drain(self, node: Registration, timeout: float | None = None) -> None:
         await self._request("POST", f"/api/node/{node.id}/drain", node.node_token, timeout=timeout)
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from worker_client._generated import worker_pb2, worker_pb2_grpc
+from worker_client.agent.artifacts import ArtifactFile, StagingError, check_relative_path
 from worker_client.agent.config import ServerTls
 from worker_client.agent.keys import SEPARATOR
 from worker_client.agent.logstore import LogStore
@@ -24,6 +28,22 @@ from worker_client.auth import BearerTokenInterceptor
 from worker_client.client import log_line_to_message
 
 DEFAULT_LOAD_TIMEOUT = 300.0
+DEFAULT_DOWNLOAD_TIMEOUT = 3600.0
+_STAGING_CODES = {
+    "checksum": grpc.StatusCode.FAILED_PRECONDITION,
+    "source": grpc.StatusCode.FAILED_PRECONDITION,
+    "budget": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "timeout": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+}
+
+
+def artifact_files(messages: Any) -> tuple[ArtifactFile, ...]:
+    return tuple(
+        ArtifactFile(uri=m.uri, sha256=m.sha256.lower(), size=int(m.size), path=m.path) for m in messages
+    )
+
+
 _HEALTH_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
 
 
@@ -67,9 +87,15 @@ class WorkerControlService(worker_pb2_grpc.WorkerControlServicer):
             model_options=request.model_options,
             vram_bytes=request.vram_bytes,
             load_timeout=request.load_timeout_seconds or DEFAULT_LOAD_TIMEOUT,
+            files=artifact_files(request.files),
+            download_timeout=request.download_timeout_seconds or DEFAULT_DOWNLOAD_TIMEOUT,
         )
         try:
             replica = await self._supervisor.load(load)
+        except StagingError as error:
+            await context.abort(
+                _STAGING_CODES.get(error.kind, grpc.StatusCode.FAILED_PRECONDITION), str(error)
+            )
         except (UnknownBackend, ModelPathRefused) as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except NoFreePort as error:
@@ -85,6 +111,27 @@ class WorkerControlService(worker_pb2_grpc.WorkerControlServicer):
             pid=replica.pid,
             load_seconds=replica.load_seconds,
         )
+
+    async def StageFiles(
+        self, request: worker_pb2.StageFilesRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.StageFilesReply:
+        """Prefetch: starts staging the files in the background (one download per file, shared with loads)
+        and answers at once which are held and which are downloading."""
+        files = artifact_files(request.files)
+        try:
+            for file in files:
+                check_relative_path(file.path)
+        except StagingError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        store = self._supervisor.artifacts
+        held = [file.path for file in files if store.is_staged(file)]
+        missing = [file for file in files if file.path not in held]
+        if missing:
+            timeout = request.download_timeout_seconds or DEFAULT_DOWNLOAD_TIMEOUT
+            task = asyncio.create_task(store.ensure(missing, timeout=timeout))
+            _prefetches.add(task)
+            task.add_done_callback(_prefetch_done)
+        return worker_pb2.StageFilesReply(downloading=[file.path for file in missing], held=held)
 
     async def StopReplica(
         self, request: worker_pb2.StopReplicaRequest, context: grpc.aio.ServicerContext
@@ -129,6 +176,16 @@ class WorkerControlService(worker_pb2_grpc.WorkerControlServicer):
         self, request: worker_pb2.ListLogKeysRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.ListLogKeysReply:
         return worker_pb2.ListLogKeysReply(keys=self._logs.keys())
+
+
+_prefetches: set[asyncio.Task[None]] = set()
+log = logging.getLogger(__name__)
+
+
+def _prefetch_done(task: asyncio.Task[None]) -> None:
+    _prefetches.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("prefetch failed: %s", task.exception())
 
 
 class CannotListen(Exception):

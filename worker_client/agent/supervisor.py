@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from worker_client._generated import backend_pb2
+from worker_client.agent.artifacts import ArtifactFile, ArtifactStore, StagingError
 from worker_client.agent.config import BackendCommand
 from worker_client.agent.keys import process_key, resolve
 from worker_client.agent.logstore import LogStore
@@ -167,6 +168,8 @@ class LoadRequest:
     model_options: backend_pb2.ModelOptions
     vram_bytes: int
     load_timeout: float
+    files: tuple[ArtifactFile, ...] = ()
+    download_timeout: float = 3600.0
 
 
 def _dial_host(bind_host: str) -> str:
@@ -235,6 +238,8 @@ class Supervisor:
         backend_token: Callable[[], str],
         allowed_model_roots: Sequence[Path] = (),
         stop_grace: float = 5.0,
+        artifacts: ArtifactStore | None = None,
+        on_staged: Callable[[str], None] | None = None,
     ) -> None:
         self._backends = backends
         self._bind_host = bind_host
@@ -246,6 +251,9 @@ class Supervisor:
         self._backend_token = backend_token
         self._stop_grace = stop_grace
         self._replicas: dict[str, Replica] = {}
+        self.artifacts = artifacts or ArtifactStore(models_path)
+        self._on_staged = on_staged or (lambda key: None)
+        self.staging: set[str] = set()  # keys whose files are being staged
         self._key_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     # --- reads ---
@@ -285,9 +293,31 @@ class Supervisor:
                     return existing
                 log.warning("%s (pid %d) has died; replacing it", key, existing.pid)
                 await self._terminate(existing)
-            replica = await self._spawn(key, request, command)
-            await self._bring_up_or_clean_up(replica, request)
+            self._logs.reset(key)
+            if request.files:
+                await self._stage(key, request)
+            try:
+                replica = await self._spawn(key, request, command)
+                await self._bring_up_or_clean_up(replica, request)
+            except BaseException:
+                self.artifacts.unpin(key)
+                raise
             return replica
+
+    async def _stage(self, key: str, request: LoadRequest) -> None:
+        """The request's files present and verified before the backend starts (see `artifacts`); a failure is
+        written to the replica's own log and raised as `StagingError`."""
+        self.staging.add(key)
+        try:
+            await self.artifacts.ensure(request.files, key=key, timeout=request.download_timeout)
+        except StagingError as error:
+            self._logs.append(key, "stderr", f"[agent] staging failed: {error}")
+            log.warning("%s: staging failed: %s", key, error)
+            raise
+        finally:
+            self.staging.discard(key)
+        self._logs.append(key, "stdout", f"[agent] {len(request.files)} file(s) staged; starting the backend")
+        self._on_staged(key)
 
     @staticmethod
     async def _is_live(replica: Replica) -> bool:
@@ -305,7 +335,6 @@ class Supervisor:
     async def _spawn(self, key: str, request: LoadRequest, command: BackendCommand) -> Replica:
         port = self._ports.acquire()
         token = self._backend_token()
-        self._logs.reset(key)
         try:
             process = await asyncio.create_subprocess_exec(
                 *_launch_argv([*command.argv, "--addr", f"{self._bind_host}:{port}"]),
@@ -387,6 +416,7 @@ class Supervisor:
         self._ports.release(replica.port)
         if self._replicas.get(replica.key) is replica:
             del self._replicas[replica.key]
+            self.artifacts.unpin(replica.key)
         log.info("%s: pid %d exited with code %s", replica.key, replica.pid, code)
 
     async def _pump(self, key: str, stream: asyncio.StreamReader | None, name: str) -> None:
