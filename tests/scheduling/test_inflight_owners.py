@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import psycopg
@@ -11,6 +12,7 @@ from localai_cluster import locks
 from nodes.inflight import PROCESS_OWNER, inflight_reclaim_dead_owners, plain_connection_params
 from nodes.models import InFlightClaim, ModelReplica
 from scheduling.health import health_tick
+from tests.conftest import wait_until
 from tests.factories import NodeFactory, ReplicaFactory
 from tests.scheduling.test_router import claim
 
@@ -84,3 +86,50 @@ def test_concurrent_claims_and_releases_on_one_replica_never_deadlock():
     replica.refresh_from_db()
     assert replica.in_flight == 0
     assert InFlightClaim.objects.get(replica=replica).count == 0
+
+
+def _release(lease) -> None:
+    asyncio.run(lease.release())
+
+
+def test_a_dead_lock_session_is_noticed_at_the_next_claim_without_a_round_trip():
+    """The lock connection's socket is polled on every claim: a session the server ended (a failover, a
+    restart) is noticed at once, not after OWNER_CHECK_INTERVAL."""
+    first = PROCESS_OWNER.id()
+    assert PROCESS_OWNER.fresh_id() == first
+    with psycopg.connect(**plain_connection_params(), autocommit=True) as other:
+        other.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s "
+            "AND objid = %s",
+            [locks.NAMESPACE_WEB_OWNER, locks.owner_key(first) & 0xFFFFFFFF],
+        )
+    wait_until(lambda: PROCESS_OWNER.fresh_id() is None, message="the ended session to show on the socket")
+    assert PROCESS_OWNER.id() != first
+
+
+def test_a_new_owner_id_takes_over_the_units_still_held_and_the_health_tick_makes_counts_right():
+    """After a database switch the counters may be wrong both ways (the hot path commits asynchronously: the
+    last claims and releases before the crash may be lost) and the new server holds none of the old locks.
+    The units the process still holds move to its new owner id; the health tick reclaims the old id's."""
+    replica = ReplicaFactory(node=NodeFactory(), in_flight=0)
+    held = [claim(model_name="m") for _ in range(3)]
+    old = held[0].owner
+    _release(held.pop())
+    assert PROCESS_OWNER.held()[replica.id] == 2
+    # The crash lost the last claim (async commit): the database shows one unit where two are held.
+    InFlightClaim.objects.filter(owner=old).update(count=1)
+    ModelReplica.objects.filter(pk=replica.pk).update(in_flight=1)
+    PROCESS_OWNER._conn.close()  # the old server went away with the owner's lock
+
+    new = PROCESS_OWNER.id()
+    assert new != old
+    assert {lease.owner for lease in held} == {new}
+    assert InFlightClaim.objects.get(owner=new).count == 2
+    health_tick()  # reclaims the old id's unit: its lock is free
+    replica.refresh_from_db()
+    assert replica.in_flight == 2  # exactly what is held
+    for lease in held:
+        _release(lease)
+    replica.refresh_from_db()
+    assert replica.in_flight == 0
+    assert InFlightClaim.objects.get(owner=new).count == 0
