@@ -85,17 +85,21 @@ class ReplicatedEngines(Engines):
             conn.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
             conn.execute("SELECT pg_reload_conf()")
             wait_until(
-                lambda: conn.execute(
-                    "SELECT sync_state FROM pg_stat_replication WHERE state = 'streaming'"
-                ).fetchall()
-                == [("sync",)],
+                lambda: (
+                    conn.execute(
+                        "SELECT sync_state FROM pg_stat_replication WHERE state = 'streaming'"
+                    ).fetchall()
+                    == [("sync",)]
+                ),
                 timeout=60,
                 message="the standby to stream synchronously",
             )
 
     def replication_state(self) -> list[tuple]:
         with psycopg.connect(self.primary_url, autocommit=True) as conn:
-            return conn.execute("SELECT application_name, state, sync_state FROM pg_stat_replication").fetchall()
+            return conn.execute(
+                "SELECT application_name, state, sync_state FROM pg_stat_replication"
+            ).fetchall()
 
     def crash_primary(self) -> None:
         """Every process of the primary killed with SIGKILL at once (a host or server crash: no shutdown
@@ -119,6 +123,14 @@ class ReplicatedEngines(Engines):
         if (self.standby_pgdata / "postmaster.pid").exists():
             with contextlib.suppress(Exception):
                 self._pg(
-                    self._bin("pg_ctl"), "-D", str(self.standby_pgdata), "-w", "-t", "60", "-m", "fast", "stop"
+                    self._bin("pg_ctl"),
+                    "-D",
+                    str(self.standby_pgdata),
+                    "-w",
+                    "-t",
+                    "60",
+                    "-m",
+                    "fast",
+                    "stop",
                 )
         super().cleanup()
