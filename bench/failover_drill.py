@@ -3,7 +3,10 @@ a web process, an echo agent, a Celery worker and beat, steady traffic and long 
 primary killed with SIGKILL, the standby promoted with `pg_ctl promote`. Prints the timeline, in seconds after
 the kill, of each run (the scenario is `tests/reliability/failover.py`, which `test_failover.py` asserts on).
 
-    .venv/bin/python bench/failover_drill.py [--runs 1]
+    .venv/bin/python bench/failover_drill.py [--runs 1] [--outage SECONDS]
+
+`--outage`: promote no sooner than this long after the kill (a failover manager's detection time; default: as
+soon as the gateway answers 503). The gateway's recovery after the promotion should not depend on it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ sys.path.insert(0, str(REPO_ROOT))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "localai_cluster.settings")
 
 
-def one_run(number: int) -> list[str]:
+def one_run(number: int, outage: float) -> list[str]:
     from tests.reliability.conftest import ManagedProcess, prepared
     from tests.reliability.failover import run_failover, timeline
     from tests.reliability.replication import ReplicatedEngines, replication_binaries
@@ -43,7 +46,9 @@ def one_run(number: int) -> list[str]:
         with prepared(engines) as pair:
             pair.start_standby()
             _setup_django(pair)
-            outcome = run_failover(pair, start, work, note=lambda text: print(f"  run {number}: {text}"))
+            outcome = run_failover(
+                pair, start, work, note=lambda text: print(f"  run {number}: {text}"), outage=outage
+            )
             for process in reversed(started):
                 process.stop()
             return [f"PostgreSQL programs: {folder}", *timeline(outcome)]
@@ -66,10 +71,11 @@ def _setup_django(pair) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--outage", type=float, default=0.0)
     args = parser.parse_args()
     print("reproduce: .venv/bin/python bench/failover_drill.py " + shlex.join(sys.argv[1:]))
     logging.basicConfig(level=logging.WARNING)
-    reports = [one_run(number) for number in range(1, args.runs + 1)]
+    reports = [one_run(number, args.outage) for number in range(1, args.runs + 1)]
     for number, lines in enumerate(reports, 1):
         print(f"\n== run {number} ==")
         print("\n".join(lines))

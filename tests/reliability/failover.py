@@ -185,9 +185,12 @@ def run_failover(
     start: Callable[[str, list[str], dict[str, str]], Any],
     tmp_dir: Any,
     note: Callable[[str], None] = lambda _: None,
+    outage: float = 0.0,
 ) -> Outcome:
     """The scenario; `start(name, argv, env)` starts a managed process (the `processes` fixture), `note`
-    hears each step. Answers what was observed; asserts only what the scenario needs to go on."""
+    hears each step. The standby is promoted once the gateway answers 503, or `outage` seconds after the kill
+    when that is later (the drill's stand-in for a failover manager's detection time). Answers what was
+    observed; asserts only what the scenario needs to go on."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     outcome = Outcome()
     env = _stack_env(pair)
@@ -276,6 +279,7 @@ def run_failover(
     )
     outcome.first_503_at = min(a.ended for a in traffic.since(outcome.killed_at) if a.status == 503)
     note("gateway answers 503; promoting the standby")
+    time.sleep(max(outcome.killed_at + outage - time.monotonic(), 0))  # the drill's chosen outage, if any
     loop_offset = len(worker.log())
     web_offset = len(web.log())
     outcome.promote_started_at = time.monotonic()
