@@ -10,9 +10,10 @@ re-publishes under it every unit it still holds (its live leases, which it keeps
 claims are then reclaimed by the next health tick like a dead process's, and the leases are released under the
 new id. So after a database switch (a failover: the new primary holds none of the old advisory locks, and the
 hot path's asynchronous commit may have lost the last claims and releases before the crash) the counters are
-rebuilt from what each live process actually holds, by its first claim after the switch and the health tick
-after it (docs/reliability.md, "PostgreSQL failover"). The check that the lock connection stands is a poll of
-its socket on every claim (no round trip): a server that went away has closed it.
+rebuilt from what each live process actually holds, soon after its first claims on the new server and the
+health tick after them (docs/reliability.md, "PostgreSQL failover"). The lock connection is checked (a round
+trip) every OWNER_CHECK_INTERVAL, and at the next claim after the hot path saw a session of this process end
+(`suspect`): a switch ends them all.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class ProcessOwner:
         self._id: uuid.UUID | None = None
         self._conn: psycopg.Connection | None = None
         self._checked_at = 0.0
+        self._suspect = False
         self._units_lock = threading.Lock()  # the leases (never held across I/O)
         # Weak: a lease dropped without its release (a bug) is not re-published for ever; its old claim is
         # reclaimed after a switch.
@@ -95,7 +97,7 @@ class ProcessOwner:
         with self._mutex:
             now = time.monotonic()
             if self._id is None or (
-                (now - self._checked_at > OWNER_CHECK_INTERVAL or self._connection_suspect())
+                (now - self._checked_at > OWNER_CHECK_INTERVAL or self._suspect or self._connection_suspect())
                 and not self._alive(now)
             ):
                 self._take_new(now)
@@ -103,15 +105,20 @@ class ProcessOwner:
             return self._id
 
     def fresh_id(self) -> uuid.UUID | None:
-        """The owner id when its lock connection was checked recently and its socket shows no sign of the
-        session's end (a poll, no round trip), else None: call `id()`."""
+        """The owner id when its lock connection was checked recently and nothing cast doubt on it since
+        (no I/O), else None: call `id()`."""
         if (
             self._id is not None
+            and not self._suspect
             and time.monotonic() - self._checked_at <= OWNER_CHECK_INTERVAL
-            and not self._connection_suspect()
         ):
             return self._id
         return None
+
+    def suspect(self) -> None:
+        """The hot path saw a database session of this process end (terminated, a restart, a failover): the
+        next claim checks the lock connection instead of trusting it until OWNER_CHECK_INTERVAL."""
+        self._suspect = True
 
     def _connection_suspect(self) -> bool:
         conn = self._conn
@@ -191,7 +198,7 @@ class ProcessOwner:
         except (psycopg.Error, AssertionError):
             logger.warning("the in-flight owner lock connection broke: taking a new owner id")
             return False
-        self._checked_at = now
+        self._checked_at, self._suspect = now, False
         return True
 
     def _take_new(self, now: float) -> None:
@@ -213,7 +220,7 @@ class ProcessOwner:
         except psycopg.Error:
             conn.close()
             raise
-        self._id, self._conn, self._checked_at = owner, conn, now
+        self._id, self._conn, self._checked_at, self._suspect = owner, conn, now, False
 
     def close(self) -> None:
         """Gives the lock up (tests; a process exiting loses it anyway)."""

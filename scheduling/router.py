@@ -307,10 +307,14 @@ async def _on_hot_connection(work: Callable[[Any], Awaitable[T]]) -> T:
         conn = await pool.getconn()
         if not await _dead_on_arrival(conn):
             break
+        PROCESS_OWNER.suspect()  # the server ended a session of ours: maybe the owner's lock session too
         await pool.putconn(conn)
     try:
         async with conn:
             return await work(conn)
+    except psycopg.OperationalError:
+        PROCESS_OWNER.suspect()
+        raise
     finally:
         await pool.putconn(conn)
 

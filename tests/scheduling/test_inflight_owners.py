@@ -92,19 +92,49 @@ def _release(lease) -> None:
     asyncio.run(lease.release())
 
 
-def test_a_dead_lock_session_is_noticed_at_the_next_claim_without_a_round_trip():
-    """The lock connection's socket is polled on every claim: a session the server ended (a failover, a
-    restart) is noticed at once, not after OWNER_CHECK_INTERVAL."""
-    first = PROCESS_OWNER.id()
-    assert PROCESS_OWNER.fresh_id() == first
-    with psycopg.connect(**plain_connection_params(), autocommit=True) as other:
-        other.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s "
-            "AND objid = %s",
-            [locks.NAMESPACE_WEB_OWNER, locks.owner_key(first) & 0xFFFFFFFF],
-        )
-    wait_until(lambda: PROCESS_OWNER.fresh_id() is None, message="the ended session to show on the socket")
-    assert PROCESS_OWNER.id() != first
+def test_after_every_session_ended_the_second_claim_takes_a_new_owner_id_and_moves_the_units():
+    """A database restart or failover ends every session of the process. The claim that finds its pooled
+    connection dead casts doubt on the owner's lock session; the next claim checks it (not after
+    OWNER_CHECK_INTERVAL), takes a new owner id and moves every unit held to it."""
+    from django.db import connection
+
+    from localai_cluster.dbhealth import idle_connection_suspect
+    from scheduling import router
+
+    replica = ReplicaFactory(node=NodeFactory(), in_flight=0)
+
+    async def scenario():
+        try:
+            first = await router.aclaim("m")
+            old = first.owner
+            with psycopg.connect(**plain_connection_params(), autocommit=True) as other:
+                other.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            await asyncio.to_thread(
+                wait_until,
+                lambda: idle_connection_suspect(PROCESS_OWNER._conn),
+                message="the sessions to end",
+            )
+            second = await router.aclaim("m")  # finds its pooled connection dead
+            third = await router.aclaim("m")  # checks the owner's lock session: a new id
+            return old, [first, second, third]
+        finally:
+            await router.close_hot_pools()
+
+    connection.close()  # its session was ended too
+    old, leases = asyncio.run(scenario())
+    new = PROCESS_OWNER.fresh_id()
+    assert new is not None and new != old
+    assert [lease.owner for lease in leases] == [new, new, new]
+    health_tick()  # the old id's claims: its lock is free
+    replica.refresh_from_db()
+    assert replica.in_flight == 3
+    for lease in leases:
+        _release(lease)
+    replica.refresh_from_db()
+    assert replica.in_flight == 0
 
 
 def test_a_new_owner_id_takes_over_the_units_still_held_and_the_health_tick_makes_counts_right():
