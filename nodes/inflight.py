@@ -156,7 +156,13 @@ class ProcessOwner:
         with self._mutex:
             if self._id is None or self._conn is None:
                 return  # the next `id()` takes a new id and moves every lease held, this one too
-            self._republish(self._conn, self._id, [lease])
+            try:
+                self._republish(self._conn, self._id, [lease])
+            except psycopg.Error as error:
+                # The unit stays uncounted until its request ends (its old claim is reclaimed, its release
+                # under the new id finds nothing): never counted twice.
+                logger.warning("could not move an in-flight unit to the new owner id: %s", error)
+                self._suspect = True
 
     def _republish(self, conn: psycopg.Connection, owner: uuid.UUID, leases: list[Any] | None) -> None:
         """Moves `leases` (None: every lease held) that are still held to `owner`, in memory and in the
