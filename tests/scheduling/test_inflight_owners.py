@@ -89,7 +89,17 @@ def test_concurrent_claims_and_releases_on_one_replica_never_deadlock():
 
 
 def _release(lease) -> None:
-    asyncio.run(lease.release())
+    """`lease.release()` on an event loop of its own, whose hot-path pool is closed before the loop (as
+    `tests.scheduling.test_router.claim` does)."""
+    from scheduling import router
+
+    async def run() -> None:
+        try:
+            await lease.release()
+        finally:
+            await router.close_hot_pools()
+
+    asyncio.run(run())
 
 
 def test_after_every_session_ended_the_second_claim_takes_a_new_owner_id_and_moves_the_units():
