@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 from localai_cluster import embedded
+from localai_cluster.dburl import parse_database_url
 from localai_cluster.env import env_bool, env_bytes, env_file, env_int, env_list, env_seconds, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -95,7 +95,9 @@ if not REDIS_URL:
     os.environ["REDIS_URL"] = REDIS_URL
 
 try:
-    _database = dj_database_url.parse(DATABASE_URL)
+    # One host, or libpq's multi-host form `postgres://u@db1:5432,db2:5432/name?target_session_attrs=read-write`
+    # (an HA pair: see localai_cluster/dburl.py and the README's production section).
+    _database = parse_database_url(DATABASE_URL)
 except ValueError as exc:
     raise ImproperlyConfigured(f"DATABASE_URL: {exc}") from None
 if _database.get("ENGINE") != "django.db.backends.postgresql":
@@ -131,6 +133,11 @@ _connection_options: dict[str, object] = {
 _url_options = dict(_database.get("OPTIONS") or {})  # e.g. ?sslmode=require in DATABASE_URL
 if "options" in _url_options:
     _connection_options["options"] = f"{_url_options.pop('options')} {_connection_options['options']}"
+# How long a pool keeps re-trying one lost connection (psycopg_pool waits 1, 2, 4… s between attempts) before it
+# gives that slot up; a request that then finds no connection opens a new one at once. Kept short so that a
+# database back after an outage or a failover (docs/reliability.md) is used within about a second, however long
+# it was away, instead of at the next doubled attempt. Applies to Django's pool and the gateway's async pool.
+DB_POOL_RECONNECT_TIMEOUT = 1.0
 _database["OPTIONS"] = {
     **_connection_options,
     **_url_options,
@@ -140,6 +147,7 @@ _database["OPTIONS"] = {
                 "min_size": 1,
                 "max_size": env_int("LOCALAI_DB_POOL_SIZE", 20, minimum=1),
                 "timeout": LOCALAI_DB_POOL_TIMEOUT,
+                "reconnect_timeout": DB_POOL_RECONNECT_TIMEOUT,
             }
         }
         if _DB_POOL
@@ -152,7 +160,7 @@ DATABASES = {"default": _database}
 DATABASE_REPLICA_URL = env_str("DATABASE_REPLICA_URL")
 if DATABASE_REPLICA_URL:
     try:
-        _replica = dj_database_url.parse(DATABASE_REPLICA_URL)
+        _replica = parse_database_url(DATABASE_REPLICA_URL)
     except ValueError as exc:
         raise ImproperlyConfigured(f"DATABASE_REPLICA_URL: {exc}") from None
     if _replica.get("ENGINE") != "django.db.backends.postgresql":

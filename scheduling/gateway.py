@@ -452,7 +452,7 @@ def _release_if_leaked(lease: router.Lease) -> None:
     body chunk): give the in-flight unit back from a pool thread."""
     if not lease.released:
         lease.released = True
-        router.release_in_background(lease.replica_id, lease.owner)
+        router.release_in_background(lease)
 
 
 async def _sse(

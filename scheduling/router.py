@@ -27,7 +27,7 @@ from django.db import DatabaseError, connection
 from localai_cluster import locks
 from localai_cluster.dbhealth import idle_connection_suspect
 from nodes.apikeys import GATEWAY_AUTH_SELECT, gateway_key_hash, gateway_key_used
-from nodes.inflight import PROCESS_OWNER
+from nodes.inflight import PROCESS_OWNER, REPUBLISHING
 from nodes.models import InFlightClaim, ModelReplica, Node, process_key
 from nodes.tokens import backend_token_for
 from scheduling.pipeline import routable_replica_sql
@@ -124,7 +124,7 @@ class Unauthorized(Exception):
     """The gateway's key rule refused the request (no valid key while keys exist)."""
 
 
-@dataclass
+@dataclass(eq=False)  # each lease is one unit: compared and hashed by identity (the process owner's set)
 class Lease:
     """One in-flight unit claimed on a loaded replica. Release it exactly once (`release`), or drop the
     replica when its backend could not be reached (`discard_unreachable`)."""
@@ -151,7 +151,7 @@ class Lease:
         if self.released:
             return
         self.released = True
-        await asyncio.shield(_in_background(_give_back(self.replica_id, self.owner)))
+        await asyncio.shield(_in_background(_give_back_lease(self)))
 
     def release_soon(self) -> None:
         """Gives the in-flight unit back without waiting for it (the answer is complete and need not wait
@@ -159,7 +159,7 @@ class Lease:
         if self.released:
             return
         self.released = True
-        _in_background(_give_back(self.replica_id, self.owner))
+        _in_background(_give_back_lease(self))
 
 
 # --- sync: database work -----------------------------------------------------------------------------------
@@ -278,6 +278,7 @@ async def _open_hot_pool() -> Any:
         max_size=HOT_POOL_SIZE,
         open=False,
         timeout=timeout,
+        reconnect_timeout=float(settings.DB_POOL_RECONNECT_TIMEOUT),
         name="router-hot",
     )
     await pool.open()
@@ -309,10 +310,14 @@ async def _on_hot_connection(work: Callable[[Any], Awaitable[T]]) -> T:
         conn = await pool.getconn()
         if not await _dead_on_arrival(conn):
             break
+        PROCESS_OWNER.suspect()  # the server ended a session of ours: maybe the owner's lock session too
         await pool.putconn(conn)
     try:
         async with conn:
             return await work(conn)
+    except psycopg.OperationalError:
+        PROCESS_OWNER.suspect()
+        raise
     finally:
         await pool.putconn(conn)
 
@@ -394,7 +399,7 @@ async def _owner() -> Any:
 
 def _lease(model_name: str, row: tuple, owner: Any) -> Lease:
     replica_id, index, address, node_id, node_name, node_address, node_token_salt = row
-    return Lease(
+    lease = Lease(
         replica_id=replica_id,
         model_name=model_name,
         replica_index=index,
@@ -405,6 +410,10 @@ def _lease(model_name: str, row: tuple, owner: Any) -> Lease:
         backend_token=backend_token_for(Node(id=node_id, token_salt=node_token_salt)),
         owner=owner,
     )
+    if not PROCESS_OWNER.hold(lease):
+        # Claimed under an owner id the process replaced meanwhile (the database switched): move it.
+        _in_background(asyncio.to_thread(PROCESS_OWNER.adopt, lease))
+    return lease
 
 
 async def aclaim(model_name: str, *, exclude: Sequence[int] = (), raw_key: Any = NO_AUTH) -> Lease | None:
@@ -492,6 +501,18 @@ async def arelease(replica_id: int, owner: Any) -> None:
 # repeated release can at worst give back early another unit this process holds on the replica (never below
 # what the process holds: see `_RELEASE_SQL`).
 RELEASE_RETRY_DELAYS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+
+
+async def _owner_of(lease: Lease) -> Any:
+    """The owner id to release `lease`'s unit under; the process owner forgets the lease. Waits while the
+    process moves its units to a new owner id (after a database switch), which is bounded by its deadline."""
+    while (owner := PROCESS_OWNER.retire(lease)) is REPUBLISHING:
+        await asyncio.to_thread(PROCESS_OWNER.wait_settled, 1.0)
+    return owner
+
+
+async def _give_back_lease(lease: Lease) -> None:
+    await _give_back(lease.replica_id, await _owner_of(lease))
 
 
 async def _give_back(replica_id: int, owner: Any) -> None:
@@ -604,6 +625,7 @@ async def discard_unreachable(lease: Lease) -> None:
     if lease.released:
         return
     lease.released = True
+    owner = await _owner_of(lease)
     logger.warning(
         "backend %r of %r on %r is unreachable: removing that replica",
         lease.address,
@@ -614,7 +636,7 @@ async def discard_unreachable(lease: Lease) -> None:
         node = await _shielded(_hot_executor, _remove_row, lease.replica_id)
     except Exception as error:
         logger.warning("could not remove replica %s: %s", lease.process_key, error)
-        await asyncio.shield(_in_background(_give_back(lease.replica_id, lease.owner)))
+        await asyncio.shield(_in_background(_give_back(lease.replica_id, owner)))
         return
     if node is None:
         return
@@ -665,6 +687,12 @@ def _stop_key(node_id: Any, process_key: str) -> None:
 _background: set[asyncio.Future[Any]] = set()
 
 
-def release_in_background(replica_id: int, owner: Any) -> None:
-    """Gives back one in-flight unit from a pool thread, without an event loop (finalizers)."""
-    _hot_executor.submit(_in_hot_thread, replica_release, replica_id, owner)
+def release_in_background(lease: Lease) -> None:
+    """Gives back the lease's in-flight unit from a pool thread, without an event loop (finalizers)."""
+    _hot_executor.submit(_in_hot_thread, _release_lease_now, lease)
+
+
+def _release_lease_now(lease: Lease) -> None:
+    while (owner := PROCESS_OWNER.retire(lease)) is REPUBLISHING:
+        PROCESS_OWNER.wait_settled(1.0)
+    replica_release(lease.replica_id, owner)

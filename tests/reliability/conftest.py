@@ -140,6 +140,10 @@ class Engines:
     pg_port: int = field(default_factory=free_port)
     redis_port: int = field(default_factory=free_port)
     redis: subprocess.Popen | None = None
+    bin_dir: Path | None = None  # PostgreSQL's programs; None: pgserver's
+
+    def _bin(self, name: str) -> str:
+        return str(self.bin_dir / name) if self.bin_dir else _pg_bin(name)
 
     @property
     def pgdata(self) -> Path:
@@ -176,17 +180,17 @@ class Engines:
             entry = pwd.getpwnam(self._user)
             self.root.chmod(0o755)
             os.chown(self.root, entry.pw_uid, entry.pw_gid)
-        self._pg(_pg_bin("initdb"), "-D", str(self.pgdata), "--auth=trust", "-U", "postgres", "-E", "utf8")
+        self._pg(self._bin("initdb"), "-D", str(self.pgdata), "--auth=trust", "-U", "postgres", "-E", "utf8")
 
     def start_postgres(self) -> None:
         options = f"-h 127.0.0.1 -p {self.pg_port} -k '' -c fsync=off -c max_connections=100"
         log = str(self.root / "postgres.log")
         self._pg(
-            _pg_bin("pg_ctl"), "-D", str(self.pgdata), "-w", "-t", "60", "-o", options, "-l", log, "start"
+            self._bin("pg_ctl"), "-D", str(self.pgdata), "-w", "-t", "60", "-o", options, "-l", log, "start"
         )
 
     def stop_postgres(self) -> None:
-        self._pg(_pg_bin("pg_ctl"), "-D", str(self.pgdata), "-w", "-t", "60", "-m", "fast", "stop")
+        self._pg(self._bin("pg_ctl"), "-D", str(self.pgdata), "-w", "-t", "60", "-m", "fast", "stop")
 
     def postgres_running(self) -> bool:
         return (self.pgdata / "postmaster.pid").exists()
@@ -248,12 +252,10 @@ class Engines:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-@pytest.fixture
-def engines() -> Iterator[Engines]:
-    """Dedicated PostgreSQL and Redis, migrated, with the demo model `echo-1` in the catalog. Outside pytest's
-    tmp folder (PostgreSQL runs as its own user when the tests run as root, and must reach its data)."""
-    root = Path(tempfile.mkdtemp(prefix="lac-engines-"))
-    engines = Engines(root)
+@contextlib.contextmanager
+def prepared(engines: Engines) -> Iterator[Engines]:
+    """`engines` started, migrated, with the demo model `echo-1` in the catalog; stopped and removed after
+    (their logs printed)."""
     try:
         engines.init_postgres()
         engines.start_postgres()
@@ -262,11 +264,17 @@ def engines() -> Iterator[Engines]:
         engines.manage("bootstrap_demo", env=engines.env(DJANGO_SUPERUSER_PASSWORD="not-used-here"))
         yield engines
     finally:
-        for name in ("postgres.log", "redis.log"):
-            path = root / name
-            if path.exists():
-                print(f"--- {name} ---\n{path.read_text(errors='replace')[-2000:]}")
+        for path in sorted(engines.root.glob("*.log")):
+            print(f"--- {path.name} ---\n{path.read_text(errors='replace')[-2000:]}")
         engines.cleanup()
+
+
+@pytest.fixture
+def engines() -> Iterator[Engines]:
+    """Dedicated PostgreSQL and Redis, migrated, with the demo model `echo-1` in the catalog. Outside pytest's
+    tmp folder (PostgreSQL runs as its own user when the tests run as root, and must reach its data)."""
+    with prepared(Engines(Path(tempfile.mkdtemp(prefix="lac-engines-")))) as ready:
+        yield ready
 
 
 def sleep_until(deadline: float) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import psycopg
@@ -11,6 +12,7 @@ from localai_cluster import locks
 from nodes.inflight import PROCESS_OWNER, inflight_reclaim_dead_owners, plain_connection_params
 from nodes.models import InFlightClaim, ModelReplica
 from scheduling.health import health_tick
+from tests.conftest import wait_until
 from tests.factories import NodeFactory, ReplicaFactory
 from tests.scheduling.test_router import claim
 
@@ -84,3 +86,90 @@ def test_concurrent_claims_and_releases_on_one_replica_never_deadlock():
     replica.refresh_from_db()
     assert replica.in_flight == 0
     assert InFlightClaim.objects.get(replica=replica).count == 0
+
+
+def _release(lease) -> None:
+    """`lease.release()` on an event loop of its own, whose hot-path pool is closed before the loop (as
+    `tests.scheduling.test_router.claim` does)."""
+    from scheduling import router
+
+    async def run() -> None:
+        try:
+            await lease.release()
+        finally:
+            await router.close_hot_pools()
+
+    asyncio.run(run())
+
+
+def test_after_every_session_ended_the_second_claim_takes_a_new_owner_id_and_moves_the_units():
+    """A database restart or failover ends every session of the process. The claim that finds its pooled
+    connection dead casts doubt on the owner's lock session; the next claim checks it (not after
+    OWNER_CHECK_INTERVAL), takes a new owner id and moves every unit held to it."""
+    from django.db import connection
+
+    from localai_cluster.dbhealth import idle_connection_suspect
+    from scheduling import router
+
+    replica = ReplicaFactory(node=NodeFactory(), in_flight=0)
+
+    async def scenario():
+        try:
+            first = await router.aclaim("m")
+            old = first.owner
+            with psycopg.connect(**plain_connection_params(), autocommit=True) as other:
+                other.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            await asyncio.to_thread(
+                wait_until,
+                lambda: idle_connection_suspect(PROCESS_OWNER._conn),
+                message="the sessions to end",
+            )
+            second = await router.aclaim("m")  # finds its pooled connection dead
+            third = await router.aclaim("m")  # checks the owner's lock session: a new id
+            return old, [first, second, third]
+        finally:
+            await router.close_hot_pools()
+
+    connection.close()  # its session was ended too
+    old, leases = asyncio.run(scenario())
+    new = PROCESS_OWNER.fresh_id()
+    assert new is not None and new != old
+    assert [lease.owner for lease in leases] == [new, new, new]
+    health_tick()  # the old id's claims: its lock is free
+    replica.refresh_from_db()
+    assert replica.in_flight == 3
+    for lease in leases:
+        _release(lease)
+    replica.refresh_from_db()
+    assert replica.in_flight == 0
+
+
+def test_a_new_owner_id_takes_over_the_units_still_held_and_the_health_tick_makes_counts_right():
+    """After a database switch the counters may be wrong both ways (the hot path commits asynchronously: the
+    last claims and releases before the crash may be lost) and the new server holds none of the old locks.
+    The units the process still holds move to its new owner id; the health tick reclaims the old id's."""
+    replica = ReplicaFactory(node=NodeFactory(), in_flight=0)
+    held = [claim(model_name="m") for _ in range(3)]
+    old = held[0].owner
+    _release(held.pop())
+    assert PROCESS_OWNER.held()[replica.id] == 2
+    # The crash lost the last claim (async commit): the database shows one unit where two are held.
+    InFlightClaim.objects.filter(owner=old).update(count=1)
+    ModelReplica.objects.filter(pk=replica.pk).update(in_flight=1)
+    PROCESS_OWNER._conn.close()  # the old server went away with the owner's lock
+
+    new = PROCESS_OWNER.id()
+    assert new != old
+    assert {lease.owner for lease in held} == {new}
+    assert InFlightClaim.objects.get(owner=new).count == 2
+    health_tick()  # reclaims the old id's unit: its lock is free
+    replica.refresh_from_db()
+    assert replica.in_flight == 2  # exactly what is held
+    for lease in held:
+        _release(lease)
+    replica.refresh_from_db()
+    assert replica.in_flight == 0
+    assert InFlightClaim.objects.get(owner=new).count == 0
