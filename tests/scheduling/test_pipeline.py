@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from nodes.choices import NodeStatus
 from nodes.models import ModelReplica, Node
-from scheduling import pipeline
+from scheduling import pipeline, services
 from scheduling.choices import Outcome, Trigger, Verdict
 from scheduling.models import PlacementDecision
 from scheduling.pipeline import (
@@ -472,6 +472,16 @@ def test_two_concurrent_6_gib_loads_on_a_10_gib_node_the_loser_hears_not_enough_
         return result
 
     monkeypatch.setattr(pipeline, "cluster_snapshot", together)
+    # The winner's load waits until the loser has answered: a winner already loaded (and idle) by the time the
+    # loser re-plans would be a legitimate eviction victim, and the loser would then place instead of refusing.
+    loser_answered = threading.Event()
+    load_call = services.replica_load_call
+
+    def held_load_call(**kwargs):
+        loser_answered.wait(timeout=120)
+        return load_call(**kwargs)
+
+    monkeypatch.setattr(services, "replica_load_call", held_load_call)
 
     def place(name):
         try:
@@ -479,6 +489,7 @@ def test_two_concurrent_6_gib_loads_on_a_10_gib_node_the_loser_hears_not_enough_
         except NoCapacity as error:
             return str(error)
         finally:
+            loser_answered.set()
             connections.close_all()
 
     with ThreadPoolExecutor(2) as pool:
