@@ -46,22 +46,35 @@ def model_config_upsert(
     options: Mapping[str, Any] | None = None,
     vram_bytes: int = 0,
     context_size: int | None = None,
+    routing: str | None = None,
 ) -> tuple[ModelConfig, bool]:
-    """Creates or replaces the catalog entry `name`; answers it and whether it was created. Clears the
-    model's load backoff: the edit may be the fix."""
+    """Creates or replaces the catalog entry `name`; answers it and whether it was created. `routing` None
+    keeps an existing entry's policy (a new one gets `LOCALAI_ROUTING_POLICY`). Clears the model's load
+    backoff: the edit may be the fix."""
+    defaults: dict[str, Any] = {
+        "backend": backend,
+        "model": model,
+        "options": dict(options or {}),
+        "vram_bytes": vram_bytes,
+        "context_size": context_size,
+    }
+    if routing is not None:
+        defaults["routing"] = routing
     with transaction.atomic():
-        config, created = ModelConfig.objects.update_or_create(
-            name=name,
-            defaults={
-                "backend": backend,
-                "model": model,
-                "options": dict(options or {}),
-                "vram_bytes": vram_bytes,
-                "context_size": context_size,
-            },
-        )
+        config, created = ModelConfig.objects.update_or_create(name=name, defaults=defaults)
         load_failure_clear(model_name=name, reason="catalog entry edited")
     return config, created
+
+
+def model_routing_set(*, name: str, routing: str) -> ModelConfig | None:
+    """Sets the routing policy of the catalog entry `name` (the operator pages' model form); None when there
+    is no such entry. Takes effect on the next claim of every web process (the claim reads it)."""
+    config = ModelConfig.objects.filter(name=name).first()
+    if config is None:
+        return None
+    config.routing = routing
+    config.save(update_fields=["routing", "updated_at"])
+    return config
 
 
 def model_config_delete(*, name: str) -> bool:

@@ -16,9 +16,15 @@ from nodes.api.admin_serializers import (
     StringMapField,
     has_bad_text,
 )
-from scheduling.choices import Outcome, Verdict
+from scheduling.choices import Outcome, RoutingPolicy, Verdict
 from scheduling.loadfailures import load_failure_payload
-from scheduling.models import LoadFailure, ModelConfig, PlacementDecision, SchedulingRule
+from scheduling.models import (
+    LoadFailure,
+    ModelConfig,
+    PlacementDecision,
+    SchedulingRule,
+    default_routing_policy,
+)
 
 MAX_OPTIONS_BYTES = 64 * 1024
 MAX_BIGINT = 2**63 - 1
@@ -108,10 +114,17 @@ class ModelConfigSerializer(serializers.ModelSerializer):
     context_size = serializers.IntegerField(
         required=False, allow_null=True, default=None, min_value=0, max_value=MAX_INT
     )
+    routing = serializers.ChoiceField(
+        choices=RoutingPolicy.choices,
+        required=False,
+        default=default_routing_policy,
+        help_text="How requests pick a replica: least_in_flight, prefix_cache or session "
+        "(default LOCALAI_ROUTING_POLICY).",
+    )
 
     class Meta:
         model = ModelConfig
-        fields = ["name", "backend", "model", "options", "vram_bytes", "context_size"]
+        fields = ["name", "backend", "model", "options", "vram_bytes", "context_size", "routing"]
 
 
 class ModelConfigUpdateSerializer(ModelConfigSerializer):
