@@ -57,7 +57,7 @@ REDIS_PREFIX = "localai:prefix"
 REPLICAS_PER_BLOCK = 4
 # At most this many blocks of a prompt are hashed (a prefix longer than that counts as that long).
 MAX_BLOCKS = 128
-REDIS_TIMEOUT = 0.25  # seconds, for the lookup and the record
+REDIS_TIMEOUT = 1.0  # seconds, for the lookup and the record (a frozen Redis costs one request in REDIS_RETRY_AFTER this much)
 REDIS_RETRY_AFTER = 5.0  # seconds without asking Redis after a failure
 MAX_SESSION_KEY = 256
 
@@ -214,7 +214,9 @@ def _async_client() -> Any:
     url = settings.REDIS_URL
     known = _clients.get(loop)
     if known is None or known[0] != url:
-        client = aioredis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT)
+        client = aioredis.Redis.from_url(
+            url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT
+        )
         _clients[loop] = known = (url, client)
     return known[1]
 
