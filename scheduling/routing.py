@@ -57,7 +57,7 @@ REDIS_PREFIX = "localai:prefix"
 REPLICAS_PER_BLOCK = 4
 # At most this many blocks of a prompt are hashed (a prefix longer than that counts as that long).
 MAX_BLOCKS = 128
-REDIS_TIMEOUT = 1.0  # seconds, for the lookup and the record (a frozen Redis costs one request in REDIS_RETRY_AFTER this much)
+REDIS_TIMEOUT = 1.0  # seconds, for the lookup and the record
 REDIS_RETRY_AFTER = 5.0  # seconds without asking Redis after a failure
 MAX_SESSION_KEY = 256
 
