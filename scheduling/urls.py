@@ -3,7 +3,7 @@
 
 from django.urls import path
 
-from scheduling import views
+from scheduling import model_views, views
 
 app_name = "scheduling"
 
@@ -15,4 +15,6 @@ urlpatterns = [
     path("ui/scheduling/load-failures", views.load_failures, name="load-failures"),
     path("ui/scheduling/retry-load", views.retry_load, name="retry-load"),
     path("ui/decisions/", views.decision_list, name="decisions"),
+    path("ui/models/", model_views.model_list, name="models"),
+    path("ui/models/save", model_views.model_save, name="model-save"),
 ]
