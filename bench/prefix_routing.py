@@ -107,7 +107,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--prefill-us-per-char", type=int, default=20)
+    parser.add_argument("--prefill-us-per-char", type=int, default=50)
     parser.add_argument("--prefix-cache-chars", type=int, default=16_000)
     parser.add_argument("--workers", type=int, default=2, help="uvicorn web processes")
     args = parser.parse_args()

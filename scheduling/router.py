@@ -76,8 +76,8 @@ route AS (
 
 # Pick and claim in one statement (one round trip, one commit). The order of the candidates, by the model's
 # policy (scheduling.routing):
-# - prefix_cache: the replicas of `prefer` (the gateway's lookup in the prefix index) whose in-flight is at most
-#   the least-loaded routable replica's + `threshold`, longest matched prefix first;
+# - prefix_cache: the replicas of `prefer` (the gateway's lookup in the prefix index, longest matched prefix
+#   first) whose in-flight is at most the least-loaded routable replica's + `threshold`, in that order;
 # - session: the highest `md5(session key:replica id)` (rendezvous hashing);
 # - then, and for least_in_flight, fewest in-flight, then most effective free VRAM on its node, then least
 #   recently used.
@@ -95,7 +95,7 @@ _CLAIMED_CTE = f"""
         CASE WHEN cardinality(%(prefer)s::bigint[]) > 0
                   AND (SELECT policy FROM route) = '{PREFIX_CACHE}'
                   AND r.in_flight <= (SELECT min(r2.in_flight) {_routable("r2", "n2")}) + %(threshold)s
-             THEN (%(matched)s::int[])[array_position(%(prefer)s::bigint[], r.id)] END DESC NULLS LAST,
+             THEN array_position(%(prefer)s::bigint[], r.id) END ASC NULLS LAST,
         CASE WHEN %(session)s <> '' AND (SELECT policy FROM route) = '{SESSION}'
              THEN md5(%(session)s || ':' || r.id::text) END DESC NULLS LAST,
         r.in_flight, (n.available_vram - n.reserved_vram) DESC, r.last_used ASC NULLS FIRST, r.id
@@ -472,7 +472,6 @@ async def aclaim(
             "owner": owner,
             "default_policy": settings.LOCALAI_ROUTING_POLICY,
             "prefer": prefer.replicas,
-            "matched": prefer.matched,
             "threshold": int(settings.LOCALAI_PREFIX_BALANCE_THRESHOLD),
             "session": prefer.session,
         }

@@ -94,16 +94,19 @@ def block_hashes(text: str, block_chars: int | None = None) -> list[str]:
 
 
 def best_matches(hashes: Sequence[str], entries: Sequence[Any]) -> list[tuple[int, int]]:
-    """(replica id, matched blocks), longest first, from the index's entries of `hashes` (HMGET's answer)."""
-    matched: dict[int, int] = {}
+    """(replica id, matched blocks) from the index's entries of `hashes` (HMGET's answer): longest match first;
+    among equal matches, the replica that recorded the deepest block most recently first, so a prefix stays
+    with the replica that has it rather than being spread over every replica that ever served it."""
+    matched: dict[int, tuple[int, int]] = {}
     for position, entry in enumerate(entries):
         if not entry:
             continue
         text = entry.decode() if isinstance(entry, bytes) else str(entry)
-        for item in text.split(","):
+        for rank, item in enumerate(text.split(",")):
             if item.isdigit():
-                matched[int(item)] = position + 1  # positions ascend: the last seen is the longest
-    return sorted(matched.items(), key=lambda pair: -pair[1])
+                matched[int(item)] = (position + 1, rank)  # positions ascend: the last seen is the longest
+    ordered = sorted(matched.items(), key=lambda pair: (-pair[1][0], pair[1][1]))
+    return [(replica, blocks) for replica, (blocks, _rank) in ordered]
 
 
 # --- session keys -------------------------------------------------------------------------------------------
@@ -132,7 +135,7 @@ def session_key(header: str | None, body: dict[str, Any]) -> str:
 
 @dataclass
 class Preference:
-    """Parameters of the claim statement: replica ids by matched prefix (longest first) with their matched
+    """Parameters of the claim statement: replica ids in the order of `best_matches` with their matched
     blocks, and the session key. The statement applies each only under its model's policy."""
 
     replicas: list[int]
