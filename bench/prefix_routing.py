@@ -9,7 +9,7 @@ Per policy and workload: the prefix hit ratio (cached characters / prompt charac
 `prefix-cache: hit=… miss=…` log lines), mean and p99 latency. Targets: hit ratio >= 0.8 with prefix_cache,
 mean latency at least 2x lower than least_in_flight on the shared workload, p99 within 10 % on no sharing.
 
-    .venv/bin/python bench/prefix_routing.py [--requests 400] [--concurrency 16]
+    .venv/bin/python bench/prefix_routing.py [--requests 400] [--concurrency 16] [--rounds 4]
 
 Uses the embedded PostgreSQL and Redis unless DATABASE_URL / REDIS_URL are set, like the control plane.
 """
@@ -30,6 +30,7 @@ import time
 from gateway_overhead import Cluster, _setup_django, percentile, pin_to_this_run
 
 REPLICAS = 4
+POLICIES = ("least_in_flight", "prefix_cache")
 SYSTEM_PROMPTS = 8
 SYSTEM_CHARS = 4000
 _LINE = re.compile(r"prefix-cache: hit=(\d+) miss=(\d+)")
@@ -107,6 +108,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=4, help="turns the two policies take, per workload")
     parser.add_argument("--prefill-us-per-char", type=int, default=50)
     parser.add_argument("--prefix-cache-chars", type=int, default=16_000)
     parser.add_argument("--workers", type=int, default=2, help="uvicorn web processes")
@@ -125,7 +127,7 @@ def main() -> None:
             f"prefix_cache_chars:{args.prefix_cache_chars}",
         ]
     }
-    runs = [(policy, kind) for kind in ("shared", "none") for policy in ("least_in_flight", "prefix_cache")]
+    runs = [(policy, kind) for kind in ("shared", "none") for policy in POLICIES]
     models = {run: f"bench-{run[0]}-{run[1]}-{suffix}" for run in runs}
     for (policy, _kind), model in models.items():
         model_config_upsert(name=model, backend="echo", options=options, routing=policy)
@@ -143,17 +145,29 @@ def main() -> None:
             f"control plane {cluster.url} ({args.workers} uvicorn workers), {REPLICAS} agents with one echo replica "
             f"of each model (prefill_us_per_char:{args.prefill_us_per_char}, "
             f"prefix_cache_chars:{args.prefix_cache_chars}); {args.requests} requests at concurrency "
-            f"{args.concurrency} per row; logs in {cluster.log_dir}"
+            f"{args.concurrency} per row, the policies taking turns in {args.rounds} rounds; logs in {cluster.log_dir}"
         )
-        for (policy, kind), model in models.items():
-            asyncio.run(warm_up(cluster, model))
-            before = prefix_lines(cluster, model)
+        # The two policies take turns, a round of `--rounds` at a time, so a machine whose load changes during
+        # the run weighs on both alike; each policy's models keep their replicas' caches across rounds.
+        for kind in ("shared", "none"):
             bodies = workload(kind, args.requests, seed=42 if kind == "shared" else 43)
-            latencies = asyncio.run(run(cluster, model, bodies, args.concurrency))
-            ratio, counted = hit_ratio(before, prefix_lines(cluster, model))
-            if counted != len(bodies):
-                raise SystemExit(f"{model}: {counted} prefix-cache lines for {len(bodies)} requests")
-            results.append((kind, policy, ratio, latencies))
+            befores, latencies = {}, {policy: [] for policy in POLICIES}
+            for policy in POLICIES:
+                asyncio.run(warm_up(cluster, models[(policy, kind)]))
+                befores[policy] = prefix_lines(cluster, models[(policy, kind)])
+            size = -(-len(bodies) // args.rounds)
+            for start in range(0, len(bodies), size):
+                for policy in POLICIES:
+                    chunk = bodies[start : start + size]
+                    latencies[policy] += asyncio.run(
+                        run(cluster, models[(policy, kind)], chunk, args.concurrency)
+                    )
+            for policy in POLICIES:
+                model = models[(policy, kind)]
+                ratio, counted = hit_ratio(befores[policy], prefix_lines(cluster, model))
+                if counted != len(bodies):
+                    raise SystemExit(f"{model}: {counted} prefix-cache lines for {len(bodies)} requests")
+                results.append((kind, policy, ratio, latencies[policy]))
         print(f"{'workload':<12}{'policy':<17}{'hit ratio':>10}{'mean':>11}{'p99':>11}")
         for kind, policy, ratio, latencies in results:
             mean, p99 = statistics.fmean(latencies) * 1000, percentile(latencies, 0.99) * 1000
