@@ -4,6 +4,10 @@ latency <= 2 ms at concurrency 1; gateway throughput >= 50 % of direct at concur
 <= 3 ms added and per-token gap within 10 %).
 
     .venv/bin/python bench/gateway_overhead.py [--requests 2000] [--stream-requests 200] [--workers 2]
+        [--system-chars N]
+
+`--system-chars N` adds a system prompt of N characters; with `LOCALAI_ROUTING_POLICY=prefix_cache` in the
+environment the bench's models route by prefix (one Redis lookup per request once the prompt has a block).
 
 Uses the embedded PostgreSQL and Redis unless DATABASE_URL / REDIS_URL are set, like the control plane.
 HTTP requests reuse keep-alive connections (one pool per run, as an OpenAI SDK client does).
@@ -65,6 +69,10 @@ class Cluster:
             "--log-level",
             "warning",
             "--no-access-log",
+            # uvicorn kills a web process that does not answer its health check within 5 s (the default),
+            # resetting its connections; on a loaded machine that ends a bench run, not a real fault.
+            "--timeout-worker-healthcheck",
+            "60",
         ]
         self._spawn(command, "web.log")
         self._wait_http()
@@ -203,6 +211,9 @@ async def bench(cluster: Cluster, args: argparse.Namespace) -> None:
         return replica.address, backend_token_for(replica.node)
 
     messages = [{"role": "user", "content": "the quick brown fox jumps over the lazy dog"}]
+    if args.system_chars:  # a system prompt: with prefix_cache routing, blocks to look up and record
+        system = ("You are a helpful assistant. " * (args.system_chars // 29 + 1))[: args.system_chars]
+        messages.insert(0, {"role": "system", "content": system})
     body = {"model": args.model, "messages": messages}
     async with httpx.AsyncClient(
         base_url=cluster.url, timeout=60, limits=httpx.Limits(max_connections=64)
@@ -326,8 +337,15 @@ def main() -> None:
     parser.add_argument("--token-delay-ms", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2, help="uvicorn web processes")
     parser.add_argument("--wrk-seconds", type=int, default=10, help="duration of each wrk run")
+    parser.add_argument(
+        "--system-chars", type=int, default=0, help="add a system prompt of this many characters"
+    )
     args = parser.parse_args()
-    print("reproduce: .venv/bin/python bench/gateway_overhead.py " + shlex.join(sys.argv[1:]))
+    policy = os.environ.get("LOCALAI_ROUTING_POLICY", "least_in_flight")
+    print(
+        f"reproduce: LOCALAI_ROUTING_POLICY={policy} .venv/bin/python bench/gateway_overhead.py "
+        + shlex.join(sys.argv[1:])
+    )
     _setup_django()
     import logging
 

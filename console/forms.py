@@ -7,6 +7,8 @@ from typing import Any
 
 from django import forms
 
+from scheduling.choices import RoutingPolicy
+
 SCOPE_INFERENCE = "inference"
 SCOPE_ADMIN = "admin"
 
@@ -43,6 +45,8 @@ class ModelConfigForm(forms.Form):
     vram = forms.CharField(required=False, strip=True)
     context_size = forms.CharField(required=False, strip=True)
     options = forms.CharField(required=False, strip=True, widget=forms.Textarea)
+    routing = forms.CharField(required=False, strip=True)
+    routing_choices = RoutingPolicy.choices  # the select's options
     editing = forms.BooleanField(required=False)
 
     def __init__(self, *args, **kwargs) -> None:
@@ -67,6 +71,8 @@ class ModelConfigForm(forms.Form):
             self.add_error("vram", str(exc))
         if cleaned.get("context_size"):
             data["context_size"] = cleaned["context_size"]
+        if cleaned.get("routing"):
+            data["routing"] = cleaned["routing"]  # left empty: LOCALAI_ROUTING_POLICY
         options = cleaned.get("options") or ""
         try:
             data["options"] = json.loads(options) if options else {}

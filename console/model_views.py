@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
@@ -89,7 +90,7 @@ def model_list(request: HttpRequest) -> HttpResponse:
 
 def _form_for(config: ModelConfig | None) -> ModelConfigForm:
     if config is None:
-        return ModelConfigForm(initial={"backend": "echo"})
+        return ModelConfigForm(initial={"backend": "echo", "routing": settings.LOCALAI_ROUTING_POLICY})
     return ModelConfigForm(
         initial={
             "name": config.name,
@@ -98,6 +99,7 @@ def _form_for(config: ModelConfig | None) -> ModelConfigForm:
             "vram": str(config.vram_bytes) if config.vram_bytes else "",
             "context_size": "" if config.context_size is None else str(config.context_size),
             "options": json.dumps(config.options, indent=2) if config.options else "",
+            "routing": config.routing,
             "editing": True,
         }
     )
@@ -139,7 +141,12 @@ def model_save(request: HttpRequest) -> HttpResponse:
         if not is_htmx(request):
             return outcome(request, _back(request), message, level="error")
         return toast(_form_response(request, form, status=422), message, level="error")
-    config, created = model_config_upsert(**form.validated)
+    fields = dict(form.validated)
+    if form.cleaned_data.get("editing"):
+        # The page does not edit staged files (the API does): an edit keeps the entry's `files`.
+        existing = ModelConfig.objects.filter(name=fields["name"]).values_list("files", flat=True).first()
+        fields["files"] = existing or []
+    config, created = model_config_upsert(**fields)
     message = f"Model {config.name} {'added' if created else 'saved'}."
     if not is_htmx(request):
         return outcome(request, _back(request), message)

@@ -44,8 +44,10 @@ protocols = ProtocolTypeRouter(
 
 async def _close_pools() -> None:
     from scheduling.router import close_hot_pools
+    from scheduling.routing import close_clients
 
     await close_hot_pools()
+    await close_clients()
 
 
 application = with_lifespan(protocols, on_shutdown=_close_pools)

@@ -75,6 +75,21 @@ LOCALAI_DECISION_RETENTION = env_seconds("LOCALAI_DECISION_RETENTION", 7 * 24 * 
 LOCALAI_DECISION_MAX_ROWS = env_int("LOCALAI_DECISION_MAX_ROWS", 100_000, minimum=100)
 # `/v1` answers carry X-LocalAI-Node and X-LocalAI-Replica (where the request ran): off by default.
 LOCALAI_EXPOSE_ROUTING_HEADERS = env_bool("LOCALAI_EXPOSE_ROUTING_HEADERS", default=False)
+# Routing policy of catalog models that do not choose one (`ModelConfig.routing`; scheduling.routing):
+# least_in_flight, prefix_cache or session.
+LOCALAI_ROUTING_POLICY = env_str("LOCALAI_ROUTING_POLICY", "least_in_flight").strip() or "least_in_flight"
+if LOCALAI_ROUTING_POLICY not in ("least_in_flight", "prefix_cache", "session"):
+    raise ImproperlyConfigured(
+        f"LOCALAI_ROUTING_POLICY: expected least_in_flight, prefix_cache or session, got {LOCALAI_ROUTING_POLICY!r}"
+    )
+# prefix_cache: the replica with the longest matched prefix is passed over when its in-flight exceeds the least
+# loaded replica's by more than this.
+LOCALAI_PREFIX_BALANCE_THRESHOLD = env_int("LOCALAI_PREFIX_BALANCE_THRESHOLD", 4)
+# prefix_cache's index in Redis: prompts are hashed in blocks of this many characters; an entry lives this long
+# after the last request that matched it, and each model keeps at most this many block entries.
+LOCALAI_PREFIX_BLOCK_CHARS = env_int("LOCALAI_PREFIX_BLOCK_CHARS", 256, minimum=16)
+LOCALAI_PREFIX_INDEX_TTL = env_seconds("LOCALAI_PREFIX_INDEX_TTL", 600, minimum=1)
+LOCALAI_PREFIX_INDEX_MAX_BLOCKS = env_int("LOCALAI_PREFIX_INDEX_MAX_BLOCKS", 50_000, minimum=16)
 # A streamed answer whose client has not taken a piece for this long ends, and its in-flight unit comes back.
 LOCALAI_STREAM_WRITE_TIMEOUT = env_seconds("LOCALAI_STREAM_WRITE_TIMEOUT", 60, minimum=0.1)
 # How often a worker heartbeats (told to agents at registration).

@@ -50,22 +50,24 @@ def model_config_upsert(
     vram_bytes: int = 0,
     context_size: int | None = None,
     files: list[dict[str, Any]] | None = None,
+    routing: str | None = None,
 ) -> tuple[ModelConfig, bool]:
-    """Creates or replaces the catalog entry `name`; answers it and whether it was created. Clears the
-    model's load backoff: the edit may be the fix. Audited as `model.create` / `model.update`."""
+    """Creates or replaces the catalog entry `name`; answers it and whether it was created. `routing` None
+    keeps an existing entry's policy (a new one gets `LOCALAI_ROUTING_POLICY`). Clears the model's load
+    backoff: the edit may be the fix. Audited as `model.create` / `model.update`."""
+    defaults: dict[str, Any] = {
+        "backend": backend,
+        "model": model,
+        "options": dict(options or {}),
+        "vram_bytes": vram_bytes,
+        "context_size": context_size,
+        "files": list(files or []),
+    }
+    if routing is not None:
+        defaults["routing"] = routing
     with transaction.atomic():
         previous = ModelConfig.objects.select_for_update().filter(name=name).first()
-        config, created = ModelConfig.objects.update_or_create(
-            name=name,
-            defaults={
-                "backend": backend,
-                "model": model,
-                "options": dict(options or {}),
-                "vram_bytes": vram_bytes,
-                "context_size": context_size,
-                "files": list(files or []),
-            },
-        )
+        config, created = ModelConfig.objects.update_or_create(name=name, defaults=defaults)
         load_failure_clear(model_name=name, reason="catalog entry edited")
         model_audit(
             Action.MODEL_CREATE if created else Action.MODEL_UPDATE,
@@ -86,6 +88,8 @@ def model_state(config: ModelConfig | None) -> dict[str, Any] | None:
         "options": config.options,
         "vram_bytes": config.vram_bytes,
         "context_size": config.context_size,
+        "files": config.files,
+        "routing": config.routing,
     }
 
 

@@ -35,3 +35,11 @@ class Outcome(models.TextChoices):
     EVICTED = "evicted", "Evicted"
     TRIMMED = "trimmed", "Trimmed"
     TRIPPED = "tripped", "Breaker tripped"
+
+
+class RoutingPolicy(models.TextChoices):
+    """How the gateway picks among a model's loaded replicas (scheduling.routing)."""
+
+    LEAST_IN_FLIGHT = "least_in_flight", "Least in flight"
+    PREFIX_CACHE = "prefix_cache", "Prefix cache"
+    SESSION = "session", "Session"

@@ -33,7 +33,7 @@ from django.views.decorators.http import require_GET, require_POST
 from console.usage import usage_record
 from localai_cluster import metrics
 from localai_cluster.bounds import UnsafeJSON, loads_checked
-from scheduling import router
+from scheduling import router, routing
 from scheduling.models import ModelConfig
 from scheduling.placement import LoadFailed, NoCapacity, UnknownModel
 from worker_client.client import BackendClient, Reply
@@ -302,17 +302,47 @@ def parse_embeddings(body: dict[str, Any]) -> tuple[str, list[str], str]:
 
 
 async def _with_replica(
-    model: str, raw_key: str | None, call: Callable[[router.Lease], Awaitable[Any]]
+    model: str,
+    raw_key: str | None,
+    call: Callable[[router.Lease], Awaitable[Any]],
+    *,
+    fields: dict[str, Any] | None = None,
+    session: str = "",
 ) -> tuple[router.Lease, Any]:
     """`_claim_and_call`, with a database fault answered as a 503 (`control_plane_unavailable`)."""
     try:
-        return await _claim_and_call(model, raw_key, call)
+        return await _claim_and_call(model, raw_key, call, fields=fields, session=session)
     except (DatabaseError, psycopg.Error) as error:
         raise _database_unavailable(error) from error
 
 
+def _session(request: HttpRequest, body: dict[str, Any]) -> str:
+    """The `session` policy's key: `X-Session-Id`, else the body's `user` (400 when it is not a short string)."""
+    try:
+        return routing.session_key(request.META.get("HTTP_X_SESSION_ID"), body)
+    except routing.BadSessionKey as error:
+        raise bad_request(str(error), "invalid_session") from None
+
+
+def _record_prefix(model: str, lease: router.Lease, preference: routing.Preference, fields: Any) -> None:
+    """A `prefix_cache` model's claim: notes in the index, in the background, that the replica now holds the
+    prompt's prefix (the hashes are computed here when this process did not know the policy before)."""
+    if lease.policy != routing.PREFIX_CACHE or fields is None:
+        return
+    hashes = preference.hashes
+    if hashes is None:
+        hashes = routing.block_hashes(routing.rendered_prompt(fields))
+    if hashes:
+        router.run_in_background(routing.record(model, lease.replica_id, hashes))
+
+
 async def _claim_and_call(
-    model: str, raw_key: str | None, call: Callable[[router.Lease], Awaitable[Any]]
+    model: str,
+    raw_key: str | None,
+    call: Callable[[router.Lease], Awaitable[Any]],
+    *,
+    fields: dict[str, Any] | None = None,
+    session: str = "",
 ) -> tuple[router.Lease, Any]:
     """Claims a replica and runs `call` on it (a whole non-streaming call, or a stream up to its first piece:
     nothing has reached the client yet). A call that fails with `UNAVAILABLE` — the connection was refused,
@@ -322,15 +352,23 @@ async def _claim_and_call(
     On success the caller owns the lease (and releases it); on failure, or when the caller is cancelled at
     any point, it is already released."""
     exclude: list[int] = []
+    if fields is not None:
+        preference = await routing.preference_for(model, fields, session)
+    else:
+        preference = routing.Preference.none(session)
     for attempt in (0, 1):
         try:
             lease = await router.acquire(
-                model, exclude=exclude, raw_key=raw_key if attempt == 0 else router.NO_AUTH
+                model,
+                exclude=exclude,
+                raw_key=raw_key if attempt == 0 else router.NO_AUTH,
+                preference=preference,
             )
         except router.Unauthorized:
             raise _unauthorized() from None
         except (UnknownModel, NoCapacity, LoadFailed) as error:
             raise _placement_error(error, model) from error
+        _record_prefix(model, lease, preference, fields)
         # From here until the lease is handed to the caller, every exit gives the unit back.
         try:
             try:
@@ -584,7 +622,9 @@ async def _complete(
     endpoint = "chat.completions" if chat else "completions"
     started = time.perf_counter()
     try:
-        completion = parse(_json_body(request))
+        body = _json_body(request)
+        completion = parse(body)
+        session = _session(request, body)
     except GatewayError as error:
         return await _bad_body(request, error, staff=staff)
     raw_key: Any = router.NO_AUTH if staff else _bearer(request)
@@ -595,7 +635,9 @@ async def _complete(
             async def predict(lease: router.Lease) -> Reply:
                 return await _backend(lease).predict(fields)
 
-            lease, reply = await _with_replica(completion.model, raw_key, predict)
+            lease, reply = await _with_replica(
+                completion.model, raw_key, predict, fields=fields, session=session
+            )
             lease.release_soon()
             body = _chat_body(completion, reply) if chat else _text_body(completion, reply)
             _observe(completion.model, endpoint, 200, started)
@@ -609,7 +651,9 @@ async def _complete(
                 await stream.aclose()  # type: ignore[attr-defined]
                 raise
 
-        lease, (first, stream) = await _with_replica(completion.model, raw_key, open_stream)
+        lease, (first, stream) = await _with_replica(
+            completion.model, raw_key, open_stream, fields=fields, session=session
+        )
     except GatewayError as error:
         _observe(_model_label(completion.model, error), endpoint, error.status, started)
         return error.response()
@@ -670,7 +714,9 @@ async def embeddings(request: HttpRequest) -> HttpResponseBase:
 async def _embeddings(request: HttpRequest, *, staff: bool = False) -> HttpResponseBase:
     started = time.perf_counter()
     try:
-        model, texts, encoding = parse_embeddings(_json_body(request))
+        body = _json_body(request)
+        model, texts, encoding = parse_embeddings(body)
+        session = _session(request, body)
     except GatewayError as error:
         return await _bad_body(request, error, staff=staff)
 
@@ -679,7 +725,7 @@ async def _embeddings(request: HttpRequest, *, staff: bool = False) -> HttpRespo
 
     try:
         raw_key: Any = router.NO_AUTH if staff else _bearer(request)
-        lease, vectors = await _with_replica(model, raw_key, embed)
+        lease, vectors = await _with_replica(model, raw_key, embed, session=session)
     except GatewayError as error:
         _observe(_model_label(model, error), "embeddings", error.status, started)
         return error.response()

@@ -1,9 +1,15 @@
 from __future__ import annotations
 
+from django.conf import settings
 from django.db import models
 from django.db.models import F, Q
 
-from scheduling.choices import Outcome, Trigger
+from scheduling.choices import Outcome, RoutingPolicy, Trigger
+
+
+def default_routing_policy() -> str:
+    """`LOCALAI_ROUTING_POLICY`: the policy of a catalog entry that does not name one."""
+    return str(settings.LOCALAI_ROUTING_POLICY)
 
 
 class ModelConfig(models.Model):
@@ -17,6 +23,7 @@ class ModelConfig(models.Model):
     context_size = models.IntegerField(null=True, blank=True)
     # Files staged to a worker before a load: [{"uri", "sha256", "size", "path"}] (scheduling.artifacts).
     files = models.JSONField(default=list, blank=True)
+    routing = models.CharField(max_length=16, choices=RoutingPolicy.choices, default=default_routing_policy)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

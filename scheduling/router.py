@@ -30,8 +30,10 @@ from nodes.apikeys import GATEWAY_AUTH_SELECT, gateway_key_hash, gateway_key_use
 from nodes.inflight import PROCESS_OWNER, REPUBLISHING
 from nodes.models import InFlightClaim, ModelReplica, Node, process_key
 from nodes.tokens import backend_token_for
+from scheduling.models import ModelConfig
 from scheduling.pipeline import routable_replica_sql
 from scheduling.placement import NoCapacity, UnknownModel
+from scheduling.routing import PREFIX_CACHE, SESSION, Preference, remember_policy
 
 logger = logging.getLogger(__name__)
 
@@ -50,27 +52,53 @@ STOP_WAIT = 5.0
 _hot_executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="router-db")
 _load_executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="router-load")
 
+
 # Which replicas may serve a request: `scheduling.pipeline` owns the definition (states, selector matching).
-_ROUTABLE = f"""
-FROM {ModelReplica._meta.db_table} r
-JOIN {Node._meta.db_table} n ON n.id = r.node_id
-WHERE r.model_name = %(model)s
-  AND NOT (r.id = ANY(%(exclude)s))
-  AND {routable_replica_sql("r", "n", "%(model)s")}
+def _routable(replica: str, node: str) -> str:
+    return f"""
+FROM {ModelReplica._meta.db_table} {replica}
+JOIN {Node._meta.db_table} {node} ON {node}.id = {replica}.node_id
+WHERE {replica}.model_name = %(model)s
+  AND NOT ({replica}.id = ANY(%(exclude)s))
+  AND {routable_replica_sql(replica, node, "%(model)s")}
 """
 
-# Pick and claim in one statement (one round trip, one commit): the best routable replica — fewest in-flight,
-# then most effective free VRAM on its node, then least recently used — gets `in_flight + 1`. `FOR UPDATE`
-# makes a claim that raced another change wait for it and re-check the row: a replica that left `loaded` (or
-# whose node stopped being routable) meanwhile is passed over for the next candidate, never claimed.
+
+_ROUTABLE = _routable("r", "n")
+
+# The model's routing policy (scheduling.routing): its catalog entry's, else LOCALAI_ROUTING_POLICY.
+_ROUTE_CTE = f"""
+route AS (
+  SELECT COALESCE(
+    (SELECT m.routing FROM {ModelConfig._meta.db_table} m WHERE m.name = %(model)s), %(default_policy)s
+  ) AS policy
+)"""
+
+# Pick and claim in one statement (one round trip, one commit). The order of the candidates, by the model's
+# policy (scheduling.routing):
+# - prefix_cache: the replicas of `prefer` (the gateway's lookup in the prefix index, longest matched prefix
+#   first) whose in-flight is at most the least-loaded routable replica's + `threshold`, in that order;
+# - session: the highest `md5(session key:replica id)` (rendezvous hashing);
+# - then, and for least_in_flight, fewest in-flight, then most effective free VRAM on its node, then least
+#   recently used.
+# The best one gets `in_flight + 1`. `FOR UPDATE` makes a claim that raced another change wait for it and
+# re-check the row: a replica that left `loaded` (or whose node stopped being routable) meanwhile is passed over
+# for the next candidate, never claimed.
 _CLAIMED_CTE = f"""
-claimed AS (
+{_ROUTE_CTE}, claimed AS (
   UPDATE {ModelReplica._meta.db_table} AS claimed
   SET in_flight = claimed.in_flight + 1, last_used = now()
   FROM {Node._meta.db_table} AS node
   WHERE claimed.id = (
       SELECT r.id {_ROUTABLE}
-      ORDER BY r.in_flight, (n.available_vram - n.reserved_vram) DESC, r.last_used ASC NULLS FIRST, r.id
+      ORDER BY
+        CASE WHEN cardinality(%(prefer)s::bigint[]) > 0
+                  AND (SELECT policy FROM route) = '{PREFIX_CACHE}'
+                  AND r.in_flight <= (SELECT min(r2.in_flight) {_routable("r2", "n2")}) + %(threshold)s
+             THEN array_position(%(prefer)s::bigint[], r.id) END ASC NULLS LAST,
+        CASE WHEN %(session)s <> '' AND (SELECT policy FROM route) = '{SESSION}'
+             THEN md5(%(session)s || ':' || r.id::text) END DESC NULLS LAST,
+        r.in_flight, (n.available_vram - n.reserved_vram) DESC, r.last_used ASC NULLS FIRST, r.id
       LIMIT 1
       FOR UPDATE OF r
     )
@@ -84,16 +112,20 @@ claimed AS (
   ON CONFLICT (owner, replica_id) DO UPDATE SET count = {InFlightClaim._meta.db_table}.count + 1
 )"""
 
+# Always one row: the model's policy, and the claimed replica or NULLs.
 _CLAIM_SQL = f"""
 WITH {_CLAIMED_CTE}
-SELECT id, replica_index, address, node_id, name, node_address, node_token_salt FROM claimed
+SELECT route.policy, claimed.id, claimed.replica_index, claimed.address, claimed.node_id, claimed.name,
+       claimed.node_address, claimed.node_token_salt
+FROM route LEFT JOIN claimed ON true
 """
 
 # The gateway's key check and the claim in one round trip: nothing is claimed unless the key rule allows the
-# request; the answer is always one row (the check's outcome, and the claimed replica or NULLs).
+# request; the answer is always one row (the check's outcome, the model's policy, and the claimed replica or
+# NULLs).
 _AUTHORIZED_CLAIM_SQL = f"""
 WITH auth AS ({GATEWAY_AUTH_SELECT}), {_CLAIMED_CTE.replace("/*guard*/", "AND (SELECT allowed FROM auth)")}
-SELECT auth.allowed, auth.key_id, auth.key_last_used_at,
+SELECT auth.allowed, auth.key_id, auth.key_last_used_at, (SELECT policy FROM route),
        claimed.id, claimed.replica_index, claimed.address, claimed.node_id, claimed.name, claimed.node_address,
        claimed.node_token_salt
 FROM auth LEFT JOIN claimed ON true
@@ -138,6 +170,7 @@ class Lease:
     node_address: str
     backend_token: str
     owner: Any = None  # the owner id the unit was recorded under (nodes.inflight)
+    policy: str = "least_in_flight"  # the model's routing policy when it was claimed (scheduling.routing)
     released: bool = field(default=False, repr=False)
 
     @property
@@ -384,6 +417,11 @@ async def close_hot_pools() -> None:
         await opening.result().close()
 
 
+def run_in_background(work: Coroutine[Any, Any, Any]) -> None:
+    """Runs `work` as a task kept alive until it ends (it must log its own failures)."""
+    _in_background(work)
+
+
 def _in_background(work: Any) -> asyncio.Task:
     """Runs `work` as a task that nothing cancels and that is kept alive until it ends."""
     task = asyncio.ensure_future(work)
@@ -398,8 +436,9 @@ async def _owner() -> Any:
 
 
 def _lease(model_name: str, row: tuple, owner: Any) -> Lease:
-    replica_id, index, address, node_id, node_name, node_address, node_token_salt = row
+    policy, replica_id, index, address, node_id, node_name, node_address, node_token_salt = row
     lease = Lease(
+        policy=policy,
         replica_id=replica_id,
         model_name=model_name,
         replica_index=index,
@@ -416,30 +455,51 @@ def _lease(model_name: str, row: tuple, owner: Any) -> Lease:
     return lease
 
 
-async def aclaim(model_name: str, *, exclude: Sequence[int] = (), raw_key: Any = NO_AUTH) -> Lease | None:
+async def aclaim(
+    model_name: str,
+    *,
+    exclude: Sequence[int] = (),
+    raw_key: Any = NO_AUTH,
+    preference: Preference | None = None,
+) -> Lease | None:
     """Claims one in-flight unit on the best routable replica of `model_name` (`_CLAIM_SQL`: `loaded`, on a
     healthy, approved backend node matching the model's rule's selector now, as `scheduling.pipeline`
-    defines it; fewest in-flight first, ties: most effective free VRAM on its node, then least recently used),
-    recorded under this process's owner id in the same statement; None when there is none. With `raw_key` (a bearer value or None), the gateway's key
-    rule is checked in the same statement, and `Unauthorized` raised (nothing claimed) when it fails. Bounded
-    by `LOCALAI_DB_POOL_TIMEOUT` (`DatabaseTimeout`). The claim runs in a task of its own that neither the
-    deadline nor the caller's cancellation (a client that disconnects) interrupts: cancelling psycopg in the
-    middle of the claim statement, or of the key's last-used stamp after it, would leave a committed claim that
-    no lease holds; a claim that lands after its caller stopped waiting is given back at once."""
+    defines it; ordered by the model's routing policy with `preference`, see `scheduling.routing`; then fewest
+    in-flight, most effective free VRAM on its node, least recently used), recorded under this process's owner
+    id in the same statement; None when there is none. The model's policy the statement read is remembered
+    (`scheduling.routing.remember_policy`) and set on the lease. With `raw_key` (a bearer value or None), the
+    gateway's key rule is checked in the same statement, and `Unauthorized` raised (nothing claimed) when it
+    fails. Bounded by `LOCALAI_DB_POOL_TIMEOUT` (`DatabaseTimeout`). The claim runs in a task of its own that
+    neither the deadline nor the caller's cancellation (a client that disconnects) interrupts: cancelling
+    psycopg in the middle of the claim statement, or of the key's last-used stamp after it, would leave a
+    committed claim that no lease holds; a claim that lands after its caller stopped waiting is given back at
+    once."""
+    prefer = preference or Preference.none()
 
     async def claim() -> Lease | None:
         owner = await _owner()
-        params = {"model": model_name, "exclude": list(exclude), "owner": owner}
+        params = {
+            "model": model_name,
+            "exclude": list(exclude),
+            "owner": owner,
+            "default_policy": settings.LOCALAI_ROUTING_POLICY,
+            "prefer": prefer.replicas,
+            "threshold": int(settings.LOCALAI_PREFIX_BALANCE_THRESHOLD),
+            "session": prefer.session,
+        }
 
         async def run(conn: Any) -> tuple | None:
             if raw_key is NO_AUTH:
-                return await (await conn.execute(_CLAIM_SQL, params)).fetchone()
+                policy, *claimed = await (await conn.execute(_CLAIM_SQL, params)).fetchone()
+                remember_policy(model_name, policy)
+                return (policy, *claimed) if claimed[0] is not None else None
             params["hash"] = gateway_key_hash(raw_key)
-            allowed, key_id, key_last_used_at, *claimed = await (
+            allowed, key_id, key_last_used_at, policy, *claimed = await (
                 await conn.execute(_AUTHORIZED_CLAIM_SQL, params)
             ).fetchone()
             if not allowed:
                 raise Unauthorized()  # the statement claimed nothing
+            remember_policy(model_name, policy)
             if key_id is not None:
                 # The claim has committed: a failure of the stamp (a row lock held past the statement timeout,
                 # a connection that broke) must not lose the claimed unit, so it is logged, not raised.
@@ -447,7 +507,7 @@ async def aclaim(model_name: str, *, exclude: Sequence[int] = (), raw_key: Any =
                     await gateway_key_used(conn, key_id, key_last_used_at)
                 except psycopg.Error as error:
                     logger.warning("last-used stamp of API key %s failed: %s", key_id, error)
-            return tuple(claimed) if claimed[0] is not None else None
+            return (policy, *claimed) if claimed[0] is not None else None
 
         row = await _on_hot_connection(run)
         return None if row is None else _lease(model_name, row, owner)
@@ -599,18 +659,26 @@ async def _ensure_loaded(model_name: str) -> None:
     await asyncio.shield(future)
 
 
-async def acquire(model_name: str, *, exclude: Sequence[int] = (), raw_key: Any = NO_AUTH) -> Lease:
+async def acquire(
+    model_name: str,
+    *,
+    exclude: Sequence[int] = (),
+    raw_key: Any = NO_AUTH,
+    preference: Preference | None = None,
+) -> Lease:
     """A claimed in-flight unit on a replica of `model_name`, loading one first when the model is cold.
 
-    With `raw_key` (the request's bearer value, or None), the gateway's key rule is checked on the same
-    connection as the claim first (`Unauthorized`). A warm request costs two statements on the event loop.
-    Raises `UnknownModel` (not in the catalog and no replica), `NoCapacity(reason)` or `LoadFailed`."""
-    lease = await aclaim(model_name, exclude=exclude, raw_key=raw_key)
+    With `raw_key` (the request's bearer value, or None), the gateway's key rule is checked in the claim's
+    statement (`Unauthorized`); `preference` orders the candidates by the model's routing policy
+    (`scheduling.routing`). A warm request costs one statement on the event loop (two with an API key's
+    last-used stamp). Raises `UnknownModel` (not in the catalog and no replica), `NoCapacity(reason)` or
+    `LoadFailed`."""
+    lease = await aclaim(model_name, exclude=exclude, raw_key=raw_key, preference=preference)
     if lease is not None:
         return lease
     for _round in range(2):
         await _ensure_loaded(model_name)
-        lease = await aclaim(model_name, exclude=exclude)
+        lease = await aclaim(model_name, exclude=exclude, preference=preference)
         if lease is not None:
             return lease
     raise NoCapacity(f"no replica of {model_name} could be claimed")

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import logging
 
+from django.db import transaction
+from django.db.models.signals import post_delete
 from django.dispatch import receiver
 
+from nodes.models import ModelReplica
 from nodes.signals import cluster_capacity_changed
 from scheduling.loadfailures import load_failures_clear_all
 from scheduling.models import SchedulingRule
+from scheduling.routing import forget_replica
 
 logger = logging.getLogger(__name__)
 
@@ -29,3 +33,11 @@ def clear_load_backoffs(sender, reason: str = "", **kwargs) -> None:
     also a drain or a removal, which are rare and cost one more attempt at most) lets models whose loads
     failed try again at once: the new or changed node may be the one that can load them."""
     load_failures_clear_all(reason=reason or "cluster capacity changed")
+
+
+@receiver(post_delete, sender=ModelReplica)
+def forget_removed_replica(sender, instance: ModelReplica, **kwargs) -> None:
+    """A replica that goes away leaves its model's prefix index (scheduling.routing), once the deletion has
+    committed."""
+    model_name, replica_id = instance.model_name, instance.pk
+    transaction.on_commit(lambda: forget_replica(model_name, replica_id))

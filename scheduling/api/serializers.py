@@ -17,9 +17,15 @@ from nodes.api.admin_serializers import (
     has_bad_text,
 )
 from scheduling.artifacts import FilesInvalid, files_clean
-from scheduling.choices import Outcome, Verdict
+from scheduling.choices import Outcome, RoutingPolicy, Verdict
 from scheduling.loadfailures import load_failure_payload
-from scheduling.models import LoadFailure, ModelConfig, PlacementDecision, SchedulingRule
+from scheduling.models import (
+    LoadFailure,
+    ModelConfig,
+    PlacementDecision,
+    SchedulingRule,
+    default_routing_policy,
+)
 
 MAX_OPTIONS_BYTES = 64 * 1024
 MAX_BIGINT = 2**63 - 1
@@ -186,10 +192,17 @@ class ModelConfigSerializer(serializers.ModelSerializer):
         help_text="Files the agent stages under its models path before loading: uri (https://, http:// or "
         "cp://NAME), sha256, size, path.",
     )
+    routing = serializers.ChoiceField(
+        choices=RoutingPolicy.choices,
+        required=False,
+        default=default_routing_policy,
+        help_text="How requests pick a replica: least_in_flight, prefix_cache or session "
+        "(default LOCALAI_ROUTING_POLICY).",
+    )
 
     class Meta:
         model = ModelConfig
-        fields = ["name", "backend", "model", "options", "vram_bytes", "context_size", "files"]
+        fields = ["name", "backend", "model", "options", "vram_bytes", "context_size", "files", "routing"]
 
 
 class ModelConfigUpdateSerializer(ModelConfigSerializer):

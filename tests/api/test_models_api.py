@@ -16,14 +16,20 @@ from tests.factories import ModelConfigFactory
 pytestmark = pytest.mark.django_db
 
 FIXTURES = Path(__file__).parent / "fixtures"
-FIELDS = {"name", "backend", "model", "options", "vram_bytes", "context_size", "files"}
+FIELDS = {"name", "backend", "model", "options", "vram_bytes", "context_size", "files", "routing"}
 
 
 def test_create_list_get_put_patch_delete(api):
     body = {"name": "org/m:v1.5", "backend": "llama-cpp", "model": "m.gguf", "options": {"NGPULayers": 99}}
     response = api.post("/api/models", body, format="json")
     assert response.status_code == 201
-    assert response.json() == {**body, "vram_bytes": 0, "context_size": None, "files": []}
+    assert response.json() == {
+        **body,
+        "vram_bytes": 0,
+        "context_size": None,
+        "files": [],
+        "routing": "least_in_flight",
+    }
     assert [m["name"] for m in api.get("/api/models").json()["results"]] == ["org/m:v1.5"]
     url = f"/api/models/{quote(body['name'])}"
     assert set(api.get(url).json()) == FIELDS | {"load_failure"}
@@ -42,6 +48,7 @@ def test_create_list_get_put_patch_delete(api):
         "vram_bytes": 0,
         "context_size": None,
         "files": [],
+        "routing": "least_in_flight",
         "load_failure": None,
     }
     assert api.delete(url).status_code == 204
@@ -133,3 +140,19 @@ def test_import_bad_files_import_nothing(tmp_path, content):
     assert not ModelConfig.objects.exists()
     with pytest.raises(CommandError, match=r"missing\.yaml"):
         call_command("import_models", str(tmp_path / "missing.yaml"), stdout=io.StringIO())
+
+
+def test_routing_policy_is_set_kept_and_validated(api, settings):
+    response = api.post("/api/models", {"name": "r1", "routing": "prefix_cache"}, format="json")
+    assert response.status_code == 201 and response.json()["routing"] == "prefix_cache"
+    # A PATCH of another field keeps it; a PATCH of it changes it.
+    assert api.patch("/api/models/r1", {"backend": "echo"}, format="json").json()["routing"] == "prefix_cache"
+    assert api.patch("/api/models/r1", {"routing": "session"}, format="json").json()["routing"] == "session"
+    assert ModelConfig.objects.get(name="r1").routing == "session"
+    bad = api.patch("/api/models/r1", {"routing": "round_robin"}, format="json")
+    assert bad.status_code == 400 and "routing" in bad.json()["details"]
+    assert ModelConfig.objects.get(name="r1").routing == "session"  # nothing lost
+    # Without one, a new entry takes LOCALAI_ROUTING_POLICY.
+    settings.LOCALAI_ROUTING_POLICY = "session"
+    assert api.post("/api/models", {"name": "r2"}, format="json").json()["routing"] == "session"
+    assert ModelConfigFactory(name="r3").routing == "session"

@@ -79,3 +79,69 @@ async def test_calls_without_the_token_are_unauthenticated(echo: BackendClient) 
         assert failure.value.code == grpc.StatusCode.UNAUTHENTICATED and not failure.value.retryable
         with pytest.raises(WorkerError):
             [reply async for reply in anonymous.predict_stream(Prompt="hi")]
+
+
+def _prefix_lines(text: str) -> list[tuple[int, int]]:
+    lines = [line for line in text.splitlines() if line.startswith("prefix-cache: ")]
+    return [tuple(int(part.split("=")[1]) for part in line.split()[1:]) for line in lines]  # type: ignore[misc]
+
+
+async def test_prefix_cache_counts_hits_and_misses_and_drops_the_least_recently_used(
+    echo: BackendClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    system = "s" * 100
+    assert (await echo.load_model({"Model": "m", "Options": ["prefix_cache_chars:250"]}))[0]
+    capsys.readouterr()
+    await echo.predict(Prompt=system + "one")  # cold: all missed
+    await echo.predict(Prompt=system + "two")  # the shared system prompt hits
+    await echo.predict(Prompt=system + "two")  # the same prompt: a whole hit
+    # Kept: the two prompts (206 chars); a third of 103 goes over 250, so the least recently used ("one") goes.
+    await echo.predict(Prompt="x" * 103)
+    await echo.predict(Prompt=system + "onX")  # "one" was dropped: only "…two" covers the system prompt
+    pieces = [piece async for piece in echo.predict_stream(Prompt="x" * 103)]  # streams count too
+    assert pieces
+    assert _prefix_lines(capsys.readouterr().out) == [
+        (0, 103),
+        (100, 3),
+        (103, 0),
+        (0, 103),
+        (100, 3),
+        (103, 0),
+    ]
+
+
+async def test_prefill_time_is_paid_per_missed_character_only(
+    echo: BackendClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert (
+        await echo.load_model({"Model": "m", "Options": ["prefill_us_per_char:1", "prefix_cache_chars:0"]})
+    )[0]
+    capsys.readouterr()
+    await echo.predict({"Messages": [{"role": "user", "content": "abc"}]})
+    await echo.predict({"Messages": [{"role": "user", "content": "abc"}]})  # capacity 0: nothing kept
+    assert _prefix_lines(capsys.readouterr().out) == [(0, 3), (0, 3)]
+
+
+async def test_no_prefix_line_without_the_options(
+    echo: BackendClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert (await echo.load_model({"Model": "m", "Options": []}))[0]
+    await echo.predict(Prompt="hello")
+    assert "prefix-cache" not in capsys.readouterr().out
+    assert not (await echo.load_model({"Model": "m", "Options": ["prefix_cache_chars:-1"]}))[0]
+
+
+def test_common_prefix_lengths() -> None:
+    from worker_client.backends.echo.server import common_prefix
+
+    assert [
+        common_prefix(a, b) for a, b in [("", "x"), ("abc", "abd"), ("abc", "abc"), ("ab", "abc"), ("x", "y")]
+    ] == [
+        0,
+        2,
+        3,
+        2,
+        0,
+    ]
+    long_a, long_b = "a" * 5000 + "b", "a" * 5000 + "c"
+    assert common_prefix(long_a, long_b) == 5000

@@ -3,7 +3,11 @@
 Answers are derived from the request alone: the reply is "echo: <last user message>" (or the prompt), cut to
 `Tokens` whitespace-separated words; token counts are word counts. `ModelOptions.Options` knobs: `delay_ms:N`
 (delay before each token), `load_ms:N` (LoadModel takes that long), `fail_load:true` (LoadModel fails and says
-why on stderr), `fail_embedding:TEXT` (the embedding of exactly TEXT fails with `INTERNAL`). With
+why on stderr), `fail_embedding:TEXT` (the embedding of exactly TEXT fails with `INTERNAL`), and a model of a
+prefix (KV) cache: `prefix_cache_chars:M` keeps the prompts of recent requests, at most M characters in all
+(least recently used dropped first), and `prefill_us_per_char:N` makes a completion wait N µs per prompt
+character not covered by the longest common prefix with a kept prompt; each completion then prints
+`prefix-cache: hit=<chars> miss=<chars>`. With
 `LOCALAI_GRPC_AUTH_TOKEN` set, calls without `authorization: Bearer <token>` are refused. Every request except
 `Health` prints one line to stdout; `Embedding` lines carry a running count (`Embedding #N chars=...`), so a
 test can tell how many calls arrived.
@@ -18,6 +22,7 @@ import math
 import os
 import struct
 import sys
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -38,16 +43,62 @@ class Knobs:
     load_ms: int = 0
     fail_load: bool = False
     fail_embedding: str | None = None
+    prefill_us_per_char: int = 0
+    prefix_cache_chars: int = 0
 
     @classmethod
     def parse(cls, options: list[str]) -> Knobs:
         values = dict(option.partition(":")[::2] for option in options)
-        return cls(
+        knobs = cls(
             delay_ms=int(values.get("delay_ms", 0)),
             load_ms=int(values.get("load_ms", 0)),
             fail_load=values.get("fail_load", "").lower() == "true",
             fail_embedding=values.get("fail_embedding"),
+            prefill_us_per_char=int(values.get("prefill_us_per_char", 0)),
+            prefix_cache_chars=int(values.get("prefix_cache_chars", 0)),
         )
+        if knobs.prefill_us_per_char < 0 or knobs.prefix_cache_chars < 0:
+            raise ValueError("prefill_us_per_char and prefix_cache_chars must not be negative")
+        return knobs
+
+
+def common_prefix(a: str, b: str) -> int:
+    """The length of the longest common prefix of `a` and `b` (a binary search of slice comparisons)."""
+    low, high = 0, min(len(a), len(b))
+    if a[:high] == b[:high]:
+        return high
+    while low < high:  # a[:low] == b[:low] and a[:high] != b[:high]
+        middle = (low + high + 1) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+class PrefixCache:
+    """The prompts of recent requests, at most `capacity` characters in all, least recently used dropped
+    first. `serve` answers how many leading characters of a prompt a kept prompt already covers (the longest
+    common prefix with any of them), then keeps the prompt."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.prompts: OrderedDict[str, None] = OrderedDict()
+        self.size = 0
+
+    def serve(self, prompt: str) -> int:
+        hit = max((common_prefix(prompt, kept) for kept in self.prompts), default=0)
+        if self.capacity <= 0 or len(prompt) > self.capacity:
+            return hit
+        if prompt in self.prompts:
+            self.prompts.move_to_end(prompt)
+            return hit
+        self.prompts[prompt] = None
+        self.size += len(prompt)
+        while self.size > self.capacity:
+            dropped, _ = self.prompts.popitem(last=False)
+            self.size -= len(dropped)
+        return hit
 
 
 def prompt_text(request: backend_pb2.PredictOptions) -> str:
@@ -85,6 +136,17 @@ class EchoBackend(backend_pb2_grpc.BackendServicer):
         self.knobs = Knobs()
         self.state = backend_pb2.StatusResponse.UNINITIALIZED
         self.embeddings = 0
+        self.prefix_cache = PrefixCache(0)
+
+    async def _prefill(self, request: backend_pb2.PredictOptions) -> None:
+        """The prefix cache's part of a completion (a no-op unless its options are given)."""
+        if not (self.knobs.prefix_cache_chars or self.knobs.prefill_us_per_char):
+            return
+        prompt = prompt_text(request)
+        hit = self.prefix_cache.serve(prompt)
+        miss = len(prompt) - hit
+        log_request("prefix-cache:", f"hit={hit} miss={miss}")
+        await asyncio.sleep(self.knobs.prefill_us_per_char * miss / 1_000_000)
 
     async def Health(
         self, request: backend_pb2.HealthMessage, context: grpc.aio.ServicerContext
@@ -103,6 +165,7 @@ class EchoBackend(backend_pb2_grpc.BackendServicer):
         if knobs.fail_load:
             return self._load_failed(f"fail_load:true was given for model {request.Model!r}")
         self.knobs = knobs
+        self.prefix_cache = PrefixCache(knobs.prefix_cache_chars)
         self.state = backend_pb2.StatusResponse.READY
         return backend_pb2.Result(success=True, message=f"loaded {request.Model}")
 
@@ -117,6 +180,7 @@ class EchoBackend(backend_pb2_grpc.BackendServicer):
         words = answer_words(request)
         prompt_tokens = len(prompt_text(request).split())
         log_request("Predict", f"prompt_tokens={prompt_tokens} tokens={len(words)}")
+        await self._prefill(request)
         await asyncio.sleep(self.knobs.delay_ms * len(words) / 1000)
         return backend_pb2.Reply(
             message=" ".join(words).encode(), tokens=len(words), prompt_tokens=prompt_tokens
@@ -128,6 +192,7 @@ class EchoBackend(backend_pb2_grpc.BackendServicer):
         words = answer_words(request)
         prompt_tokens = len(prompt_text(request).split())
         log_request("PredictStream", f"prompt_tokens={prompt_tokens} tokens={len(words)}")
+        await self._prefill(request)
         for position, word in enumerate(words):
             await asyncio.sleep(self.knobs.delay_ms / 1000)
             piece = word if position == 0 else f" {word}"
@@ -154,6 +219,7 @@ class EchoBackend(backend_pb2_grpc.BackendServicer):
     ) -> backend_pb2.Result:
         log_request("Free", "model unloaded")
         self.knobs = Knobs()
+        self.prefix_cache = PrefixCache(0)
         self.state = backend_pb2.StatusResponse.UNINITIALIZED
         return backend_pb2.Result(success=True, message="freed")
 
