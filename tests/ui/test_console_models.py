@@ -169,6 +169,29 @@ def test_add_edit_and_delete(staff_client: Client) -> None:
     assert gone.status_code == 404 and toast_of(gone)["level"] == "error"
 
 
+def test_the_form_sets_the_routing_policy_and_an_edit_keeps_the_staged_files(staff_client: Client) -> None:
+    files = [{"uri": "cp://w.bin", "sha256": "a" * 64, "size": 3, "path": "w.bin"}]
+    config = ModelConfigFactory(name="m", backend="echo", files=files)
+    edit = staff_client.get("/ui/models/form", {"id": config.pk}, **HTMX).content.decode()
+    assert '<select id="model-routing" name="routing"' in edit
+    assert '<option value="least_in_flight" selected>' in edit
+    saved = staff_client.post(
+        "/ui/models/save",
+        {"name": "m", "backend": "echo", "editing": "on", "routing": "prefix_cache"},
+        **HTMX,
+    )
+    assert saved.status_code == 200, saved.content
+    config.refresh_from_db()
+    assert (config.routing, config.files) == ("prefix_cache", files)
+    assert "prefix_cache" in row_html(saved.content.decode(), "m")
+    bad = staff_client.post(
+        "/ui/models/save", {"name": "m", "backend": "echo", "editing": "on", "routing": "random"}, **HTMX
+    )
+    assert bad.status_code == 422 and "is not a valid choice" in bad.content.decode()
+    config.refresh_from_db()
+    assert config.routing == "prefix_cache"
+
+
 @pytest.mark.parametrize(
     "fields, field, message",
     [
