@@ -1,12 +1,16 @@
 """A plain HTTP file server on 127.0.0.1 for the staging tests: serves files from a directory with HTTP Range,
-records the `Range` header of every GET, and can answer errors first or stall part-way through a file."""
+records the `Range` header of every GET, and can answer errors first or stall part-way through a file; and a
+recording reverse proxy that shows what an agent asked its control plane for."""
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -141,3 +145,94 @@ def file_server_fixture(tmp_path: Path) -> Iterator[FileServer]:
     server = FileServer(root)
     yield server
     server.stop()
+
+
+@dataclass
+class Proxied:
+    """One request `RecordingProxy` received: its `Range` header ('' if none), its body, and the status the
+    upstream answered (None: the upstream could not be reached or broke off before answering)."""
+
+    method: str
+    path: str
+    range: str
+    body: bytes
+    status: int | None = None
+    at: float = field(default_factory=time.monotonic)  # when it arrived
+
+
+class RecordingProxy:
+    """A plain HTTP reverse proxy on 127.0.0.1 in front of `upstream` (a control plane): records every request
+    (`requests`, with its `Range` header and body) and streams the answers back. The agent talks to the
+    control plane through it, so a test sees on the wire what the agent asked for, also across a restart of
+    the control plane: while the upstream is down, the proxy drops the connection without an answer (as a
+    refused connection would); when the upstream dies mid-answer, the proxy cuts the client off there."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.requests: list[Proxied] = []
+        self.lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def calls(self, path_suffix: str, method: str = "") -> list[Proxied]:
+        with self.lock:
+            return [
+                r
+                for r in self.requests
+                if r.path.endswith(path_suffix) and (not method or r.method == method)
+            ]
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                record = Proxied(self.command, self.path, self.headers.get("Range") or "", body)
+                with proxy.lock:
+                    proxy.requests.append(record)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                upstream = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=60)
+                try:
+                    upstream.request(self.command, self.path, body=body or None, headers=headers)
+                    answer = upstream.getresponse()
+                except (OSError, http.client.HTTPException):
+                    upstream.close()
+                    self.close_connection = True  # no answer at all: the client sees the connection drop
+                    return
+                record.status = answer.status
+                self.send_response_only(answer.status)
+                announced = answer.getheader("Content-Length")
+                for key, value in answer.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection"):
+                        self.send_header(key, value)
+                if announced is None:
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
+                self.end_headers()
+                try:
+                    while block := answer.read(64 * 1024):
+                        self.wfile.write(block)
+                    if announced is not None and answer.length:
+                        self.close_connection = True  # the upstream broke off: so does the proxy
+                except (OSError, http.client.HTTPException):
+                    self.close_connection = True
+                finally:
+                    upstream.close()
+
+            do_GET = do_POST = do_HEAD = do_PUT = do_PATCH = do_DELETE = _forward
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        return Handler

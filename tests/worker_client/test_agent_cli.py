@@ -57,6 +57,15 @@ def test_environment_applies_and_flags_win() -> None:
     assert config.advertise_addr == "127.0.0.1:6000"
 
 
+def test_download_rate_limit_is_a_size_per_second_from_the_flag_or_the_environment() -> None:
+    assert parse_config(BASE, {}).download_rate_limit == 0
+    assert parse_config([*BASE, "--download-rate-limit", "50MiB"], {}).download_rate_limit == 50 * 1024**2
+    assert parse_config([*BASE, "--download-rate-limit", "8MB/s"], {}).download_rate_limit == 8 * 10**6
+    env = {"LOCALAI_AGENT_DOWNLOAD_RATE_LIMIT": "1GiB"}
+    assert parse_config(BASE, env).download_rate_limit == GiB
+    assert parse_config([*BASE, "--download-rate-limit", "0"], env).download_rate_limit == 0
+
+
 def test_advertise_host_alone_keeps_the_port_of_addr() -> None:
     config = parse_config([*BASE, "--addr", "0.0.0.0:7000", "--advertise-addr", "gpu-1.lan"], {})
     assert config.advertise_addr == "gpu-1.lan:7000"
@@ -74,6 +83,8 @@ def test_advertise_host_alone_keeps_the_port_of_addr() -> None:
         (["--node-labels", "tier"], {}, "--node-labels"),
         (["--node-type", "gpu"], {}, "--node-type"),
         (["--backends-config", "/nonexistent.yaml"], {}, "--backends-config"),
+        (["--download-rate-limit", "fast"], {}, "--download-rate-limit"),
+        ([], {"LOCALAI_AGENT_DOWNLOAD_RATE_LIMIT": "-5MiB"}, "LOCALAI_AGENT_DOWNLOAD_RATE_LIMIT"),
     ],
 )
 def test_bad_values_exit_2_with_one_line_naming_the_flag(

@@ -60,6 +60,7 @@ class Agent:
         self.artifacts = ArtifactStore(
             config.models_path,
             cache_size=config.models_cache_size,
+            rate_limit=config.download_rate_limit,
             control_plane_url=config.register_to,
             node_token=self.node_token,
             node_id=lambda: self.registration.id if self.registration else "",

@@ -11,7 +11,9 @@ each one is under `--models-path` at `path` and verified:
   timeout;
 - with a budget (`--models-cache-size`, 0 = unlimited), a file that does not fit is refused before anything is
   downloaded, after evicting least recently used files the agent itself downloaded and no running replica
-  uses; a file the agent did not download is never deleted.
+  uses; a file the agent did not download is never deleted;
+- with a rate limit (`--download-rate-limit`, 0 = unlimited), every download of the node together stays under
+  that many bytes per second (`RateLimiter`, one token bucket shared by the download threads).
 
 What the agent downloaded is remembered in `<models-path>/.localai-artifacts.json`. Used from the agent's event
 loop only; file I/O and hashing run in threads.
@@ -130,6 +132,43 @@ def check_relative_path(path: str) -> str:
     return path
 
 
+class RateLimiter:
+    """A token bucket shared by every download of the node: at most `rate` bytes per second on average, with a
+    burst of at most `burst` bytes (default: a tenth of a second's worth, at least 64 KiB). `spend(n)` takes `n`
+    bytes already received and answers how long the caller must sleep before reading more: the bucket goes into
+    debt, and the debt is paid back at `rate`. Thread-safe; `clock` is injectable for tests."""
+
+    def __init__(self, rate: int, *, burst: int = 0, clock: Callable[[], float] = time.monotonic) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be more than 0")
+        self.rate = rate
+        self.burst = burst or max(rate // 10, 64 * 1024)
+        self._clock = clock
+        self._tokens = float(self.burst)
+        self._last = clock()
+        self._lock = threading.Lock()
+
+    @property
+    def chunk(self) -> int:
+        """How many bytes to read at a time under this limit: small enough that progress moves smoothly."""
+        return max(min(CHUNK, self.burst), 16 * 1024)
+
+    def spend(self, size: int) -> float:
+        """Takes `size` bytes from the bucket; answers the seconds to wait (0 when within the budget)."""
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(float(self.burst), self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            self._tokens -= size
+            return -self._tokens / self.rate if self._tokens < 0 else 0.0
+
+    def throttle(self, size: int) -> None:
+        """`spend(size)` and sleep the wait it answers (blocking: called from the download threads)."""
+        wait = self.spend(size)
+        if wait > 0:
+            time.sleep(wait)
+
+
 class ArtifactStore:
     """The files staged under `models_path`, their downloads and the disk budget (`cache_size`, 0 = none)."""
 
@@ -138,6 +177,7 @@ class ArtifactStore:
         models_path: Path,
         *,
         cache_size: int = 0,
+        rate_limit: int = 0,
         control_plane_url: str = "",
         node_token: Callable[[], str] = lambda: "",
         node_id: Callable[[], str] = lambda: "",
@@ -145,6 +185,7 @@ class ArtifactStore:
     ) -> None:
         self.models_path = models_path
         self.cache_size = cache_size
+        self.limiter = RateLimiter(rate_limit) if rate_limit > 0 else None
         self._cp_url = control_plane_url.rstrip("/")
         self._node_token = node_token
         self._node_id = node_id
@@ -437,7 +478,9 @@ class ArtifactStore:
         url, headers = self._url(file)
         if offset:
             headers["Range"] = f"bytes={offset}-"
-        return await _in_daemon_thread(_transfer, url, headers, file, partial, offset, hasher, download)
+        return await _in_daemon_thread(
+            _transfer, url, headers, file, partial, offset, hasher, download, self.limiter
+        )
 
 
 def _transfer(
@@ -448,8 +491,10 @@ def _transfer(
     offset: int,
     hasher: Any,
     download: Download,
+    limiter: RateLimiter | None = None,
 ) -> Any:
-    """Blocking GET of `url` appended to `partial` (hashing as it writes); raises `_Retryable`."""
+    """Blocking GET of `url` appended to `partial` (hashing as it writes, paced by `limiter` when there is
+    one); raises `_Retryable`."""
     request = urllib.request.Request(url, headers=headers)
     try:
         response = urllib.request.urlopen(request, timeout=READ_TIMEOUT)
@@ -466,9 +511,12 @@ def _transfer(
             offset, mode, hasher = 0, "wb", hashlib.sha256()
             download.note(0)
         done = offset
+        size = limiter.chunk if limiter else CHUNK
         try:
             with partial.open(mode) as out:
-                while chunk := response.read(CHUNK):
+                while chunk := response.read(size):
+                    if limiter:
+                        limiter.throttle(len(chunk))
                     out.write(chunk)
                     hasher.update(chunk)
                     done += len(chunk)

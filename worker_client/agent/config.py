@@ -52,6 +52,12 @@ def parse_size(text: str) -> int:
     return int(_quantity(text, _SIZE_UNITS, "size like 24GiB, 512MiB, 8GB or a number of bytes"))
 
 
+def parse_rate(text: str) -> int:
+    """Bytes per second from a size (`50MiB`, `100MB`, plain bytes), optionally followed by `/s`."""
+    size = text.strip()
+    return parse_size(size[:-2] if size.lower().endswith("/s") else size)
+
+
 def parse_duration(text: str) -> float:
     """Seconds from `10s`, `500ms`, `2m`, `1h` or plain seconds."""
     return _quantity(text, _DURATION_UNITS, "duration like 10s, 500ms, 2m or a number of seconds")
@@ -219,6 +225,7 @@ class AgentConfig:
     tls: ServerTls | None  # None: WorkerControl is plaintext
     state_dir: Path  # where the node credential is kept (worker_client.agent.state)
     models_cache_size: int = 0  # bytes of staged model files the agent may keep; 0 = unlimited
+    download_rate_limit: int = 0  # bytes per second for all of its downloads together; 0 = unlimited
 
     @property
     def advertise_addr(self) -> str:
@@ -262,6 +269,12 @@ _OPTIONS = {
             "LOCALAI_MODELS_CACHE_SIZE",
             "0",
             "disk budget of staged model files, e.g. 200GiB (0 = unlimited)",
+        ),
+        _Option(
+            "--download-rate-limit",
+            "LOCALAI_AGENT_DOWNLOAD_RATE_LIMIT",
+            "0",
+            "bytes per second all model file downloads of the node may take together, e.g. 50MiB (0 = unlimited)",
         ),
         _Option(
             "--allowed-model-roots",
@@ -360,6 +373,7 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         tls=tls,
         state_dir=(optional("state_dir", Path) or default_state_dir(environ)).expanduser().resolve(),
         models_cache_size=value("models_cache_size", parse_size),
+        download_rate_limit=value("download_rate_limit", parse_rate),
     )
 
 
