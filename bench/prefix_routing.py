@@ -6,7 +6,8 @@ Workloads, each `--requests` chat requests at concurrency `--concurrency`:
 - shared: 8 system prompts of ~4,000 characters, each request one of them (at random) plus a short user turn;
 - no sharing: every request a prompt of its own (~4,000 characters).
 Per policy and workload: the prefix hit ratio (cached characters / prompt characters, from the replicas'
-`prefix-cache: hit=… miss=…` log lines), mean and p99 latency. Targets: hit ratio >= 0.8 with prefix_cache,
+`prefix-cache: hit=… miss=…` log lines), the prefill skew (the busiest replica's missed characters over the
+mean replica's), mean and p99 latency. Targets: hit ratio >= 0.8 with prefix_cache,
 mean latency at least 2x lower than least_in_flight on the shared workload, p99 within 10 % on no sharing.
 
     .venv/bin/python bench/prefix_routing.py [--requests 400] [--concurrency 16] [--rounds 4]
@@ -70,11 +71,16 @@ def prefix_lines(cluster: Cluster, model: str) -> dict[str, list[tuple[int, int]
     return found
 
 
-def hit_ratio(before: dict[str, list], after: dict[str, list]) -> tuple[float, int]:
-    """(cached characters / prompt characters, requests) of the lines logged between the two readings."""
-    new = [entry for name, entries in after.items() for entry in entries[len(before.get(name, [])) :]]
+def hit_ratio(before: dict[str, list], after: dict[str, list]) -> tuple[float, int, float]:
+    """(cached characters / prompt characters, requests, prefill skew) of the lines logged between the two
+    readings; the skew is the busiest replica's missed characters over the mean replica's (1.0 = even): a
+    replica prefills one request at a time, so the busiest one's prefill work bounds the latency."""
+    per_node = {name: entries[len(before.get(name, [])) :] for name, entries in after.items()}
+    new = [entry for entries in per_node.values() for entry in entries]
     hit, miss = sum(entry[0] for entry in new), sum(entry[1] for entry in new)
-    return (hit / (hit + miss) if hit + miss else 0.0), len(new)
+    misses = [sum(entry[1] for entry in entries) for entries in per_node.values()]
+    skew = max(misses) / statistics.fmean(misses) if misses and sum(misses) else 1.0
+    return (hit / (hit + miss) if hit + miss else 0.0), len(new), skew
 
 
 async def run(cluster: Cluster, model: str, bodies: list, concurrency: int) -> list[float]:
@@ -164,16 +170,16 @@ def main() -> None:
                     )
             for policy in POLICIES:
                 model = models[(policy, kind)]
-                ratio, counted = hit_ratio(befores[policy], prefix_lines(cluster, model))
+                ratio, counted, skew = hit_ratio(befores[policy], prefix_lines(cluster, model))
                 if counted != len(bodies):
                     raise SystemExit(f"{model}: {counted} prefix-cache lines for {len(bodies)} requests")
-                results.append((kind, policy, ratio, latencies[policy]))
-        print(f"{'workload':<12}{'policy':<17}{'hit ratio':>10}{'mean':>11}{'p99':>11}")
-        for kind, policy, ratio, latencies in results:
+                results.append((kind, policy, ratio, skew, latencies[policy]))
+        print(f"{'workload':<12}{'policy':<17}{'hit ratio':>10}{'prefill skew':>13}{'mean':>11}{'p99':>11}")
+        for kind, policy, ratio, skew, latencies in results:
             mean, p99 = statistics.fmean(latencies) * 1000, percentile(latencies, 0.99) * 1000
             name = "shared" if kind == "shared" else "no sharing"
-            print(f"{name:<12}{policy:<17}{ratio:>10.2f}{mean:>9.1f}ms{p99:>9.1f}ms")
-        by = {(kind, policy): latencies for kind, policy, _ratio, latencies in results}
+            print(f"{name:<12}{policy:<17}{ratio:>10.2f}{skew:>13.2f}{mean:>9.1f}ms{p99:>9.1f}ms")
+        by = {(kind, policy): latencies for kind, policy, _ratio, _skew, latencies in results}
         shared = statistics.fmean(by[("shared", "least_in_flight")]) / statistics.fmean(
             by[("shared", "prefix_cache")]
         )

@@ -145,3 +145,43 @@ def test_common_prefix_lengths() -> None:
     ]
     long_a, long_b = "a" * 5000 + "b", "a" * 5000 + "c"
     assert common_prefix(long_a, long_b) == 5000
+
+
+async def test_prefills_of_one_replica_run_one_at_a_time_and_see_the_ones_before(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Prefill is compute-bound: a second request's prefill starts only when the first's has ended, and then
+    finds the first's prompt cached. (Its sleep is replaced by one that records when it starts and ends.)"""
+    import asyncio
+    from types import SimpleNamespace
+
+    from worker_client._generated import backend_pb2
+    from worker_client.backends.echo import server
+
+    events: list[str] = []
+    real_sleep = asyncio.sleep
+
+    async def recorded_sleep(seconds: float) -> None:
+        events.append(f"sleep {seconds:.3f}")
+        await real_sleep(0)
+        await real_sleep(0)
+        events.append("slept")
+
+    backend = server.EchoBackend()
+    monkeypatch.setattr(server, "asyncio", SimpleNamespace(sleep=recorded_sleep))
+    monkeypatch.setattr(server, "log_request", lambda method, detail: events.append(f"{method} {detail}"))
+    backend.knobs = server.Knobs(prefill_us_per_char=1000, prefix_cache_chars=1000)
+    backend.prefix_cache = server.PrefixCache(1000)
+    system = "s" * 100
+    await asyncio.gather(
+        backend._prefill(backend_pb2.PredictOptions(Prompt=system + "one")),
+        backend._prefill(backend_pb2.PredictOptions(Prompt=system + "two")),
+    )
+    assert events == [
+        "prefix-cache: hit=0 miss=103",
+        "sleep 0.103",
+        "slept",
+        "prefix-cache: hit=100 miss=3",
+        "sleep 0.003",
+        "slept",
+    ]

@@ -7,7 +7,8 @@ why on stderr), `fail_embedding:TEXT` (the embedding of exactly TEXT fails with 
 prefix (KV) cache: `prefix_cache_chars:M` keeps the prompts of recent requests, at most M characters in all
 (least recently used dropped first), and `prefill_us_per_char:N` makes a completion wait N µs per prompt
 character not covered by the longest common prefix with a kept prompt; each completion then prints
-`prefix-cache: hit=<chars> miss=<chars>`. With
+`prefix-cache: hit=<chars> miss=<chars>`. Prefills of one replica run one at a time, in arrival order (a GPU's
+prefill is compute-bound), while decoding runs concurrently. With
 `LOCALAI_GRPC_AUTH_TOKEN` set, calls without `authorization: Bearer <token>` are refused. Every request except
 `Health` prints one line to stdout; `Embedding` lines carry a running count (`Embedding #N chars=...`), so a
 test can tell how many calls arrived.
@@ -137,16 +138,24 @@ class EchoBackend(backend_pb2_grpc.BackendServicer):
         self.state = backend_pb2.StatusResponse.UNINITIALIZED
         self.embeddings = 0
         self.prefix_cache = PrefixCache(0)
+        self.prefill_lock = asyncio.Lock()
 
     async def _prefill(self, request: backend_pb2.PredictOptions) -> None:
-        """The prefix cache's part of a completion (a no-op unless its options are given)."""
+        """The prefix cache's part of a completion (a no-op unless its options are given).
+
+        Prefill is compute-bound on a GPU: prefills that run together share its compute, so N of them take
+        about as long in all as one after the other. The replica therefore prefills one request at a time
+        (first come, first served) and looks its prompt up in the cache when its turn comes, so a request
+        queued behind one with the same prefix finds that prefix cached. Decoding (`delay_ms` per token)
+        stays concurrent, like continuous batching's decode steps."""
         if not (self.knobs.prefix_cache_chars or self.knobs.prefill_us_per_char):
             return
         prompt = prompt_text(request)
-        hit = self.prefix_cache.serve(prompt)
-        miss = len(prompt) - hit
-        log_request("prefix-cache:", f"hit={hit} miss={miss}")
-        await asyncio.sleep(self.knobs.prefill_us_per_char * miss / 1_000_000)
+        async with self.prefill_lock:
+            hit = self.prefix_cache.serve(prompt)
+            miss = len(prompt) - hit
+            log_request("prefix-cache:", f"hit={hit} miss={miss}")
+            await asyncio.sleep(self.knobs.prefill_us_per_char * miss / 1_000_000)
 
     async def Health(
         self, request: backend_pb2.HealthMessage, context: grpc.aio.ServicerContext
