@@ -19,7 +19,7 @@ from scheduling.services import rule_state, rules_breaker_reset
 
 @admin.register(ModelConfig)
 class ModelConfigAdmin(AuditedModelAdmin):
-    list_display = ("name", "backend", "model", "vram_bytes", "context_size", "updated_at")
+    list_display = ("name", "backend", "model", "vram_bytes", "context_size", "routing", "updated_at")
     search_fields = ("name", "model")
     list_filter = ("backend",)
     audit_target_type = "model"

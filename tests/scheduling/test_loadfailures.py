@@ -297,7 +297,7 @@ def test_the_admin_change_form_clears_it(admin_client):
     answer = admin_client.post(
         f"/admin/scheduling/modelconfig/{config.pk}/change/",
         {"name": "m", "backend": "echo", "model": "fixed.bin", "options": "{}", "vram_bytes": "0",
-         "context_size": ""},
+         "context_size": "", "files": "[]", "routing": "least_in_flight"},
     )  # fmt: skip
     assert answer.status_code == 302, answer.content[:2000]
     assert not LoadFailure.objects.exists()
