@@ -115,6 +115,21 @@ def test_load_one_now_refused_shows_every_nodes_verdict(page) -> None:
     ).to_be_visible()
 
 
+def test_the_model_form_sets_the_routing_policy(page) -> None:
+    ModelConfigFactory(name="chat-a", backend="echo")
+    open_models(page)
+    row = page.locator('tr[data-model="chat-a"]')
+    row.get_by_role("button", name="Edit chat-a").click()
+    policy = page.get_by_label("Routing policy")
+    expect(policy).to_have_value("least_in_flight")
+    policy.select_option("prefix_cache")
+    screenshot(page, "models-form-routing-1920")
+    page.get_by_role("button", name="Save model").click()
+    expect(page.get_by_role("status").filter(has_text="Model chat-a saved")).to_be_visible()
+    expect(row).to_contain_text("prefix_cache")
+    assert ModelConfig.objects.get(name="chat-a").routing == "prefix_cache"
+
+
 def test_import_yaml_by_upload(page, tmp_path) -> None:
     path = tmp_path / "models.yaml"
     path.write_text(
