@@ -5,6 +5,7 @@ from __future__ import annotations
 import factory
 from django.utils import timezone
 
+from audit.models import AuditEntry
 from nodes.choices import AUTO_LABELS, LabelSource, NodeStatus, NodeType, ReplicaState
 from nodes.models import ModelReplica, Node, NodeLabel
 from nodes.tokens import token_hash
@@ -98,3 +99,21 @@ def eligible_names(*, selector=None, model_name="m"):
     return sorted(
         node.name for node in cluster_snapshot().nodes_for(model_name) if gate(node, selector or {}) is None
     )
+
+
+class AuditEntryFactory(factory.django.DjangoModelFactory):
+    """An audit entry: alice drained gpu-1 from a page (override any field; `at` defaults to now)."""
+
+    class Meta:
+        model = AuditEntry
+
+    at = factory.LazyFunction(timezone.now)
+    actor_kind = "user"
+    actor_name = "alice"
+    via = "page"
+    action = "node.drain"
+    target_type = "node"
+    target_id = "id-1"
+    target_name = "gpu-1"
+    before = factory.LazyFunction(lambda: {"status": "healthy"})
+    after = factory.LazyFunction(lambda: {"status": "draining"})

@@ -23,7 +23,14 @@ from scheduling import catalog
 from scheduling.loadfailures import LoadAttempt, load_failure_record
 from scheduling.models import LoadFailure, ModelConfig, SchedulingRule
 from scheduling.services import rule_delete, rule_upsert, rules_breaker_reset
-from tests.factories import ModelConfigFactory, NodeFactory, NodeLabelFactory, ReplicaFactory, RuleFactory
+from tests.factories import (
+    AuditEntryFactory,
+    ModelConfigFactory,
+    NodeFactory,
+    NodeLabelFactory,
+    ReplicaFactory,
+    RuleFactory,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -417,20 +424,7 @@ def test_entries_are_append_only():
 
 
 def entry(minutes_ago=0, **fields) -> AuditEntry:
-    values = {
-        "at": timezone.now() - timedelta(minutes=minutes_ago),
-        "actor_kind": "user",
-        "actor_name": "alice",
-        "via": "page",
-        "action": "node.drain",
-        "target_type": "node",
-        "target_id": "id-1",
-        "target_name": "gpu-1",
-        "before": {"status": "healthy"},
-        "after": {"status": "draining"},
-        **fields,
-    }
-    return AuditEntry.objects.create(**values)
+    return AuditEntryFactory(at=timezone.now() - timedelta(minutes=minutes_ago), **fields)
 
 
 def test_list_newest_first_with_every_filter(api):

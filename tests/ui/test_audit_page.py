@@ -11,27 +11,20 @@ from django.utils import timezone
 
 from audit.models import AuditEntry
 from scheduling.loadfailures import LoadAttempt, load_failure_record
-from tests.factories import NodeFactory, ReplicaFactory
+from tests.factories import AuditEntryFactory, NodeFactory, ReplicaFactory
 from tests.ui.conftest import HTMX
 
 pytestmark = pytest.mark.django_db
 
 
 def entry(minutes_ago=0, **fields) -> AuditEntry:
+    approved = {"approved_at": "2026-01-01T00:00:00Z"}
     values = {
-        "at": timezone.now() - timedelta(minutes=minutes_ago),
-        "actor_kind": "user",
-        "actor_name": "alice",
-        "via": "page",
-        "action": "node.drain",
-        "target_type": "node",
-        "target_id": "id-1",
-        "target_name": "gpu-1",
-        "before": {"status": "healthy", "approved_at": "2026-01-01T00:00:00Z"},
-        "after": {"status": "draining", "approved_at": "2026-01-01T00:00:00Z"},
+        "before": {"status": "healthy", **approved},
+        "after": {"status": "draining", **approved},
         **fields,
     }
-    return AuditEntry.objects.create(**values)
+    return AuditEntryFactory(at=timezone.now() - timedelta(minutes=minutes_ago), **values)
 
 
 def test_page_door_records_the_signed_in_user(staff_client: Client, staff_user) -> None:
