@@ -102,6 +102,17 @@ def test_least_in_flight_rotates_while_prefix_cache_sticks_to_the_replica_holdin
     wait_in_flight_zero("pfx")
 
 
+def set_in_flight(replica: ModelReplica, value: int, *, after: int) -> None:
+    """Sets the replica's in-flight once the units of the requests already answered are given back (the
+    gateway releases a unit after the answer has left: a late release would otherwise undo the update)."""
+    wait_until(
+        lambda: ModelReplica.objects.get(pk=replica.pk).in_flight == after,
+        timeout=20,
+        message=f"in-flight of {key_of(replica)} back to {after}",
+    )
+    ModelReplica.objects.filter(pk=replica.pk).update(in_flight=value)
+
+
 def test_the_balance_threshold_sends_to_the_least_loaded_when_the_prefix_holder_is_too_busy(
     cluster, settings
 ):
@@ -114,10 +125,10 @@ def test_the_balance_threshold_sends_to_the_least_loaded_when_the_prefix_holder_
     assert served_by(chat(cluster.url, "pfx-bal", "turn 1")) == holder
     replica = replica_at("pfx-bal", holder)
     # In-flight of the holder exactly at the threshold above the least loaded (0): still the holder.
-    ModelReplica.objects.filter(pk=replica.pk).update(in_flight=2)
+    set_in_flight(replica, 2, after=0)
     assert served_by(chat(cluster.url, "pfx-bal", "turn 2")) == holder
     # Beyond it: the least loaded replica instead.
-    ModelReplica.objects.filter(pk=replica.pk).update(in_flight=3)
+    set_in_flight(replica, 3, after=2)
     elsewhere = served_by(chat(cluster.url, "pfx-bal", "turn 3"))
     assert elsewhere != holder
     recorded("pfx-bal", elsewhere)
