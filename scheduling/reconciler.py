@@ -25,7 +25,7 @@ from django.utils import timezone
 from localai_cluster import locks
 from localai_cluster.db_router import primary_reads
 from localai_cluster.metrics import BREAKER_TRIPS, TICK_DURATION
-from nodes.choices import ReplicaState
+from nodes.choices import NodeType, ReplicaState
 from scheduling import pipeline
 from scheduling.autoscale import Load, autoscale_decide, inflight_averages, state_changes, zero_candidate
 from scheduling.choices import Outcome, Trigger, Verdict
@@ -251,6 +251,96 @@ def load_snapshot() -> ClusterSnapshot:
     return pipeline.cluster_snapshot()
 
 
+# Which rules a tick would act on, decided in PostgreSQL: one aggregate over the replica rows, so a tick with
+# nothing to do reads no replica, node or label into Python (docs/scaling.md "The reconciler"). Each condition
+# is the SQL side of a branch of `plan_rule` (or of `plan_overcap_trims`, `_unload_retired`) that can act, and
+# may only be wider than the Python one, never narrower: the full tick decides on the snapshot as before.
+_TRIAGE_SQL = """
+WITH live AS (
+    SELECT model_name,
+           count(*) AS live,
+           count(*) FILTER (WHERE NOT (state = %(loaded)s AND in_flight > 0)) AS not_busy,
+           count(*) FILTER (WHERE state = %(loaded)s AND in_flight = 0) AS idle,
+           count(*) FILTER (
+               WHERE state = %(loaded)s AND in_flight = 0
+               AND (COALESCE(last_used, loaded_at) IS NULL OR COALESCE(last_used, loaded_at) <= %(idle_before)s)
+           ) AS idle_for_delay,
+           min(COALESCE(last_used, loaded_at)) FILTER (WHERE state = %(loaded)s AND in_flight = 0) AS idle_since
+    FROM nodes_modelreplica
+    WHERE state = ANY(%(live_states)s)
+    GROUP BY model_name
+)
+SELECT
+    ARRAY(
+        SELECT r.model_name
+        FROM scheduling_schedulingrule r LEFT JOIN live l ON l.model_name = r.model_name
+        WHERE (r.min_replicas > 0 OR r.max_replicas > 0 OR r.target_in_flight > 0 OR r.scale_to_zero_after > 0)
+          AND (r.unsatisfiable_until IS NULL OR r.unsatisfiable_until <= %(now)s)
+          AND (
+              -- below the minimum: a placement, or the breaker's count
+              COALESCE(l.live, 0) < r.min_replicas
+              -- the breaker to reset
+              OR r.unsatisfiable_ticks <> 0 OR r.unsatisfiable_until IS NOT NULL
+              -- autoscaled: decided on the in-flight average every tick
+              OR r.target_in_flight > 0
+              -- burst: every live replica busy, below the maximum
+              OR (l.live > 0 AND l.not_busy = 0 AND (r.max_replicas = 0 OR l.live < r.max_replicas))
+              -- above the floor with a replica idle for the scale-down delay
+              OR (l.live > GREATEST(r.min_replicas, 1) AND l.idle_for_delay > 0)
+              -- scale to zero: the last replica idle for `scale_to_zero_after`
+              OR (r.min_replicas = 0 AND r.scale_to_zero_after > 0 AND l.live = 1 AND l.idle > 0
+                  AND (l.idle_since IS NULL
+                       OR l.idle_since <= %(now)s - make_interval(secs => r.scale_to_zero_after)))
+          )
+        ORDER BY r.model_name
+    ),
+    -- a node holding more live replicas of a model than its effective cap
+    EXISTS (
+        SELECT 1
+        FROM nodes_modelreplica m JOIN nodes_node n ON n.id = m.node_id
+        WHERE m.state = ANY(%(live_states)s) AND n.node_type = %(backend)s
+        GROUP BY m.node_id, m.model_name, n.max_replicas_override, n.worker_max_replicas_per_model
+        HAVING count(*) > COALESCE(NULLIF(n.max_replicas_override, 0), n.worker_max_replicas_per_model)
+    ),
+    -- a retired replica whose last request has ended
+    EXISTS (SELECT 1 FROM nodes_modelreplica WHERE state = %(unloading)s AND in_flight = 0)
+"""
+
+
+@dataclass(frozen=True)
+class Triage:
+    """What a tick's first query found: the rules it would act on, and the cluster-wide work."""
+
+    rules: tuple[str, ...] = ()
+    overcap: bool = False
+    retired: bool = False
+
+    @property
+    def work(self) -> bool:
+        return bool(self.rules or self.overcap or self.retired)
+
+
+def triage(now: datetime, config: Settings) -> Triage:
+    """One statement whatever the cluster's size: the rules whose plan could act this tick (below the
+    minimum, breaker set, autoscaled, all busy, idle above the floor, due to scale to zero), whether any node
+    holds more replicas of a model than its cap, and whether a retired replica is idle — a superset of what
+    `_tick` would do on the full snapshot, so a tick that finds nothing stops here."""
+    from django.db import connection
+
+    params = {
+        "now": now,
+        "idle_before": now - timedelta(seconds=config.scale_down_delay),
+        "loaded": ReplicaState.LOADED,
+        "unloading": ReplicaState.UNLOADING,
+        "live_states": list(pipeline.LIVE_STATES),
+        "backend": NodeType.BACKEND,
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(_TRIAGE_SQL, params)
+        names, overcap, retired = cursor.fetchone()
+    return Triage(tuple(names), overcap, retired)
+
+
 # --- the tick -------------------------------------------------------------------------------------------
 
 LOAD_CONCURRENCY = 16
@@ -295,6 +385,9 @@ def reconcile_tick(*, now: datetime | None = None) -> TickReport:
 
 def _tick(now: datetime, config: Settings) -> TickReport:
     report = TickReport()
+    if not triage(now, config).work:
+        report.prefetched = _prefetch()
+        return report
     snapshot = load_snapshot()
     live = snapshot.live_replicas
     by_model: dict[str, list[ReplicaView]] = defaultdict(list)
@@ -351,11 +444,11 @@ def _tick(now: datetime, config: Settings) -> TickReport:
     if placements:
         placed, failed = _place_all(placements, snapshot)
         report.placed, report.failed = placed, failed
-    report.prefetched = _prefetch(snapshot)
+    report.prefetched = _prefetch()
     return report
 
 
-def _prefetch(snapshot: ClusterSnapshot) -> list[str]:
+def _prefetch() -> list[str]:
     """Rules with `prefetch: true`: every matching node that does not hold all of the model's files yet is
     asked to stage them (the agent downloads each file once, whatever how often it is asked). Never raises."""
     from scheduling.services import model_prefetch
