@@ -127,3 +127,26 @@ def test_a_node_over_its_cap_and_an_idle_retired_replica_are_work():
     assert triage(timezone.now(), CONFIG) == Triage()
     replicas("retired", 1, state=ReplicaState.UNLOADING)
     assert triage(timezone.now(), CONFIG) == Triage(retired=True)
+
+
+def test_the_snapshot_reads_timestamps_exactly():
+    from datetime import UTC, datetime
+
+    from scheduling.pipeline import cluster_snapshot
+
+    times = [
+        datetime(2026, 3, 29, 1, 59, 59, 999999, tzinfo=UTC),
+        datetime(1999, 12, 31, 23, 59, 59, 1, tzinfo=UTC),
+        timezone.now(),
+    ]
+    node = NodeFactory(worker_max_replicas_per_model=8, approved_at=None)
+    for index, at in enumerate(times):
+        ReplicaFactory(node=node, replica_index=index, last_used=at)
+    ReplicaFactory(node=node, replica_index=3, last_used=None, loaded_at=times[0])
+    ReplicaFactory(node=node, replica_index=4, last_used=None, loaded_at=None)
+    snapshot = cluster_snapshot()
+    by_index = {r.replica_index: r.idle_since for r in snapshot.replicas}
+    assert by_index == {0: times[0], 1: times[1], 2: times[2], 3: times[0], 4: None}
+    assert snapshot.nodes[node.pk].approved is False
+    approved = NodeFactory()
+    assert cluster_snapshot().nodes[approved.pk].approved is True
