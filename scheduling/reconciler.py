@@ -14,7 +14,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -327,13 +327,13 @@ def triage(now: datetime, config: Settings) -> Triage:
     `_tick` would do on the full snapshot, so a tick that finds nothing stops here."""
     from django.db import connection
 
-    params = {
+    params: dict[str, Any] = {
         "now": now,
         "idle_before": now - timedelta(seconds=config.scale_down_delay),
-        "loaded": ReplicaState.LOADED,
-        "unloading": ReplicaState.UNLOADING,
-        "live_states": list(pipeline.LIVE_STATES),
-        "backend": NodeType.BACKEND,
+        "loaded": str(ReplicaState.LOADED),
+        "unloading": str(ReplicaState.UNLOADING),
+        "live_states": [str(state) for state in pipeline.LIVE_STATES],
+        "backend": str(NodeType.BACKEND),
     }
     with connection.cursor() as cursor:
         cursor.execute(_TRIAGE_SQL, params)
@@ -385,7 +385,8 @@ def reconcile_tick(*, now: datetime | None = None) -> TickReport:
 
 def _tick(now: datetime, config: Settings) -> TickReport:
     report = TickReport()
-    if not triage(now, config).work:
+    found = triage(now, config)
+    if not found.work:
         report.prefetched = _prefetch()
         return report
     snapshot = load_snapshot()
@@ -393,20 +394,30 @@ def _tick(now: datetime, config: Settings) -> TickReport:
     by_model: dict[str, list[ReplicaView]] = defaultdict(list)
     for replica in live:
         by_model[replica.model_name].append(replica)
+    # Only the rules the triage named can act — unless a node is over its cap: the replicas trimmed there no
+    # longer count, which can leave any of its models short (or all busy), so every rule is planned then.
+    named = None if found.overcap else set(found.rules)
     rules = [
         rule
         for rule in snapshot.rules.values()
-        if rule.min_replicas > 0
-        or rule.max_replicas > 0
-        or rule.target_in_flight > 0
-        or rule.scale_to_zero_after > 0
+        if (named is None or rule.model_name in named)
+        and (
+            rule.min_replicas > 0
+            or rule.max_replicas > 0
+            or rule.target_in_flight > 0
+            or rule.scale_to_zero_after > 0
+        )
     ]
     loads = inflight_averages(
         model_names=[r.model_name for r in rules if r.target_in_flight > 0 or r.scale_to_zero_after > 0],
         now=now,
     )
 
-    overcap = plan_overcap_trims(live, snapshot.nodes, now=now, delay=config.scale_down_delay)
+    overcap = (
+        plan_overcap_trims(live, snapshot.nodes, now=now, delay=config.scale_down_delay)
+        if found.overcap
+        else []
+    )
     trimmed_ids = frozenset(r.id for r in overcap)
     nodes = list(snapshot.nodes.values())
     capacity_index = CapacityIndex(nodes)
@@ -439,7 +450,7 @@ def _tick(now: datetime, config: Settings) -> TickReport:
     to_trim += [(r, plan) for plan in plans for r in plan.trim]
     report.trimmed = _trim(to_trim, snapshot.nodes)
     report.trimmed += _retire([(r, plan) for plan in plans for r in plan.retire], snapshot.nodes)
-    report.trimmed += _unload_retired(snapshot)
+    report.trimmed += _unload_retired(snapshot) if found.retired else []
     placements = [plan for plan in plans if plan.place]
     if placements:
         placed, failed = _place_all(placements, snapshot)
@@ -868,21 +879,48 @@ def _load_all(jobs: list[_Job]) -> list[tuple[bool, str, DecisionRecord]]:
         except WorkerError as error:
             return error
 
+    def answer_of(future: Future, job: _Job) -> Any:
+        try:
+            return future.result()
+        except Exception as error:  # a fault in one load must not stop the others
+            logger.exception("loading %s failed", job.replica.process_key)
+            return error
+
     outcomes = []
     with ThreadPoolExecutor(max_workers=min(LOAD_CONCURRENCY, len(jobs))) as pool:
         futures = {pool.submit(call, job): job for job in jobs}
-        for future in as_completed(futures):
-            job = futures[future]
-            try:
-                answer = future.result()
-            except Exception as error:  # a fault in one load must not stop the others
-                logger.exception("loading %s failed", job.replica.process_key)
-                answer = error
-            outcomes.append(_load_done(job, answer))
+        pending = set(futures)
+        while pending:
+            # The loads that have ended by now, recorded together: the successes in one UPDATE.
+            ended, pending = wait(pending, return_when=FIRST_COMPLETED)
+            answers = [(futures[f], answer_of(f, futures[f])) for f in ended]
+            outcomes += _loads_done(answers)
     return outcomes
 
 
-def _load_done(job: _Job, answer: Any) -> tuple[bool, str, DecisionRecord]:
+def _loads_done(answers: list[tuple[_Job, Any]]) -> list[tuple[bool, str, DecisionRecord]]:
+    """Records loads that ended together: the successful ones marked `loaded` in one statement."""
+    from nodes.services import replicas_mark_loaded
+
+    loaded = [
+        (job.replica.id, answer.address) for job, answer in answers if not isinstance(answer, Exception)
+    ]
+    try:
+        marked: set[Any] | None = replicas_mark_loaded(loaded=loaded)
+    except Exception:  # the batch failed: each row on its own, as `replica_load_finish` alone does it
+        logger.exception("marking %d loaded replicas failed; marking them one by one", len(loaded))
+        marked = None
+    return [
+        _load_done(
+            job,
+            answer,
+            marked=None if marked is None or isinstance(answer, Exception) else job.replica.id in marked,
+        )
+        for job, answer in answers
+    ]
+
+
+def _load_done(job: _Job, answer: Any, *, marked: bool | None = None) -> tuple[bool, str, DecisionRecord]:
     from scheduling.loadfailures import load_failure_note
     from scheduling.services import replica_load_finish
     from worker_client.errors import WorkerError
@@ -909,7 +947,7 @@ def _load_done(job: _Job, answer: Any) -> tuple[bool, str, DecisionRecord]:
 
             replica_remove(replica_id=replica.id)
             raise answer
-        replica_load_finish(replica=replica, config=job.config, node=job.node, outcome=answer)
+        replica_load_finish(replica=replica, config=job.config, node=job.node, outcome=answer, marked=marked)
         why = f": {job.reason}" if job.reason else ""
         return True, label, record(Outcome.PLACED, f"placed {label}{why}")
     except LoadFailed as error:
