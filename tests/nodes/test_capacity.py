@@ -214,7 +214,12 @@ def test_mark_loaded_of_many_rows_answers_the_rows_it_changed():
     services.replica_remove(replica_id=removed.pk)
     ModelReplica.objects.filter(pk=downloading.pk).update(state=ReplicaState.DOWNLOADING)
     ModelReplica.objects.filter(pk=loaded.pk).update(state=ReplicaState.LOADED, address="127.0.0.1:1")
-    rows = [(kept.pk, "127.0.0.1:9000"), (removed.pk, "x"), (downloading.pk, "127.0.0.1:9001"), (loaded.pk, "y")]
+    rows = [
+        (kept.pk, "127.0.0.1:9000"),
+        (removed.pk, "x"),
+        (downloading.pk, "127.0.0.1:9001"),
+        (loaded.pk, "y"),
+    ]
     assert services.replicas_mark_loaded(loaded=rows) == {kept.pk, downloading.pk}
     assert dict(ModelReplica.objects.values_list("pk", "address")) == {
         kept.pk: "127.0.0.1:9000",
