@@ -1,7 +1,8 @@
 """The reconciler: one tick keeps every scheduling rule at its bounds (BEHAVIOUR §5).
 
-A tick is: take the cluster-wide lock, read one snapshot in a fixed number of queries (rules, live replicas,
-nodes, labels), decide per rule with pure functions, then act — breaker updates, trims by exact process key,
+A tick is: take the cluster-wide lock, ask PostgreSQL in one statement which rules could act (`triage`: a tick
+that finds none stops there), read one snapshot in a fixed number of queries (rules, live replicas, nodes,
+labels), decide per named rule with pure functions, then act — breaker updates, trims by exact process key,
 and placements whose slow loads run in parallel across nodes.
 """
 
