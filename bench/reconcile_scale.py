@@ -125,7 +125,16 @@ def _fake_agent_calls() -> None:
     from worker_client import client
 
     def load_replica(
-        self, model_name, replica_index, backend, model_options=None, vram_bytes=0, load_timeout=300.0
+        self,
+        model_name,
+        replica_index,
+        backend,
+        model_options=None,
+        vram_bytes=0,
+        load_timeout=300.0,
+        *,
+        files=(),
+        download_timeout=0.0,
     ):
         return client.LoadResult(f"{model_name}#{replica_index}", "127.0.0.1:1", 1, 0.0)
 
@@ -249,6 +258,8 @@ def main() -> None:
             min_replicas=django.db.models.F("min_replicas") - 1
         )
     placed = [len(t.report.placed) for t in below_runs]
+    failed = [f for t in below_runs for f in t.report.failed]
+    assert not failed, f"placements failed (the bench would time failures, not loads): {failed[:3]}"
 
     lost = _lose_nodes(10)
     loss_ticks = []

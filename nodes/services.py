@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -843,6 +843,28 @@ def replica_mark_loaded(*, replica_id: Any, address: str) -> bool:
         pk=replica_id, state__in=[ReplicaState.LOADING, ReplicaState.DOWNLOADING]
     ).update(state=ReplicaState.LOADED, address=address, loaded_at=timezone.now(), progress=1.0)
     return updated == 1
+
+
+def replicas_mark_loaded(*, loaded: Sequence[tuple[Any, str]]) -> set[Any]:
+    """`replica_mark_loaded` for many rows (replica id, the agent's address) in one UPDATE; answers the ids it
+    changed (a row missing from the answer was removed or is no longer loading)."""
+    if not loaded:
+        return set()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE nodes_modelreplica AS r"
+            " SET state = %s, address = v.address, loaded_at = %s, progress = 1.0"
+            " FROM unnest(%s::bigint[], %s::text[]) AS v(id, address)"
+            " WHERE r.id = v.id AND r.state = ANY(%s) RETURNING r.id",
+            [
+                ReplicaState.LOADED,
+                timezone.now(),
+                [replica_id for replica_id, _ in loaded],
+                [address for _, address in loaded],
+                [ReplicaState.LOADING, ReplicaState.DOWNLOADING],
+            ],
+        )
+        return {row[0] for row in cursor.fetchall()}
 
 
 def replica_download_progress(*, node: Node, reports: Iterable[Mapping[str, Any]]) -> int:

@@ -1,7 +1,8 @@
 """The reconciler: one tick keeps every scheduling rule at its bounds (BEHAVIOUR §5).
 
-A tick is: take the cluster-wide lock, read one snapshot in a fixed number of queries (rules, live replicas,
-nodes, labels), decide per rule with pure functions, then act — breaker updates, trims by exact process key,
+A tick is: take the cluster-wide lock, ask PostgreSQL in one statement which rules could act (`triage`: a tick
+that finds none stops there), read one snapshot in a fixed number of queries (rules, live replicas, nodes,
+labels), decide per named rule with pure functions, then act — breaker updates, trims by exact process key,
 and placements whose slow loads run in parallel across nodes.
 """
 
@@ -14,7 +15,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -25,7 +26,7 @@ from django.utils import timezone
 from localai_cluster import locks
 from localai_cluster.db_router import primary_reads
 from localai_cluster.metrics import BREAKER_TRIPS, TICK_DURATION
-from nodes.choices import ReplicaState
+from nodes.choices import NodeType, ReplicaState
 from scheduling import pipeline
 from scheduling.autoscale import Load, autoscale_decide, inflight_averages, state_changes, zero_candidate
 from scheduling.choices import Outcome, Trigger, Verdict
@@ -251,6 +252,96 @@ def load_snapshot() -> ClusterSnapshot:
     return pipeline.cluster_snapshot()
 
 
+# Which rules a tick would act on, decided in PostgreSQL: one aggregate over the replica rows, so a tick with
+# nothing to do reads no replica, node or label into Python (docs/scaling.md "The reconciler"). Each condition
+# is the SQL side of a branch of `plan_rule` (or of `plan_overcap_trims`, `_unload_retired`) that can act, and
+# may only be wider than the Python one, never narrower: the full tick decides on the snapshot as before.
+_TRIAGE_SQL = """
+WITH live AS (
+    SELECT model_name,
+           count(*) AS live,
+           count(*) FILTER (WHERE NOT (state = %(loaded)s AND in_flight > 0)) AS not_busy,
+           count(*) FILTER (WHERE state = %(loaded)s AND in_flight = 0) AS idle,
+           count(*) FILTER (
+               WHERE state = %(loaded)s AND in_flight = 0
+               AND (COALESCE(last_used, loaded_at) IS NULL OR COALESCE(last_used, loaded_at) <= %(idle_before)s)
+           ) AS idle_for_delay,
+           min(COALESCE(last_used, loaded_at)) FILTER (WHERE state = %(loaded)s AND in_flight = 0) AS idle_since
+    FROM nodes_modelreplica
+    WHERE state = ANY(%(live_states)s)
+    GROUP BY model_name
+)
+SELECT
+    ARRAY(
+        SELECT r.model_name
+        FROM scheduling_schedulingrule r LEFT JOIN live l ON l.model_name = r.model_name
+        WHERE (r.min_replicas > 0 OR r.max_replicas > 0 OR r.target_in_flight > 0 OR r.scale_to_zero_after > 0)
+          AND (r.unsatisfiable_until IS NULL OR r.unsatisfiable_until <= %(now)s)
+          AND (
+              -- below the minimum: a placement, or the breaker's count
+              COALESCE(l.live, 0) < r.min_replicas
+              -- the breaker to reset
+              OR r.unsatisfiable_ticks <> 0 OR r.unsatisfiable_until IS NOT NULL
+              -- autoscaled: decided on the in-flight average every tick
+              OR r.target_in_flight > 0
+              -- burst: every live replica busy, below the maximum
+              OR (l.live > 0 AND l.not_busy = 0 AND (r.max_replicas = 0 OR l.live < r.max_replicas))
+              -- above the floor with a replica idle for the scale-down delay
+              OR (l.live > GREATEST(r.min_replicas, 1) AND l.idle_for_delay > 0)
+              -- scale to zero: the last replica idle for `scale_to_zero_after`
+              OR (r.min_replicas = 0 AND r.scale_to_zero_after > 0 AND l.live = 1 AND l.idle > 0
+                  AND (l.idle_since IS NULL
+                       OR l.idle_since <= %(now)s - make_interval(secs => r.scale_to_zero_after)))
+          )
+        ORDER BY r.model_name
+    ),
+    -- a node holding more live replicas of a model than its effective cap
+    EXISTS (
+        SELECT 1
+        FROM nodes_modelreplica m JOIN nodes_node n ON n.id = m.node_id
+        WHERE m.state = ANY(%(live_states)s) AND n.node_type = %(backend)s
+        GROUP BY m.node_id, m.model_name, n.max_replicas_override, n.worker_max_replicas_per_model
+        HAVING count(*) > COALESCE(NULLIF(n.max_replicas_override, 0), n.worker_max_replicas_per_model)
+    ),
+    -- a retired replica whose last request has ended
+    EXISTS (SELECT 1 FROM nodes_modelreplica WHERE state = %(unloading)s AND in_flight = 0)
+"""
+
+
+@dataclass(frozen=True)
+class Triage:
+    """What a tick's first query found: the rules it would act on, and the cluster-wide work."""
+
+    rules: tuple[str, ...] = ()
+    overcap: bool = False
+    retired: bool = False
+
+    @property
+    def work(self) -> bool:
+        return bool(self.rules or self.overcap or self.retired)
+
+
+def triage(now: datetime, config: Settings) -> Triage:
+    """One statement whatever the cluster's size: the rules whose plan could act this tick (below the
+    minimum, breaker set, autoscaled, all busy, idle above the floor, due to scale to zero), whether any node
+    holds more replicas of a model than its cap, and whether a retired replica is idle — a superset of what
+    `_tick` would do on the full snapshot, so a tick that finds nothing stops here."""
+    from django.db import connection
+
+    params: dict[str, Any] = {
+        "now": now,
+        "idle_before": now - timedelta(seconds=config.scale_down_delay),
+        "loaded": str(ReplicaState.LOADED),
+        "unloading": str(ReplicaState.UNLOADING),
+        "live_states": [str(state) for state in pipeline.LIVE_STATES],
+        "backend": str(NodeType.BACKEND),
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(_TRIAGE_SQL, params)
+        names, overcap, retired = cursor.fetchone()
+    return Triage(tuple(names), overcap, retired)
+
+
 # --- the tick -------------------------------------------------------------------------------------------
 
 LOAD_CONCURRENCY = 16
@@ -295,25 +386,39 @@ def reconcile_tick(*, now: datetime | None = None) -> TickReport:
 
 def _tick(now: datetime, config: Settings) -> TickReport:
     report = TickReport()
+    found = triage(now, config)
+    if not found.work:
+        report.prefetched = _prefetch()
+        return report
     snapshot = load_snapshot()
     live = snapshot.live_replicas
     by_model: dict[str, list[ReplicaView]] = defaultdict(list)
     for replica in live:
         by_model[replica.model_name].append(replica)
+    # Only the rules the triage named can act — unless a node is over its cap: the replicas trimmed there no
+    # longer count, which can leave any of its models short (or all busy), so every rule is planned then.
+    named = None if found.overcap else set(found.rules)
     rules = [
         rule
         for rule in snapshot.rules.values()
-        if rule.min_replicas > 0
-        or rule.max_replicas > 0
-        or rule.target_in_flight > 0
-        or rule.scale_to_zero_after > 0
+        if (named is None or rule.model_name in named)
+        and (
+            rule.min_replicas > 0
+            or rule.max_replicas > 0
+            or rule.target_in_flight > 0
+            or rule.scale_to_zero_after > 0
+        )
     ]
     loads = inflight_averages(
         model_names=[r.model_name for r in rules if r.target_in_flight > 0 or r.scale_to_zero_after > 0],
         now=now,
     )
 
-    overcap = plan_overcap_trims(live, snapshot.nodes, now=now, delay=config.scale_down_delay)
+    overcap = (
+        plan_overcap_trims(live, snapshot.nodes, now=now, delay=config.scale_down_delay)
+        if found.overcap
+        else []
+    )
     trimmed_ids = frozenset(r.id for r in overcap)
     nodes = list(snapshot.nodes.values())
     capacity_index = CapacityIndex(nodes)
@@ -346,16 +451,16 @@ def _tick(now: datetime, config: Settings) -> TickReport:
     to_trim += [(r, plan) for plan in plans for r in plan.trim]
     report.trimmed = _trim(to_trim, snapshot.nodes)
     report.trimmed += _retire([(r, plan) for plan in plans for r in plan.retire], snapshot.nodes)
-    report.trimmed += _unload_retired(snapshot)
+    report.trimmed += _unload_retired(snapshot) if found.retired else []
     placements = [plan for plan in plans if plan.place]
     if placements:
         placed, failed = _place_all(placements, snapshot)
         report.placed, report.failed = placed, failed
-    report.prefetched = _prefetch(snapshot)
+    report.prefetched = _prefetch()
     return report
 
 
-def _prefetch(snapshot: ClusterSnapshot) -> list[str]:
+def _prefetch() -> list[str]:
     """Rules with `prefetch: true`: every matching node that does not hold all of the model's files yet is
     asked to stage them (the agent downloads each file once, whatever how often it is asked). Never raises."""
     from scheduling.services import model_prefetch
@@ -775,21 +880,48 @@ def _load_all(jobs: list[_Job]) -> list[tuple[bool, str, DecisionRecord]]:
         except WorkerError as error:
             return error
 
+    def answer_of(future: Future, job: _Job) -> Any:
+        try:
+            return future.result()
+        except Exception as error:  # a fault in one load must not stop the others
+            logger.exception("loading %s failed", job.replica.process_key)
+            return error
+
     outcomes = []
     with ThreadPoolExecutor(max_workers=min(LOAD_CONCURRENCY, len(jobs))) as pool:
         futures = {pool.submit(call, job): job for job in jobs}
-        for future in as_completed(futures):
-            job = futures[future]
-            try:
-                answer = future.result()
-            except Exception as error:  # a fault in one load must not stop the others
-                logger.exception("loading %s failed", job.replica.process_key)
-                answer = error
-            outcomes.append(_load_done(job, answer))
+        pending = set(futures)
+        while pending:
+            # The loads that have ended by now, recorded together: the successes in one UPDATE.
+            ended, pending = wait(pending, return_when=FIRST_COMPLETED)
+            answers = [(futures[f], answer_of(f, futures[f])) for f in ended]
+            outcomes += _loads_done(answers)
     return outcomes
 
 
-def _load_done(job: _Job, answer: Any) -> tuple[bool, str, DecisionRecord]:
+def _loads_done(answers: list[tuple[_Job, Any]]) -> list[tuple[bool, str, DecisionRecord]]:
+    """Records loads that ended together: the successful ones marked `loaded` in one statement."""
+    from nodes.services import replicas_mark_loaded
+
+    loaded = [
+        (job.replica.id, answer.address) for job, answer in answers if not isinstance(answer, Exception)
+    ]
+    try:
+        marked: set[Any] | None = replicas_mark_loaded(loaded=loaded)
+    except Exception:  # the batch failed: each row on its own, as `replica_load_finish` alone does it
+        logger.exception("marking %d loaded replicas failed; marking them one by one", len(loaded))
+        marked = None
+    return [
+        _load_done(
+            job,
+            answer,
+            marked=None if marked is None or isinstance(answer, Exception) else job.replica.id in marked,
+        )
+        for job, answer in answers
+    ]
+
+
+def _load_done(job: _Job, answer: Any, *, marked: bool | None = None) -> tuple[bool, str, DecisionRecord]:
     from scheduling.loadfailures import load_failure_note
     from scheduling.services import replica_load_finish
     from worker_client.errors import WorkerError
@@ -816,7 +948,7 @@ def _load_done(job: _Job, answer: Any) -> tuple[bool, str, DecisionRecord]:
 
             replica_remove(replica_id=replica.id)
             raise answer
-        replica_load_finish(replica=replica, config=job.config, node=job.node, outcome=answer)
+        replica_load_finish(replica=replica, config=job.config, node=job.node, outcome=answer, marked=marked)
         why = f": {job.reason}" if job.reason else ""
         return True, label, record(Outcome.PLACED, f"placed {label}{why}")
     except LoadFailed as error:

@@ -287,9 +287,16 @@ def replica_load_call(*, replica: ModelReplica, config: ModelConfig, node: Node)
 
 
 def replica_load_finish(
-    *, replica: ModelReplica, config: ModelConfig, node: Node, outcome: LoadResult | WorkerError
+    *,
+    replica: ModelReplica,
+    config: ModelConfig,
+    node: Node,
+    outcome: LoadResult | WorkerError,
+    marked: bool | None = None,
 ) -> PlacementResult:
-    """The database half of `replica_load`, given the agent's answer (or its error): one UPDATE on success."""
+    """The database half of `replica_load`, given the agent's answer (or its error): one UPDATE on success.
+    `marked`: the UPDATE was already made for many rows at once (`nodes.services.replicas_mark_loaded`, the
+    reconciler's batch), and whether it changed this row."""
     process_key = replica.process_key
     if isinstance(outcome, WorkerError):
         error = outcome
@@ -299,7 +306,9 @@ def replica_load_finish(
         metrics.PLACEMENT_FAILURES.labels(config.name, "load_failed").inc()
         raise LoadFailed(f"loading {config.name} on {node.name} failed: {error.details or error}") from error
     result = outcome
-    if not replica_mark_loaded(replica_id=replica.id, address=result.address):
+    if marked is None:
+        marked = replica_mark_loaded(replica_id=replica.id, address=result.address)
+    if not marked:
         # The row went away during the load (node removed, heartbeat reconciliation): do not leave a process.
         replica_stop_on_agent(node=node, process_key=process_key)
         metrics.PLACEMENT_FAILURES.labels(config.name, "load_failed").inc()

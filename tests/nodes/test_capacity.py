@@ -208,5 +208,28 @@ def test_mark_loaded_of_a_removed_row_answers_false():
     assert not services.replica_mark_loaded(replica_id=replica.pk, address="127.0.0.1:9000")
 
 
+def test_mark_loaded_of_many_rows_answers_the_rows_it_changed():
+    node = NodeFactory(worker_max_replicas_per_model=4)
+    kept, removed, downloading, loaded = (claim_row(node_id=node.pk, model_name="m") for _ in range(4))
+    services.replica_remove(replica_id=removed.pk)
+    ModelReplica.objects.filter(pk=downloading.pk).update(state=ReplicaState.DOWNLOADING)
+    ModelReplica.objects.filter(pk=loaded.pk).update(state=ReplicaState.LOADED, address="127.0.0.1:1")
+    rows = [
+        (kept.pk, "127.0.0.1:9000"),
+        (removed.pk, "x"),
+        (downloading.pk, "127.0.0.1:9001"),
+        (loaded.pk, "y"),
+    ]
+    assert services.replicas_mark_loaded(loaded=rows) == {kept.pk, downloading.pk}
+    assert dict(ModelReplica.objects.values_list("pk", "address")) == {
+        kept.pk: "127.0.0.1:9000",
+        downloading.pk: "127.0.0.1:9001",
+        loaded.pk: "127.0.0.1:1",
+    }
+    assert set(ModelReplica.objects.values_list("state", flat=True)) == {ReplicaState.LOADED}
+    assert ModelReplica.objects.filter(loaded_at=None).count() == 1  # the row already loaded is left alone
+    assert services.replicas_mark_loaded(loaded=[]) == set()
+
+
 def test_remove_of_a_missing_replica_answers_none():
     assert services.replica_remove(replica_id=123456789) is None

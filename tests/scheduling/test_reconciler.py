@@ -73,6 +73,35 @@ def test_loads_run_in_parallel_across_nodes(agent):  # 111
     assert sorted(per_node.values()) == [2, 2, 2, 2]
 
 
+def test_loads_ending_together_are_marked_together_and_a_row_removed_meanwhile_is_stopped(agent):
+    # All 8 loads end at once (a barrier), so their rows are marked `loaded` by one statement; the row of m#3
+    # is removed while it loads (as a heartbeat reconciliation may), so its process is stopped, not kept.
+    all_in_progress = threading.Barrier(8, timeout=60)
+
+    def remove_one_then_wait(request):
+        if request.replica_index == 3:
+            ModelReplica.objects.filter(model_name="m", replica_index=3).delete()
+        all_in_progress.wait()
+
+    agent.on_load = remove_one_then_wait
+    ModelConfigFactory(name="m")
+    nodes(agent, 1, cap=8)
+    RuleFactory(model_name="m", min_replicas=8)
+    report = reconcile_tick()
+    assert sorted(live().filter(state=ReplicaState.LOADED).values_list("replica_index", flat=True)) == [
+        0,
+        1,
+        2,
+        4,
+        5,
+        6,
+        7,
+    ]
+    assert len(report.placed) == 7
+    assert len(report.failed) == 1 and "removed while it loaded" in report.failed[0]
+    assert agent.stops == ["m#3"]
+
+
 def test_one_failed_load_does_not_stop_the_others(agent):  # 112
     ModelConfigFactory(name="m")
     failing = FakeAgent(fail="backend exploded")
