@@ -7,7 +7,15 @@
   names a whole prefix). A bounded index in Redis, per model and shared by every web process, maps a block hash
   to the replicas that recently served a prompt with that prefix. The request goes to the routable replica with
   the longest matched prefix among those whose in-flight exceeds the least-loaded replica's by at most
-  `LOCALAI_PREFIX_BALANCE_THRESHOLD`; when none matches (or all matching ones are too busy), to the least loaded.
+  `LOCALAI_PREFIX_BALANCE_THRESHOLD`. When none matches (or all matching ones are too busy), to the prompt's
+  *home*: among the replicas within that same bound, the highest `md5(first block hash:replica id)`
+  (rendezvous hashing of the prompt's first block; consistent hashing with bounded load). So the concurrent
+  first requests of a prompt — all those that arrive before the first one's record lands in the index — go to
+  one replica instead of being spread by load, a prompt whose entries expired returns to where it was, and
+  prompts that share only their first block (one system prompt, different later turns) share a home. A home
+  over the bound gives way to the next replica of the prompt's own rendezvous order, never beyond the bound;
+  the balance guarantee is the same as for a matched prefix. A prompt shorter than one block has no hash and
+  no home: routed by load.
 - `session`: requests with the same session key (the `X-Session-Id` header, else the body's `user`) go to the
   same routable replica: rendezvous hashing (the replica with the highest `md5(key:replica id)`), so when a
   replica leaves only its sessions move, and a new replica takes only about 1/n of them.
@@ -28,7 +36,11 @@ replica is taken out of every entry of its model (`forget_replica`, after the de
 the claim statement only ever considers routable replicas anyway.
 
 Redis down (or slow beyond `REDIS_TIMEOUT`): routing falls back to `least_in_flight`, logged once when it
-starts and once when Redis answers again; no error reaches the client. Redis is not asked again for
+starts and once when Redis answers again; no error reaches the client. The home is computable without Redis
+but deliberately not used then: the documented contract during an outage is plain `least_in_flight` (issue
+14), which an operator can reason about without knowing the hashing. Using the home would likely keep more
+hits during an outage (it is consistent hashing with bounded load on its own); that would be a change of the
+contract, not made here. Redis is not asked again for
 `REDIS_RETRY_AFTER` seconds after a failure, so an outage adds no latency per request.
 """
 
@@ -142,6 +154,7 @@ class Preference:
     matched: list[int]
     session: str = ""
     hashes: list[str] | None = None  # the prompt's block hashes, to record after the claim
+    home: str = ""  # `prefix_cache`: the first block's hash ("" routes an unmatched prompt by load)
 
     @classmethod
     def none(cls, session: str = "") -> Preference:
@@ -249,6 +262,7 @@ async def preference_for(model: str, fields: dict[str, Any], session: str) -> Pr
         circuit.failed(error)
         return preference
     circuit.succeeded()
+    preference.home = hashes[0]
     for replica_id, blocks in best_matches(hashes, entries):
         preference.replicas.append(replica_id)
         preference.matched.append(blocks)

@@ -4,7 +4,9 @@ PostgreSQL, Redis, agents and echo backends."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -135,6 +137,55 @@ def test_the_balance_threshold_sends_to_the_least_loaded_when_the_prefix_holder_
     # That replica now holds the prefix too: with the first holder still busy, it is preferred over the third.
     assert served_by(chat(cluster.url, "pfx-bal", "turn 4")) == elsewhere
     ModelReplica.objects.filter(pk=replica.pk).update(in_flight=0)
+
+
+def home_order(model: str, system: str) -> list[str]:
+    """The model's replicas in the rendezvous order of the prompt's home: highest `md5(first block hash:replica
+    id)` first (the claim statement's order for a prompt the index does not match)."""
+    fields = {"Messages": [{"role": "system", "content": system}, {"role": "user", "content": "x"}]}
+    first = routing.block_hashes(routing.rendered_prompt(fields))[0]
+    replicas = ModelReplica.objects.select_related("node").filter(model_name=model)
+    ranked = sorted(replicas, key=lambda r: hashlib.md5(f"{first}:{r.pk}".encode()).hexdigest(), reverse=True)
+    return [key_of(replica) for replica in ranked]
+
+
+def test_an_unmatched_prompt_goes_to_its_home_by_first_block_within_the_balance_threshold(cluster, settings):
+    settings.LOCALAI_PREFIX_BALANCE_THRESHOLD = 4
+    ModelConfigFactory(name="pfx-home", routing="prefix_cache")
+    clear_index("pfx-home")
+    place("pfx-home", 3)
+    chat(cluster.url, "pfx-home", "hi", system="")  # this process learns the policy (no block: by load)
+    systems = [f"System prompt number {n}. " * 40 for n in range(6)]
+    # Each prompt the index does not know goes to its home: the same replica as the claim statement's
+    # rendezvous order by its first block, whichever replica is least recently used.
+    for system in systems:
+        assert (
+            served_by(chat(cluster.url, "pfx-home", "turn 0", system=system))
+            == home_order("pfx-home", system)[0]
+        )
+    # Its index entries gone (expired), a prompt comes back to the same home; so does a prompt that only
+    # shares the first block (its other blocks differ).
+    clear_index("pfx-home")
+    home = home_order("pfx-home", SYSTEM)[0]
+    assert served_by(chat(cluster.url, "pfx-home", "turn 1")) == home
+    clear_index("pfx-home")
+    assert served_by(chat(cluster.url, "pfx-home", "turn 2", system=SYSTEM[:300] + "Other. " * 100)) == home
+    # Concurrent first requests of one prompt all land on its home (none waits for another's record).
+    clear_index("pfx-home")
+    with ThreadPoolExecutor(4) as pool:
+        served = set(pool.map(lambda n: served_by(chat(cluster.url, "pfx-home", f"together {n}")), range(4)))
+    assert served == {home}
+    wait_in_flight_zero("pfx-home")
+    # The home (which the index also names) beyond the threshold: the next replica of the prompt's own
+    # rendezvous order that is within it, not any least loaded one.
+    first, second, third = home_order("pfx-home", SYSTEM)
+    set_in_flight(replica_at("pfx-home", first), 5, after=0)
+    assert served_by(chat(cluster.url, "pfx-home", "turn 3")) == second
+    # And when that one is over it too (5 > 0 + 4), the third.
+    set_in_flight(replica_at("pfx-home", second), 5, after=0)
+    assert served_by(chat(cluster.url, "pfx-home", "turn 4")) == third
+    for key in (first, second):
+        ModelReplica.objects.filter(pk=replica_at("pfx-home", key).pk).update(in_flight=0)
 
 
 def test_redis_down_routes_by_load_logs_once_and_answers(cluster, settings, caplog):
