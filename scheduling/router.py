@@ -77,20 +77,16 @@ route AS (
 # Pick and claim in one statement (one round trip, one commit). The order of the candidates, by the model's
 # policy (scheduling.routing):
 # - prefix_cache: the replicas of `prefer` (the gateway's lookup in the prefix index, longest matched prefix
-#   first) whose in-flight is at most the least-loaded routable replica's + `threshold` (`balance`), in that
-#   order; then, among the replicas within that bound, the highest `md5(home:replica id)` (the prompt's home:
-#   rendezvous hashing of its first block, for a prompt the index does not match or matches only on replicas
-#   too busy);
+#   first) whose in-flight is at most the least-loaded routable replica's + `threshold`, in that order;
 # - session: the highest `md5(session key:replica id)` (rendezvous hashing);
-# - then, and for least_in_flight, fewest in-flight, then most effective free VRAM on its node, then least
-#   recently used.
+# - then, and for least_in_flight, fewest in-flight; among equally loaded replicas, for prefix_cache, the
+#   highest `md5(home:replica id)` (the prompt's home: rendezvous hashing of its first block); then most
+#   effective free VRAM on its node, then least recently used.
 # The best one gets `in_flight + 1`. `FOR UPDATE` makes a claim that raced another change wait for it and
 # re-check the row: a replica that left `loaded` (or whose node stopped being routable) meanwhile is passed over
 # for the next candidate, never claimed.
 _CLAIMED_CTE = f"""
-{_ROUTE_CTE}, balance AS (
-  SELECT min(r2.in_flight) + %(threshold)s AS bound {_routable("r2", "n2")}
-), claimed AS (
+{_ROUTE_CTE}, claimed AS (
   UPDATE {ModelReplica._meta.db_table} AS claimed
   SET in_flight = claimed.in_flight + 1, last_used = now()
   FROM {Node._meta.db_table} AS node
@@ -99,15 +95,14 @@ _CLAIMED_CTE = f"""
       ORDER BY
         CASE WHEN cardinality(%(prefer)s::bigint[]) > 0
                   AND (SELECT policy FROM route) = '{PREFIX_CACHE}'
-                  AND r.in_flight <= (SELECT bound FROM balance)
+                  AND r.in_flight <= (SELECT min(r2.in_flight) {_routable("r2", "n2")}) + %(threshold)s
              THEN array_position(%(prefer)s::bigint[], r.id) END ASC NULLS LAST,
-        CASE WHEN %(home)s <> ''
-                  AND (SELECT policy FROM route) = '{PREFIX_CACHE}'
-                  AND r.in_flight <= (SELECT bound FROM balance)
-             THEN md5(%(home)s || ':' || r.id::text) END DESC NULLS LAST,
         CASE WHEN %(session)s <> '' AND (SELECT policy FROM route) = '{SESSION}'
              THEN md5(%(session)s || ':' || r.id::text) END DESC NULLS LAST,
-        r.in_flight, (n.available_vram - n.reserved_vram) DESC, r.last_used ASC NULLS FIRST, r.id
+        r.in_flight,
+        CASE WHEN %(home)s <> '' AND (SELECT policy FROM route) = '{PREFIX_CACHE}'
+             THEN md5(%(home)s || ':' || r.id::text) END DESC NULLS LAST,
+        (n.available_vram - n.reserved_vram) DESC, r.last_used ASC NULLS FIRST, r.id
       LIMIT 1
       FOR UPDATE OF r
     )

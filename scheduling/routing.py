@@ -7,21 +7,21 @@
   names a whole prefix). A bounded index in Redis, per model and shared by every web process, maps a block hash
   to the replicas that recently served a prompt with that prefix. The request goes to the routable replica with
   the longest matched prefix among those whose in-flight exceeds the least-loaded replica's by at most
-  `LOCALAI_PREFIX_BALANCE_THRESHOLD`. When none matches (or all matching ones are too busy), to the prompt's
-  *home*: among the replicas within that same bound, the highest `md5(first block hash:replica id)`
-  (rendezvous hashing of the prompt's first block; consistent hashing with bounded load). So the concurrent
-  first requests of a prompt — all those that arrive before the first one's record lands in the index — go to
-  one replica instead of being spread by load, a prompt whose entries expired returns to where it was, and
-  prompts that share only their first block (one system prompt, different later turns) share a home. A home
-  over the bound gives way to the next replica of the prompt's own rendezvous order, never beyond the bound;
-  the balance guarantee is the same as for a matched prefix. A prompt shorter than one block has no hash and
-  no home: routed by load.
+  `LOCALAI_PREFIX_BALANCE_THRESHOLD`; when none matches (or all matching ones are too busy), to the least
+  loaded — and among equally loaded replicas to the prompt's *home*, the highest `md5(first block
+  hash:replica id)` (rendezvous hashing of its first block), instead of the least recently used one. So at
+  equal load (an idle cluster, a quiet moment) a prompt goes to the same replica each time the index does not
+  know it (before its first record lands, after its entries expired), and prompts sharing their first block (one system prompt, different later turns) meet on
+  one replica. The home is only a tie-break: a home preferred up to the balance threshold (consistent hashing
+  with bounded load) made the placement of every cold prompt blind to load up to that bound, and measured
+  worse — no-sharing p99 about +30 % over least in-flight in two runs, no gain in shared hits beyond the
+  run-to-run noise (docs/performance.md). A prompt shorter than one block has no home: routed by load.
 - `session`: requests with the same session key (the `X-Session-Id` header, else the body's `user`) go to the
   same routable replica: rendezvous hashing (the replica with the highest `md5(key:replica id)`), so when a
   replica leaves only its sessions move, and a new replica takes only about 1/n of them.
 
-The gateway's warm path stays one database round trip: the preference (replicas ordered by matched prefix, or
-the session key) is a parameter of the claim statement itself (`scheduling.router`), which reads the model's
+The gateway's warm path stays one database round trip: the preference (replicas ordered by matched prefix and
+the home, or the session key) is a parameter of the claim statement itself (`scheduling.router`), which reads the model's
 policy, applies the balance threshold and re-checks the row under `FOR UPDATE`. A `prefix_cache` lookup is one
 pipelined Redis round trip (`HMGET` of the request's block hashes) before the claim; recording which replica
 served the prompt is a script run in the background after the claim. Only a process that has seen the model's
@@ -37,10 +37,8 @@ the claim statement only ever considers routable replicas anyway.
 
 Redis down (or slow beyond `REDIS_TIMEOUT`): routing falls back to `least_in_flight`, logged once when it
 starts and once when Redis answers again; no error reaches the client. The home is computable without Redis
-but deliberately not used then: the documented contract during an outage is plain `least_in_flight` (issue
-14), which an operator can reason about without knowing the hashing. Using the home would likely keep more
-hits during an outage (it is consistent hashing with bounded load on its own); that would be a change of the
-contract, not made here. Redis is not asked again for
+but deliberately not used then: the contract during an outage is plain `least_in_flight` (issue 14). As a
+tie-break it would change little there anyway. Redis is not asked again for
 `REDIS_RETRY_AFTER` seconds after a failure, so an outage adds no latency per request.
 """
 

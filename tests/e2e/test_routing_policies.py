@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -149,40 +148,41 @@ def home_order(model: str, system: str) -> list[str]:
     return [key_of(replica) for replica in ranked]
 
 
-def test_an_unmatched_prompt_goes_to_its_home_by_first_block_within_the_balance_threshold(cluster, settings):
-    settings.LOCALAI_PREFIX_BALANCE_THRESHOLD = 4
+def test_an_unmatched_prompt_goes_to_the_least_loaded_and_at_equal_load_to_its_home(cluster):
     ModelConfigFactory(name="pfx-home", routing="prefix_cache")
     clear_index("pfx-home")
     place("pfx-home", 3)
     chat(cluster.url, "pfx-home", "hi", system="")  # this process learns the policy (no block: by load)
-    systems = [f"System prompt number {n}. " * 40 for n in range(6)]
-    # Each prompt the index does not know goes to its home: the same replica as the claim statement's
-    # rendezvous order by its first block, whichever replica is least recently used.
-    for system in systems:
-        assert (
-            served_by(chat(cluster.url, "pfx-home", "turn 0", system=system))
-            == home_order("pfx-home", system)[0]
-        )
-    # Its index entries gone (expired), a prompt comes back to the same home; so does a prompt that only
-    # shares the first block (its other blocks differ).
-    clear_index("pfx-home")
-    home = home_order("pfx-home", SYSTEM)[0]
-    assert served_by(chat(cluster.url, "pfx-home", "turn 1")) == home
-    clear_index("pfx-home")
-    assert served_by(chat(cluster.url, "pfx-home", "turn 2", system=SYSTEM[:300] + "Other. " * 100)) == home
-    # Concurrent first requests of one prompt all land on its home (none waits for another's record).
-    clear_index("pfx-home")
-    with ThreadPoolExecutor(4) as pool:
-        served = set(pool.map(lambda n: served_by(chat(cluster.url, "pfx-home", f"together {n}")), range(4)))
-    assert served == {home}
-    wait_in_flight_zero("pfx-home")
-    # The home (which the index also names) beyond the threshold: the next replica of the prompt's own
-    # rendezvous order that is within it, not any least loaded one.
+
+    def ask(text: str, system: str = SYSTEM) -> str:
+        """Where the request went, once its record is in the index (so that a `clear_index` after it holds)."""
+        wait_in_flight_zero("pfx-home")  # every replica equally loaded (the last answer's unit given back)
+        key = served_by(chat(cluster.url, "pfx-home", text, system=system))
+        recorded("pfx-home", key)
+        return key
+
+    # At equal load, each prompt the index does not know goes to its home (the claim statement's rendezvous
+    # order by its first block), not to the least recently used replica.
+    for n in range(6):
+        system = f"System prompt number {n}. " * 40
+        assert ask("turn 0", system) == home_order("pfx-home", system)[0]
+    # Its index entries gone (expired), a prompt goes back to the same home; so does a prompt that shares only
+    # its first block (its later blocks differ).
     first, second, third = home_order("pfx-home", SYSTEM)
-    set_in_flight(replica_at("pfx-home", first), 5, after=0)
-    assert served_by(chat(cluster.url, "pfx-home", "turn 3")) == second
-    # And when that one is over it too (5 > 0 + 4), the third.
-    set_in_flight(replica_at("pfx-home", second), 5, after=0)
+    clear_index("pfx-home")
+    assert ask("turn 1") == first
+    clear_index("pfx-home")
+    assert ask("turn 2", SYSTEM[:300] + "Other. " * 100) == first
+    # Load comes first: the home busier than the least loaded (by 1, well within the balance threshold of a
+    # matched prefix) is passed over for the least loaded replicas, and among those the prompt's next in
+    # rendezvous order is taken.
+    clear_index("pfx-home")
+    set_in_flight(replica_at("pfx-home", first), 1, after=0)
+    served = served_by(chat(cluster.url, "pfx-home", "turn 3"))
+    assert served == second
+    recorded("pfx-home", served)
+    clear_index("pfx-home")
+    set_in_flight(replica_at("pfx-home", second), 1, after=0)
     assert served_by(chat(cluster.url, "pfx-home", "turn 4")) == third
     for key in (first, second):
         ModelReplica.objects.filter(pk=replica_at("pfx-home", key).pk).update(in_flight=0)
