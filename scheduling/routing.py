@@ -24,7 +24,8 @@ The gateway's warm path stays one database round trip: the preference (replicas 
 the home, or the session key) is a parameter of the claim statement itself (`scheduling.router`), which reads the model's
 policy, applies the balance threshold and re-checks the row under `FOR UPDATE`. A `prefix_cache` lookup is one
 pipelined Redis round trip (`HMGET` of the request's block hashes) before the claim; recording which replica
-served the prompt is a script run in the background after the claim. Only a process that has seen the model's
+served the prompt is a script (by `EVALSHA`) run in the background as soon as the claim returns, before the
+backend is called, so that the requests that follow see it while this one is still being prefilled. Only a process that has seen the model's
 policy (every claim answers it; cached per process) looks the prefix up: a process's first request of a model,
 and the first after a switch to `prefix_cache`, are routed by load (and recorded).
 
@@ -217,11 +218,13 @@ class _Circuit:
 
 
 circuit = _Circuit()
-# This event loop's client, with the URL it was made for.
-_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[str, Any]] = weakref.WeakKeyDictionary()
+# This event loop's client, with the URL it was made for and its record script.
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[str, Any, Any]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-def _async_client() -> Any:
+def _async_known() -> tuple[str, Any, Any]:
     import redis.asyncio as aioredis
 
     loop = asyncio.get_running_loop()
@@ -231,8 +234,13 @@ def _async_client() -> Any:
         client = aioredis.Redis.from_url(
             url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT
         )
-        _clients[loop] = known = (url, client)
-    return known[1]
+        # Run by EVALSHA: the script's text goes to Redis once (again only if Redis lost it), not per request.
+        _clients[loop] = known = (url, client, client.register_script(_RECORD_LUA))
+    return known
+
+
+def _async_client() -> Any:
+    return _async_known()[1]
 
 
 async def close_clients() -> None:
@@ -343,9 +351,9 @@ async def record(model: str, replica_id: int, hashes: Sequence[str]) -> None:
     from redis import RedisError
 
     try:
-        client = _async_client()
+        script = _async_known()[2]
         await asyncio.wait_for(
-            client.eval(_RECORD_LUA, 2, *index_keys(model), *_record_args(replica_id, hashes)), 1.0
+            script(keys=index_keys(model), args=_record_args(replica_id, hashes)), REDIS_TIMEOUT
         )
     except (RedisError, OSError, TimeoutError) as error:
         circuit.failed(error)
