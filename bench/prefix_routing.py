@@ -1,6 +1,7 @@
 """Prefix-cache-aware routing against least in-flight (issue 14): 4 echo replicas that model a prefix (KV)
 cache — `prefill_us_per_char` µs per prompt character not already cached in that replica, an LRU of
-`prefix_cache_chars` distinct prefix characters per replica (a shared prefix stored once) — behind a control plane with 2 uvicorn web processes.
+`prefix_cache_chars` distinct prefix characters per replica (a shared prefix stored once) — behind a control
+plane with 2 uvicorn web processes.
 
 Workloads, each `--requests` chat requests at concurrency `--concurrency`:
 - shared: 8 system prompts of ~4,000 characters, each request one of them (at random) plus a short user turn;

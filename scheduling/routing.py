@@ -11,23 +11,25 @@
   loaded — and among equally loaded replicas to the prompt's *home*, the highest `md5(first block
   hash:replica id)` (rendezvous hashing of its first block), instead of the least recently used one. So at
   equal load (an idle cluster, a quiet moment) a prompt goes to the same replica each time the index does not
-  know it (before its first record lands, after its entries expired), and prompts sharing their first block (one system prompt, different later turns) meet on
-  one replica. The home is only a tie-break: a home preferred up to the balance threshold (consistent hashing
-  with bounded load) made the placement of every cold prompt blind to load up to that bound, and measured
-  worse — no-sharing p99 about +30 % over least in-flight in two runs, no gain in shared hits beyond the
-  run-to-run noise (docs/performance.md). A prompt shorter than one block has no home: routed by load.
+  know it (before its first record lands, after its entries expired), and prompts sharing their first block
+  (one system prompt, different later turns) meet on one replica. The home is only a tie-break: a home
+  preferred up to the balance threshold (consistent hashing with bounded load) made the placement of every
+  cold prompt blind to load up to that bound, and measured worse — the no-sharing bench's p99 ~35 % higher in
+  every run, no gain in shared hits beyond the run-to-run noise (docs/performance.md). A prompt shorter than
+  one block has no home: routed by load.
 - `session`: requests with the same session key (the `X-Session-Id` header, else the body's `user`) go to the
   same routable replica: rendezvous hashing (the replica with the highest `md5(key:replica id)`), so when a
   replica leaves only its sessions move, and a new replica takes only about 1/n of them.
 
 The gateway's warm path stays one database round trip: the preference (replicas ordered by matched prefix and
-the home, or the session key) is a parameter of the claim statement itself (`scheduling.router`), which reads the model's
-policy, applies the balance threshold and re-checks the row under `FOR UPDATE`. A `prefix_cache` lookup is one
-pipelined Redis round trip (`HMGET` of the request's block hashes) before the claim; recording which replica
-served the prompt is a script (by `EVALSHA`) run in the background as soon as the claim returns, before the
-backend is called, so that the requests that follow see it while this one is still being prefilled. Only a process that has seen the model's
-policy (every claim answers it; cached per process) looks the prefix up: a process's first request of a model,
-and the first after a switch to `prefix_cache`, are routed by load (and recorded).
+the home, or the session key) is a parameter of the claim statement itself (`scheduling.router`), which reads
+the model's policy, applies the balance threshold and re-checks the row under `FOR UPDATE`. A `prefix_cache`
+lookup is one pipelined Redis round trip (`HMGET` of the request's block hashes) before the claim; recording
+which replica served the prompt is a script (by `EVALSHA`) run in the background as soon as the claim
+returns, before the backend is called, so that the requests that follow see it while this one is still being
+prefilled. Only a process that has seen the model's policy (every claim answers it; cached per process) looks
+the prefix up: a process's first request of a model, and the first after a switch to `prefix_cache`, are
+routed by load (and recorded).
 
 The index, per model: a hash `block hash → replica ids` (most recent first, at most `REPLICAS_PER_BLOCK`) and a
 sorted set `block hash → last recorded (ms)`. Each record drops the entries older than
@@ -38,9 +40,9 @@ the claim statement only ever considers routable replicas anyway.
 
 Redis down (or slow beyond `REDIS_TIMEOUT`): routing falls back to `least_in_flight`, logged once when it
 starts and once when Redis answers again; no error reaches the client. The home is computable without Redis
-but deliberately not used then: the contract during an outage is plain `least_in_flight` (issue 14). As a
-tie-break it would change little there anyway. Redis is not asked again for
-`REDIS_RETRY_AFTER` seconds after a failure, so an outage adds no latency per request.
+but deliberately not used then: the contract during an outage is plain `least_in_flight` (issue 14); as a
+tie-break it would change little there anyway. Redis is not asked again for `REDIS_RETRY_AFTER` seconds after
+a failure, so an outage adds no latency per request.
 """
 
 from __future__ import annotations
