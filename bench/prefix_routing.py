@@ -1,14 +1,16 @@
 """Prefix-cache-aware routing against least in-flight (issue 14): 4 echo replicas that model a prefix (KV)
 cache — `prefill_us_per_char` µs per prompt character not already cached in that replica, an LRU of
-`prefix_cache_chars` characters per replica — behind a control plane with 2 uvicorn web processes.
+`prefix_cache_chars` distinct prefix characters per replica (a shared prefix stored once) — behind a control
+plane with 2 uvicorn web processes.
 
 Workloads, each `--requests` chat requests at concurrency `--concurrency`:
 - shared: 8 system prompts of ~4,000 characters, each request one of them (at random) plus a short user turn;
 - no sharing: every request a prompt of its own (~4,000 characters).
 Per policy and workload: the prefix hit ratio (cached characters / prompt characters, from the replicas'
-`prefix-cache: hit=… miss=…` log lines), the prefill skew (the busiest replica's missed characters over the
-mean replica's), mean and p99 latency. Targets: hit ratio >= 0.8 with prefix_cache,
-mean latency at least 2x lower than least_in_flight on the shared workload, p99 within 10 % on no sharing.
+`prefix-cache: hit=… miss=…` log lines), the cold prefills (requests that missed most of their prompt), the
+prefill skew (the busiest replica's missed characters over the mean replica's), mean and p99 latency.
+Targets: hit ratio >= 0.8 with prefix_cache, mean latency at least 2x lower than least_in_flight on the
+shared workload, p99 within 10 % on no sharing.
 
     .venv/bin/python bench/prefix_routing.py [--requests 400] [--concurrency 16] [--rounds 4]
 
@@ -71,16 +73,19 @@ def prefix_lines(cluster: Cluster, model: str) -> dict[str, list[tuple[int, int]
     return found
 
 
-def hit_ratio(before: dict[str, list], after: dict[str, list]) -> tuple[float, int, float]:
-    """(cached characters / prompt characters, requests, prefill skew) of the lines logged between the two
-    readings; the skew is the busiest replica's missed characters over the mean replica's (1.0 = even): a
-    replica prefills one request at a time, so the busiest one's prefill work bounds the latency."""
+def hit_ratio(before: dict[str, list], after: dict[str, list]) -> tuple[float, int, float, int]:
+    """(cached characters / prompt characters, requests, prefill skew, cold prefills) of the lines logged
+    between the two readings; the skew is the busiest replica's missed characters over the mean replica's
+    (1.0 = even): a replica prefills one request at a time, so the busiest one's prefill work bounds the
+    latency. A cold prefill is a request that missed more of its prompt than it hit (its system prompt was
+    not in that replica's cache): on the shared workload, each beyond the 8 first ones is a hit lost."""
     per_node = {name: entries[len(before.get(name, [])) :] for name, entries in after.items()}
     new = [entry for entries in per_node.values() for entry in entries]
     hit, miss = sum(entry[0] for entry in new), sum(entry[1] for entry in new)
     misses = [sum(entry[1] for entry in entries) for entries in per_node.values()]
     skew = max(misses) / statistics.fmean(misses) if misses and sum(misses) else 1.0
-    return (hit / (hit + miss) if hit + miss else 0.0), len(new), skew
+    cold = sum(1 for entry in new if entry[1] > entry[0])
+    return (hit / (hit + miss) if hit + miss else 0.0), len(new), skew, cold
 
 
 async def run(cluster: Cluster, model: str, bodies: list, concurrency: int) -> list[float]:
@@ -170,16 +175,18 @@ def main() -> None:
                     )
             for policy in POLICIES:
                 model = models[(policy, kind)]
-                ratio, counted, skew = hit_ratio(befores[policy], prefix_lines(cluster, model))
+                ratio, counted, skew, cold = hit_ratio(befores[policy], prefix_lines(cluster, model))
                 if counted != len(bodies):
                     raise SystemExit(f"{model}: {counted} prefix-cache lines for {len(bodies)} requests")
-                results.append((kind, policy, ratio, skew, latencies[policy]))
-        print(f"{'workload':<12}{'policy':<17}{'hit ratio':>10}{'prefill skew':>13}{'mean':>11}{'p99':>11}")
-        for kind, policy, ratio, skew, latencies in results:
+                results.append((kind, policy, ratio, skew, cold, latencies[policy]))
+        print(
+            f"{'workload':<12}{'policy':<17}{'hit ratio':>10}{'cold':>6}{'prefill skew':>13}{'mean':>11}{'p99':>11}"
+        )
+        for kind, policy, ratio, skew, cold, latencies in results:
             mean, p99 = statistics.fmean(latencies) * 1000, percentile(latencies, 0.99) * 1000
             name = "shared" if kind == "shared" else "no sharing"
-            print(f"{name:<12}{policy:<17}{ratio:>10.2f}{skew:>13.2f}{mean:>9.1f}ms{p99:>9.1f}ms")
-        by = {(kind, policy): latencies for kind, policy, _ratio, _skew, latencies in results}
+            print(f"{name:<12}{policy:<17}{ratio:>10.2f}{cold:>6}{skew:>13.2f}{mean:>9.1f}ms{p99:>9.1f}ms")
+        by = {(kind, policy): latencies for kind, policy, _ratio, _skew, _cold, latencies in results}
         shared = statistics.fmean(by[("shared", "least_in_flight")]) / statistics.fmean(
             by[("shared", "prefix_cache")]
         )

@@ -79,8 +79,9 @@ route AS (
 # - prefix_cache: the replicas of `prefer` (the gateway's lookup in the prefix index, longest matched prefix
 #   first) whose in-flight is at most the least-loaded routable replica's + `threshold`, in that order;
 # - session: the highest `md5(session key:replica id)` (rendezvous hashing);
-# - then, and for least_in_flight, fewest in-flight, then most effective free VRAM on its node, then least
-#   recently used.
+# - then, and for least_in_flight, fewest in-flight; among equally loaded replicas, for prefix_cache, the
+#   highest `md5(home:replica id)` (the prompt's home: rendezvous hashing of its first block); then most
+#   effective free VRAM on its node, then least recently used.
 # The best one gets `in_flight + 1`. `FOR UPDATE` makes a claim that raced another change wait for it and
 # re-check the row: a replica that left `loaded` (or whose node stopped being routable) meanwhile is passed over
 # for the next candidate, never claimed.
@@ -98,7 +99,10 @@ _CLAIMED_CTE = f"""
              THEN array_position(%(prefer)s::bigint[], r.id) END ASC NULLS LAST,
         CASE WHEN %(session)s <> '' AND (SELECT policy FROM route) = '{SESSION}'
              THEN md5(%(session)s || ':' || r.id::text) END DESC NULLS LAST,
-        r.in_flight, (n.available_vram - n.reserved_vram) DESC, r.last_used ASC NULLS FIRST, r.id
+        r.in_flight,
+        CASE WHEN %(home)s <> '' AND (SELECT policy FROM route) = '{PREFIX_CACHE}'
+             THEN md5(%(home)s || ':' || r.id::text) END DESC NULLS LAST,
+        (n.available_vram - n.reserved_vram) DESC, r.last_used ASC NULLS FIRST, r.id
       LIMIT 1
       FOR UPDATE OF r
     )
@@ -486,6 +490,7 @@ async def aclaim(
             "prefer": prefer.replicas,
             "threshold": int(settings.LOCALAI_PREFIX_BALANCE_THRESHOLD),
             "session": prefer.session,
+            "home": prefer.home,
         }
 
         async def run(conn: Any) -> tuple | None:

@@ -7,18 +7,29 @@
   names a whole prefix). A bounded index in Redis, per model and shared by every web process, maps a block hash
   to the replicas that recently served a prompt with that prefix. The request goes to the routable replica with
   the longest matched prefix among those whose in-flight exceeds the least-loaded replica's by at most
-  `LOCALAI_PREFIX_BALANCE_THRESHOLD`; when none matches (or all matching ones are too busy), to the least loaded.
+  `LOCALAI_PREFIX_BALANCE_THRESHOLD`; when none matches (or all matching ones are too busy), to the least
+  loaded — and among equally loaded replicas to the prompt's *home*, the highest `md5(first block
+  hash:replica id)` (rendezvous hashing of its first block), instead of the least recently used one. So at
+  equal load (an idle cluster, a quiet moment) a prompt goes to the same replica each time the index does not
+  know it (before its first record lands, after its entries expired), and prompts sharing their first block
+  (one system prompt, different later turns) meet on one replica. The home is only a tie-break: a home
+  preferred up to the balance threshold (consistent hashing with bounded load) made the placement of every
+  cold prompt blind to load up to that bound, and measured worse — the no-sharing bench's p99 ~35 % higher in
+  every run, no gain in shared hits beyond the run-to-run noise (docs/performance.md). A prompt shorter than
+  one block has no home: routed by load.
 - `session`: requests with the same session key (the `X-Session-Id` header, else the body's `user`) go to the
   same routable replica: rendezvous hashing (the replica with the highest `md5(key:replica id)`), so when a
   replica leaves only its sessions move, and a new replica takes only about 1/n of them.
 
-The gateway's warm path stays one database round trip: the preference (replicas ordered by matched prefix, or
-the session key) is a parameter of the claim statement itself (`scheduling.router`), which reads the model's
-policy, applies the balance threshold and re-checks the row under `FOR UPDATE`. A `prefix_cache` lookup is one
-pipelined Redis round trip (`HMGET` of the request's block hashes) before the claim; recording which replica
-served the prompt is a script run in the background after the claim. Only a process that has seen the model's
-policy (every claim answers it; cached per process) looks the prefix up: a process's first request of a model,
-and the first after a switch to `prefix_cache`, are routed by load (and recorded).
+The gateway's warm path stays one database round trip: the preference (replicas ordered by matched prefix and
+the home, or the session key) is a parameter of the claim statement itself (`scheduling.router`), which reads
+the model's policy, applies the balance threshold and re-checks the row under `FOR UPDATE`. A `prefix_cache`
+lookup is one pipelined Redis round trip (`HMGET` of the request's block hashes) before the claim; recording
+which replica served the prompt is a script (by `EVALSHA`) run in the background as soon as the claim
+returns, before the backend is called, so that the requests that follow see it while this one is still being
+prefilled. Only a process that has seen the model's policy (every claim answers it; cached per process) looks
+the prefix up: a process's first request of a model, and the first after a switch to `prefix_cache`, are
+routed by load (and recorded).
 
 The index, per model: a hash `block hash → replica ids` (most recent first, at most `REPLICAS_PER_BLOCK`) and a
 sorted set `block hash → last recorded (ms)`. Each record drops the entries older than
@@ -28,8 +39,10 @@ replica is taken out of every entry of its model (`forget_replica`, after the de
 the claim statement only ever considers routable replicas anyway.
 
 Redis down (or slow beyond `REDIS_TIMEOUT`): routing falls back to `least_in_flight`, logged once when it
-starts and once when Redis answers again; no error reaches the client. Redis is not asked again for
-`REDIS_RETRY_AFTER` seconds after a failure, so an outage adds no latency per request.
+starts and once when Redis answers again; no error reaches the client. The home is computable without Redis
+but deliberately not used then: the contract during an outage is plain `least_in_flight` (issue 14); as a
+tie-break it would change little there anyway. Redis is not asked again for `REDIS_RETRY_AFTER` seconds after
+a failure, so an outage adds no latency per request.
 """
 
 from __future__ import annotations
@@ -142,6 +155,7 @@ class Preference:
     matched: list[int]
     session: str = ""
     hashes: list[str] | None = None  # the prompt's block hashes, to record after the claim
+    home: str = ""  # `prefix_cache`: the first block's hash ("" routes an unmatched prompt by load)
 
     @classmethod
     def none(cls, session: str = "") -> Preference:
@@ -206,11 +220,13 @@ class _Circuit:
 
 
 circuit = _Circuit()
-# This event loop's client, with the URL it was made for.
-_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[str, Any]] = weakref.WeakKeyDictionary()
+# This event loop's client, with the URL it was made for and its record script.
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[str, Any, Any]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-def _async_client() -> Any:
+def _async_known() -> tuple[str, Any, Any]:
     import redis.asyncio as aioredis
 
     loop = asyncio.get_running_loop()
@@ -220,8 +236,13 @@ def _async_client() -> Any:
         client = aioredis.Redis.from_url(
             url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT
         )
-        _clients[loop] = known = (url, client)
-    return known[1]
+        # Run by EVALSHA: the script's text goes to Redis once (again only if Redis lost it), not per request.
+        _clients[loop] = known = (url, client, client.register_script(_RECORD_LUA))
+    return known
+
+
+def _async_client() -> Any:
+    return _async_known()[1]
 
 
 async def close_clients() -> None:
@@ -249,6 +270,7 @@ async def preference_for(model: str, fields: dict[str, Any], session: str) -> Pr
         circuit.failed(error)
         return preference
     circuit.succeeded()
+    preference.home = hashes[0]
     for replica_id, blocks in best_matches(hashes, entries):
         preference.replicas.append(replica_id)
         preference.matched.append(blocks)
@@ -331,9 +353,9 @@ async def record(model: str, replica_id: int, hashes: Sequence[str]) -> None:
     from redis import RedisError
 
     try:
-        client = _async_client()
+        script = _async_known()[2]
         await asyncio.wait_for(
-            client.eval(_RECORD_LUA, 2, *index_keys(model), *_record_args(replica_id, hashes)), 1.0
+            script(keys=index_keys(model), args=_record_args(replica_id, hashes)), REDIS_TIMEOUT
         )
     except (RedisError, OSError, TimeoutError) as error:
         circuit.failed(error)

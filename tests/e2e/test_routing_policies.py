@@ -4,6 +4,7 @@ PostgreSQL, Redis, agents and echo backends."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import httpx
@@ -135,6 +136,56 @@ def test_the_balance_threshold_sends_to_the_least_loaded_when_the_prefix_holder_
     # That replica now holds the prefix too: with the first holder still busy, it is preferred over the third.
     assert served_by(chat(cluster.url, "pfx-bal", "turn 4")) == elsewhere
     ModelReplica.objects.filter(pk=replica.pk).update(in_flight=0)
+
+
+def home_order(model: str, system: str) -> list[str]:
+    """The model's replicas in the rendezvous order of the prompt's home: highest `md5(first block hash:replica
+    id)` first (the claim statement's order for a prompt the index does not match)."""
+    fields = {"Messages": [{"role": "system", "content": system}, {"role": "user", "content": "x"}]}
+    first = routing.block_hashes(routing.rendered_prompt(fields))[0]
+    replicas = ModelReplica.objects.select_related("node").filter(model_name=model)
+    ranked = sorted(replicas, key=lambda r: hashlib.md5(f"{first}:{r.pk}".encode()).hexdigest(), reverse=True)
+    return [key_of(replica) for replica in ranked]
+
+
+def test_an_unmatched_prompt_goes_to_the_least_loaded_and_at_equal_load_to_its_home(cluster):
+    ModelConfigFactory(name="pfx-home", routing="prefix_cache")
+    clear_index("pfx-home")
+    place("pfx-home", 3)
+    chat(cluster.url, "pfx-home", "hi", system="")  # this process learns the policy (no block: by load)
+
+    def ask(text: str, system: str = SYSTEM) -> str:
+        """Where the request went, once its record is in the index (so that a `clear_index` after it holds)."""
+        wait_in_flight_zero("pfx-home")  # every replica equally loaded (the last answer's unit given back)
+        key = served_by(chat(cluster.url, "pfx-home", text, system=system))
+        recorded("pfx-home", key)
+        return key
+
+    # At equal load, each prompt the index does not know goes to its home (the claim statement's rendezvous
+    # order by its first block), not to the least recently used replica.
+    for n in range(6):
+        system = f"System prompt number {n}. " * 40
+        assert ask("turn 0", system) == home_order("pfx-home", system)[0]
+    # Its index entries gone (expired), a prompt goes back to the same home; so does a prompt that shares only
+    # its first block (its later blocks differ).
+    first, second, third = home_order("pfx-home", SYSTEM)
+    clear_index("pfx-home")
+    assert ask("turn 1") == first
+    clear_index("pfx-home")
+    assert ask("turn 2", SYSTEM[:300] + "Other. " * 100) == first
+    # Load comes first: the home busier than the least loaded (by 1, well within the balance threshold of a
+    # matched prefix) is passed over for the least loaded replicas, and among those the prompt's next in
+    # rendezvous order is taken.
+    clear_index("pfx-home")
+    set_in_flight(replica_at("pfx-home", first), 1, after=0)
+    served = served_by(chat(cluster.url, "pfx-home", "turn 3"))
+    assert served == second
+    recorded("pfx-home", served)
+    clear_index("pfx-home")
+    set_in_flight(replica_at("pfx-home", second), 1, after=0)
+    assert served_by(chat(cluster.url, "pfx-home", "turn 4")) == third
+    for key in (first, second):
+        ModelReplica.objects.filter(pk=replica_at("pfx-home", key).pk).update(in_flight=0)
 
 
 def test_redis_down_routes_by_load_logs_once_and_answers(cluster, settings, caplog):

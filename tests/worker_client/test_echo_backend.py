@@ -95,8 +95,11 @@ async def test_prefix_cache_counts_hits_and_misses_and_drops_the_least_recently_
     await echo.predict(Prompt=system + "one")  # cold: all missed
     await echo.predict(Prompt=system + "two")  # the shared system prompt hits
     await echo.predict(Prompt=system + "two")  # the same prompt: a whole hit
-    # Kept: the two prompts (206 chars); a third of 103 goes over 250, so the least recently used ("one") goes.
+    # Kept: the two prompts share their system prompt, stored once (106 chars); with a third of 103, 209.
     await echo.predict(Prompt="x" * 103)
+    # A fourth of 42 goes over 250 (251): the least recently used ("…one") goes, which frees only its own
+    # 3 characters (248): the system prompt stays, "…two" holds it.
+    await echo.predict(Prompt="y" * 42)
     await echo.predict(Prompt=system + "onX")  # "one" was dropped: only "…two" covers the system prompt
     pieces = [piece async for piece in echo.predict_stream(Prompt="x" * 103)]  # streams count too
     assert pieces
@@ -105,9 +108,30 @@ async def test_prefix_cache_counts_hits_and_misses_and_drops_the_least_recently_
         (100, 3),
         (103, 0),
         (0, 103),
+        (0, 42),
         (100, 3),
         (103, 0),
     ]
+
+
+def test_prefix_cache_size_is_its_prompts_trie_and_hits_are_the_longest_common_prefix() -> None:
+    """Against a brute force on random prompts over a small alphabet (many shared prefixes): the kept size
+    is the number of distinct prefixes of the kept prompts, never above the capacity, and each hit the
+    longest common prefix with a prompt kept before it."""
+    import random
+
+    from worker_client.backends.echo.server import PrefixCache, common_prefix
+
+    rng = random.Random(14)
+    cache = PrefixCache(60)
+    for _ in range(2000):
+        prompt = "".join(rng.choice("ab") for _ in range(rng.randint(0, 12)))
+        expected = max((common_prefix(prompt, kept) for kept in cache.prompts), default=0)
+        assert cache.serve(prompt) == expected
+        distinct = {kept[:end] for kept in cache.prompts for end in range(1, len(kept) + 1)}
+        assert cache.size == len(distinct) <= 60
+        assert cache.ordered == sorted(cache.prompts)
+        assert prompt in cache.prompts  # the newest is always kept (it fits)
 
 
 async def test_prefill_time_is_paid_per_missed_character_only(

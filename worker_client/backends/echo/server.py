@@ -4,9 +4,11 @@ Answers are derived from the request alone: the reply is "echo: <last user messa
 `Tokens` whitespace-separated words; token counts are word counts. `ModelOptions.Options` knobs: `delay_ms:N`
 (delay before each token), `load_ms:N` (LoadModel takes that long), `fail_load:true` (LoadModel fails and says
 why on stderr), `fail_embedding:TEXT` (the embedding of exactly TEXT fails with `INTERNAL`), and a model of a
-prefix (KV) cache: `prefix_cache_chars:M` keeps the prompts of recent requests, at most M characters in all
-(least recently used dropped first), and `prefill_us_per_char:N` makes a completion wait N µs per prompt
-character not covered by the longest common prefix with a kept prompt; each completion then prints
+prefix (KV) cache: `prefix_cache_chars:M` keeps the prompts of recent requests, at most M distinct prefix
+characters in all — a prefix that kept prompts share is stored once, as in a radix tree of KV blocks — the
+least recently used prompt dropped first (which frees only the characters no other kept prompt shares), and
+`prefill_us_per_char:N` makes a completion wait N µs per prompt character not covered by the longest common
+prefix with a kept prompt; each completion then prints
 `prefix-cache: hit=<chars> miss=<chars>`. Prefills of one replica run one at a time, in arrival order (a GPU's
 prefill is compute-bound), while decoding runs concurrently. With
 `LOCALAI_GRPC_AUTH_TOKEN` set, calls without `authorization: Bearer <token>` are refused. Every request except
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import hashlib
 import math
 import os
@@ -78,27 +81,48 @@ def common_prefix(a: str, b: str) -> int:
 
 
 class PrefixCache:
-    """The prompts of recent requests, at most `capacity` characters in all, least recently used dropped
-    first. `serve` answers how many leading characters of a prompt a kept prompt already covers (the longest
-    common prefix with any of them), then keeps the prompt."""
+    """The prompts of recent requests as a radix tree would hold them: `size` counts the distinct prefix
+    characters of the kept prompts (their trie's size: a prefix shared by several is counted once), at most
+    `capacity`; the least recently used prompt is dropped first, freeing the characters no other kept prompt
+    shares. `serve` answers how many leading characters of a prompt a kept prompt already covers (the longest
+    common prefix with any of them), then keeps the prompt.
+
+    The kept prompts are also held in sorted order: the longest common prefix of a string with a set is the one
+    with its neighbour before or after it in that order, so a request costs two prefix comparisons and a
+    binary search, however many prompts are kept."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.prompts: OrderedDict[str, None] = OrderedDict()
+        self.prompts: OrderedDict[str, None] = OrderedDict()  # least recently used first
+        self.ordered: list[str] = []  # the same prompts, sorted
         self.size = 0
 
+    def _shared(self, prompt: str, position: int) -> int:
+        """The longest common prefix of `prompt` with the kept prompts around `position` of `ordered` (the
+        slot it has, or would have, there; itself excluded)."""
+        following = position
+        if following < len(self.ordered) and self.ordered[following] == prompt:
+            following += 1  # itself: its neighbour after it is the next one
+        before = self.ordered[position - 1] if position > 0 else ""
+        after = self.ordered[following] if following < len(self.ordered) else ""
+        return max(common_prefix(prompt, before), common_prefix(prompt, after))
+
     def serve(self, prompt: str) -> int:
-        hit = max((common_prefix(prompt, kept) for kept in self.prompts), default=0)
-        if self.capacity <= 0 or len(prompt) > self.capacity:
-            return hit
+        position = bisect.bisect_left(self.ordered, prompt)
         if prompt in self.prompts:
             self.prompts.move_to_end(prompt)
+            return len(prompt)
+        hit = self._shared(prompt, position)
+        if self.capacity <= 0 or len(prompt) > self.capacity:
             return hit
         self.prompts[prompt] = None
-        self.size += len(prompt)
+        self.ordered.insert(position, prompt)
+        self.size += len(prompt) - hit
         while self.size > self.capacity:
             dropped, _ = self.prompts.popitem(last=False)
-            self.size -= len(dropped)
+            where = bisect.bisect_left(self.ordered, dropped)
+            self.size -= len(dropped) - self._shared(dropped, where)
+            del self.ordered[where]
         return hit
 
 
