@@ -103,10 +103,10 @@ def _release(lease) -> None:
 
 
 def test_after_every_session_ended_the_second_claim_takes_a_new_owner_id_and_moves_the_units():
-    """A database restart or failover ends every session of the process. The claim that finds its pooled
+    """A database restart or failover ends the router's sessions (its hot connections and the owner's lock
+    session). The claim that finds its pooled
     connection dead casts doubt on the owner's lock session; the next claim checks it (not after
     OWNER_CHECK_INTERVAL), takes a new owner id and moves every unit held to it."""
-    from django.db import connection
 
     from localai_cluster.dbhealth import idle_connection_suspect
     from scheduling import router
@@ -117,23 +117,33 @@ def test_after_every_session_ended_the_second_claim_takes_a_new_owner_id_and_mov
         try:
             first = await router.aclaim("m")
             old = first.owner
+            # The router's sessions end (the owner's lock session and every pooled hot connection), as in a
+            # restart; the test waits until each has exited (a terminated backend exits on its own time: a claim
+            # sent to one still exiting meets the shutdown mid-statement, which is not this scenario). Other
+            # sessions are left alone: a thread's Django connection ended here would fail a later test.
+            pool = await router.hot_pool()
+            held = [await pool.getconn() for _ in range(pool.get_stats()["pool_size"])]
+            pids = [PROCESS_OWNER._conn.info.backend_pid, *(conn.info.backend_pid for conn in held)]
+            for conn in held:
+                await pool.putconn(conn)
             with psycopg.connect(**plain_connection_params(), autocommit=True) as other:
-                other.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                other.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", [pids])
+                await asyncio.to_thread(
+                    wait_until,
+                    lambda: (
+                        not other.execute(
+                            "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", [pids]
+                        ).fetchone()[0]
+                    ),
+                    message="the terminated sessions to exit",
                 )
-            await asyncio.to_thread(
-                wait_until,
-                lambda: idle_connection_suspect(PROCESS_OWNER._conn),
-                message="the sessions to end",
-            )
+            assert idle_connection_suspect(PROCESS_OWNER._conn)
             second = await router.aclaim("m")  # finds its pooled connection dead
             third = await router.aclaim("m")  # checks the owner's lock session: a new id
             return old, [first, second, third]
         finally:
             await router.close_hot_pools()
 
-    connection.close()  # its session was ended too
     old, leases = asyncio.run(scenario())
     new = PROCESS_OWNER.fresh_id()
     assert new is not None and new != old
