@@ -10,7 +10,9 @@ latency <= 2 ms at concurrency 1; gateway throughput >= 50 % of direct at concur
 environment the bench's models route by prefix (one Redis lookup per request once the prompt has a block).
 
 Uses the embedded PostgreSQL and Redis unless DATABASE_URL / REDIS_URL are set, like the control plane.
-HTTP requests reuse keep-alive connections (one pool per run, as an OpenAI SDK client does).
+HTTP requests reuse keep-alive connections (one pool per run, as an OpenAI SDK client does). Every gateway row
+also prints the web processes' CPU per request (user + system time of uvicorn and its workers over the row,
+divided by its requests): on a loaded machine it moves less than latency and throughput do.
 """
 
 from __future__ import annotations
@@ -95,6 +97,19 @@ class Cluster:
                 pass
             time.sleep(0.2)
         raise SystemExit(f"the control plane did not start; see {self.log_dir}/web.log")
+
+    def web_cpu(self) -> float:
+        """CPU seconds (user + system) used so far by the uvicorn process and its worker processes."""
+        master = self.processes[0].pid
+        total = 0.0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rpartition(")")[2].split()
+            except OSError:  # the process ended meanwhile
+                continue
+            if int(stat.parent.name) == master or int(fields[1]) == master:  # fields[1]: the parent's pid
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
 
     def add_agent(
         self, name: str, *, slots: int = 1, vram: str = "24GiB", labels: str = "", extra: tuple[str, ...] = ()
@@ -234,15 +249,19 @@ async def bench(cluster: Cluster, args: argparse.Namespace) -> None:
             await direct()
             await gateway()
         print(f"{'':14}{'direct gRPC':>36}  {'through the gateway':>36}  added median / throughput ratio")
-        print(f"{'':14}{'median   p99      req/s':>36}  {'median   p99      req/s':>36}")
+        print(
+            f"{'':14}{'median   p99      req/s':>36}  {'median   p99      req/s':>36}  / web CPU per request"
+        )
         for concurrency in (1, 32):
             d_lat, d_wall = await run_load(direct, args.requests, concurrency)
+            cpu_before = cluster.web_cpu()
             g_lat, g_wall = await run_load(gateway, args.requests, concurrency)
+            cpu = (cluster.web_cpu() - cpu_before) / len(g_lat) * 1000
             dm, dp, dt = summary(d_lat, d_wall)
             gm, gp, gt = summary(g_lat, g_wall)
             print(
                 f"concurrency {concurrency:<2}{dm:>12.2f}ms{dp:>8.2f}ms{dt:>9.0f}  "
-                f"{gm:>12.2f}ms{gp:>8.2f}ms{gt:>9.0f}  +{gm - dm:.2f} ms / {gt / dt:.0%}"
+                f"{gm:>12.2f}ms{gp:>8.2f}ms{gt:>9.0f}  +{gm - dm:.2f} ms / {gt / dt:.0%} / {cpu:.2f} ms"
             )
 
         if shutil.which("wrk"):
@@ -250,8 +269,13 @@ async def bench(cluster: Cluster, args: argparse.Namespace) -> None:
                 "through the gateway, load from wrk (a C client: the HTTP client's own cost mostly removed)"
             )
             for concurrency in (1, 32):
+                cpu_before = cluster.web_cpu()
                 median, p99, rate = run_wrk(cluster.url, body, concurrency, args.wrk_seconds)
-                print(f"concurrency {concurrency:<2}{median:>12.2f}ms{p99:>8.2f}ms{rate:>9.0f}")
+                cpu = (cluster.web_cpu() - cpu_before) / (rate * args.wrk_seconds) * 1000
+                print(
+                    f"concurrency {concurrency:<2}{median:>12.2f}ms{p99:>8.2f}ms{rate:>9.0f}"
+                    f"  web CPU {cpu:.2f} ms per request"
+                )
         else:
             print("(install wrk — apt-get install wrk — for gateway figures measured with a C HTTP client)")
 

@@ -119,7 +119,8 @@ def _backend_error(error: WorkerError) -> GatewayError:
 
 
 def _bearer(request: HttpRequest) -> str | None:
-    header = request.headers.get("Authorization", "")
+    # `request.headers` would build a mapping of every header first: `META` is what it reads.
+    header = request.META.get("HTTP_AUTHORIZATION", "")
     scheme, _, value = header.partition(" ")
     return value.strip() if scheme.lower() == "bearer" and value.strip() else None
 

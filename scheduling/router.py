@@ -4,7 +4,7 @@
 Sync functions do the database work; the async API (`acquire`, `Lease.release`, `discard_unreachable`) runs
 them on small thread pools so the event loop never blocks and the hot path costs one thread hop to claim and
 one to release. Every request is routed anew: nothing is remembered per process except which cold loads this
-process is already waiting for.
+process is already waiting for (and the backend tokens of the nodes' current salts, `nodes.tokens`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from localai_cluster.dbhealth import idle_connection_suspect
 from nodes.apikeys import GATEWAY_AUTH_SELECT, gateway_key_hash, gateway_key_used
 from nodes.inflight import PROCESS_OWNER, REPUBLISHING
 from nodes.models import InFlightClaim, ModelReplica, Node, process_key
-from nodes.tokens import backend_token_for
+from nodes.tokens import backend_token
 from scheduling.models import ModelConfig
 from scheduling.pipeline import routable_replica_sql
 from scheduling.placement import NoCapacity, UnknownModel
@@ -450,7 +450,7 @@ def _lease(model_name: str, row: tuple, owner: Any) -> Lease:
         node_id=node_id,
         node_name=node_name,
         node_address=node_address,
-        backend_token=backend_token_for(Node(id=node_id, token_salt=node_token_salt)),
+        backend_token=backend_token(node_id, node_token_salt),
         owner=owner,
     )
     if not PROCESS_OWNER.hold(lease):

@@ -469,6 +469,9 @@ class AsyncWorkerControlClient(_Caller):
 # --- Backend --------------------------------------------------------------------------------------------
 
 
+_BACKEND_STUB = "_localai_backend_stub"
+
+
 class BackendClient(_Caller):
     """`grpc.aio` client of one backend process (LocalAI's `Backend` service), for the gateway and the agent.
 
@@ -480,7 +483,13 @@ class BackendClient(_Caller):
 
     @property
     def _stub(self) -> backend_pb2_grpc.BackendStub:
-        return backend_pb2_grpc.BackendStub(_aio_channel(self.address))
+        # Built once per channel and kept on it (its constructor builds one callable per RPC: the gateway paid
+        # that on every request); a renewed channel, or another event loop's, gets its own.
+        channel = _aio_channel(self.address)
+        stub = channel.__dict__.get(_BACKEND_STUB)
+        if stub is None:
+            stub = channel.__dict__[_BACKEND_STUB] = backend_pb2_grpc.BackendStub(channel)
+        return stub
 
     async def predict(
         self, options: Mapping[str, Any] | None = None, /, *, timeout: float | None = None, **fields: Any

@@ -10,7 +10,14 @@ from nodes.choices import LabelSource, NodeStatus
 from nodes.exceptions import NameTaken
 from nodes.models import ModelReplica, Node, NodeLabel
 from nodes.selectors import node_labels
-from nodes.tokens import backend_token_for, node_token_for, token_hash
+from nodes.tokens import (
+    BACKEND_TOKEN_CACHE_SIZE,
+    _hmac_token,
+    backend_token,
+    backend_token_for,
+    node_token_for,
+    token_hash,
+)
 from scheduling.pipeline import selector_matches
 from tests.factories import TEST_CREDENTIAL, NodeFactory, ReplicaFactory
 
@@ -119,6 +126,37 @@ def test_backend_token_rotates_with_every_registration():
     node = Node.objects.get(name="w1")
     assert backend_token_for(node) == backend_token_for(second.node) != old_backend_token
     assert backend_token_for(node) != node_token_for(node)
+
+
+def uncached_backend_token(node: Node) -> str:
+    return _hmac_token(f"backend-token:{node.id}:{node.token_salt}")
+
+
+def test_a_new_salt_gives_the_new_backend_token_at_once_though_tokens_are_cached():
+    first = register(node_credential=TEST_CREDENTIAL).node
+    backend_token.cache_clear()
+    old = backend_token_for(first)
+    assert backend_token(first.id, first.token_salt) == old == uncached_backend_token(first)
+    assert backend_token.cache_info().hits >= 1  # the second ask was answered from the cache
+    second = register(node_credential=TEST_CREDENTIAL).node  # re-registration: a new salt
+    assert second.token_salt != first.token_salt
+    assert backend_token(second.id, second.token_salt) == uncached_backend_token(second) != old
+
+
+def test_the_backend_token_cache_is_bounded():
+    backend_token.cache_clear()
+    node = NodeFactory()
+    for salt in range(BACKEND_TOKEN_CACHE_SIZE + 10):
+        backend_token(node.id, str(salt))
+    assert backend_token.cache_info().currsize == BACKEND_TOKEN_CACHE_SIZE
+    backend_token.cache_clear()
+
+
+def test_a_secret_key_change_empties_the_backend_token_cache(settings):
+    node = NodeFactory()
+    before = backend_token_for(node)
+    settings.SECRET_KEY = "another-secret-key-for-this-test-0123456789abcdefghijklmnop"
+    assert backend_token_for(node) == uncached_backend_token(node) != before
 
 
 # --- admin intent -----------------------------------------------------------------------------------------

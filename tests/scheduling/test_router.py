@@ -60,6 +60,18 @@ def test_claim_updates_last_used_and_in_flight():  # 87
     assert replica.in_flight == 0
 
 
+def test_the_lease_carries_the_backend_token_of_the_nodes_current_salt():
+    from nodes.tokens import backend_token_for, new_token_salt
+
+    worker = node("n1")
+    ReplicaFactory(node=worker, model_name="m")
+    assert claim(model_name="m").backend_token == backend_token_for(worker)
+    old = backend_token_for(worker)
+    worker.token_salt = new_token_salt()  # what a re-registration does
+    worker.save(update_fields=["token_salt"])
+    assert claim(model_name="m").backend_token == backend_token_for(worker) != old
+
+
 def test_fewest_in_flight_wins():  # 88
     ReplicaFactory(node=node("n1"), model_name="m", in_flight=2)
     ReplicaFactory(node=node("n2"), model_name="m", in_flight=0)

@@ -47,3 +47,14 @@ def test_async_channels_are_kept_per_event_loop() -> None:
     first, same = asyncio.run(twice())
     other = asyncio.run(channel())
     assert first is same and other is not first
+
+
+async def test_a_backend_stub_is_built_once_per_channel() -> None:
+    """The gateway's `BackendClient` per request reuses the stub of the channel; a renewed channel (after a
+    failure to connect) gets a stub of its own."""
+    address = f"127.0.0.1:{free_port()}"
+    stub = BackendClient(address, "a")._stub
+    assert BackendClient(address, "b")._stub is stub
+    client_module._renew_aio_channel(address)  # not connected: replaced at the next call
+    renewed = BackendClient(address, "a")._stub
+    assert renewed is not stub and renewed is BackendClient(address, "a")._stub
