@@ -7,17 +7,20 @@ Targets, one row each:
 - `upstream, direct`: a tiny OpenAI-compatible HTTP server (this file's `--serve-upstream` mode: one process, an
   asyncio protocol answering every `POST …/chat/completions` with the same fixed, non-streaming completion of
   ~300 bytes; no framework, no JSON parsing — tens of microseconds of CPU per request);
-- `LiteLLM proxy`: LiteLLM's proxy server (the `bench` extra's pin) with `--num_workers` web processes and one
-  model pointing at that upstream, `LITELLM_LOCAL_MODEL_COST_MAP=True` (no cost map fetched), no master key (so
-  no auth and no database), no callbacks, telemetry and logging off;
+- `LiteLLM proxy`: LiteLLM's proxy server (the `bench` extra's pin), `--num_workers` = `--workers` uvicorn
+  processes, one model pointing at that upstream; `LITELLM_LOCAL_MODEL_COST_MAP=True` (no cost map fetched: the
+  machine may be offline), no master key (so no auth and no database; 1.108 refuses to start without one unless
+  `LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY=true`), no callbacks, spend logs and telemetry off,
+  `LITELLM_LOG=ERROR`, and uvicorn's worker health check at 60 s as for ours;
 - `echo, direct gRPC` and `our gateway`: as bench/gateway_overhead.py (2 uvicorn web processes in front of an
   agent's echo backend over gRPC; embedded PostgreSQL and Redis unless DATABASE_URL / REDIS_URL are set).
 
 Per target: median and p99 at concurrency 1, the median added over its own direct row, req/s at concurrency 32
 and its ratio to the direct row, and CPU per request at concurrency 32 read from /proc: the gateway's process
 tree (LiteLLM's, or our uvicorn tree plus the PostgreSQL server, each shown), the upstream's (the HTTP stub, or
-the agent with its echo backend), and the load generator's (this process). The peers' upstreams differ in cost,
-hence the CPU columns beside the ratios.
+the agent with its echo backend), and the load generator's (this process, or wrk). The peers' upstreams differ
+in cost, hence the CPU columns beside the ratios. The wrk rows repeat the HTTP targets with a C client (gRPC has
+none: our gateway's wrk row is compared with the direct gRPC row); their request count is req/s × duration.
 
 LiteLLM is not installed by ./dev or CI: on first run this script makes a venv of its own, .state/bench-venv,
 and installs the `bench` extra's requirements from pyproject.toml into it (installed into .venv, it would move
@@ -454,7 +457,8 @@ def main() -> None:
     )
     parser.add_argument("--no-ours", action="store_true", help="LiteLLM and its upstream only (no Django)")
     args = parser.parse_args()
-    print("reproduce: .venv/bin/python bench/peer_litellm.py " + shlex.join(sys.argv[1:]), flush=True)
+    command = shlex.join([".venv/bin/python", "bench/peer_litellm.py", *sys.argv[1:]])
+    print(f"reproduce: {command}", flush=True)
     import shutil
 
     if args.wrk_seconds and not shutil.which("wrk"):
