@@ -314,8 +314,11 @@ def _wrk_ms(text: str) -> float:
     return value * 1000  # seconds
 
 
-def run_wrk(url: str, body: dict, concurrency: int, seconds: int) -> tuple[float, float, float]:
-    """(median ms, p99 ms, req/s) of POST /v1/chat/completions under wrk; fails on any non-2xx answer."""
+def run_wrk(
+    url: str, body: dict, concurrency: int, seconds: int, timeout: int = 2
+) -> tuple[float, float, float]:
+    """(median ms, p99 ms, req/s) of POST /v1/chat/completions under wrk; fails on any non-2xx answer, and on
+    any request unanswered after `timeout` seconds (wrk's default, 2)."""
     import json
     import re
     import tempfile
@@ -337,6 +340,8 @@ def run_wrk(url: str, body: dict, concurrency: int, seconds: int) -> tuple[float
             f"-c{concurrency}",
             f"-d{seconds}s",
             "--latency",
+            "--timeout",
+            f"{timeout}s",
             "-s",
             lua.name,
             f"{url}/v1/chat/completions",
