@@ -142,6 +142,25 @@ def agent_port() -> int:
     raise RuntimeError(f"no block of {AGENT_PORT_BLOCK} free ports in {low}-{high}")
 
 
+def agent_ready(client) -> bool:
+    """Whether an agent's gRPC server answers and accepts the node token `client` presents. `Health` is open to
+    any caller, so it answers before the agent holds its token: the control plane commits a registration before
+    the agent has read the answer, and until then the agent refuses every other call as UNAUTHENTICATED."""
+    import grpc
+
+    from worker_client.errors import WorkerError
+
+    if not client.health():
+        return False
+    try:
+        client.list_replicas()
+    except WorkerError as error:
+        if error.code == grpc.StatusCode.UNAUTHENTICATED:
+            return False
+        raise
+    return True
+
+
 def wait_until(predicate, *, timeout: float = 15.0, interval: float = 0.05, message: str = "condition"):
     """Poll `predicate` until it returns a truthy value; fail the test with `message` on timeout."""
     deadline = time.monotonic() + timeout

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.api.conftest import bearer_client
-from tests.conftest import wait_until
+from tests.conftest import agent_ready, wait_until
 from tests.factories import NodeFactory
 
 pytestmark = pytest.mark.django_db
@@ -41,7 +41,7 @@ def test_keys_and_lines_from_a_real_agent(cp_server, start_agent):
         lambda: Node.objects.filter(address=agent.address).first(), timeout=60, message="the node"
     )
     client = WorkerControlClient(agent.address, node_token_for(node), 30)
-    wait_until(client.health, timeout=30, message="the agent's gRPC server")
+    wait_until(lambda: agent_ready(client), timeout=30, message="the agent's gRPC server")
     for model, index in (("model-a", 0), ("model-a", 1), ("model-b", 0)):
         client.load_replica(model, index, "echo", {"Model": model})
     api = bearer_client(api_key_create(name="ops", is_admin=True)[1])

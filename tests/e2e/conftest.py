@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import agent_port, wait_until
+from tests.conftest import agent_port, agent_ready, wait_until
 from worker_client.client import WorkerControlClient
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -210,7 +210,7 @@ class AgentProcess:
         wait_until(
             lambda: len(self.control_plane.calls_to("/register")) >= count, timeout=30, message="registration"
         )
-        wait_until(self.client().health, timeout=30, message="the agent's gRPC server")
+        wait_until(lambda: agent_ready(self.client()), timeout=30, message="the agent's gRPC server")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

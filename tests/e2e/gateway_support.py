@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ControlPlaneServer, agent_port, wait_until
+from tests.conftest import ControlPlaneServer, agent_port, agent_ready, wait_until
 from tests.e2e.conftest import child_pids
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -154,7 +154,9 @@ def start_agents_fixture(
             started.append(agent)
         for agent in started:
             approve_when_registered(agent.name)
-            wait_until(agent.client().health, timeout=30, message=f"the gRPC server of {agent.name}")
+            wait_until(
+                lambda a=agent: agent_ready(a.client()), timeout=30, message=f"{agent.name} holding its token"
+            )
         return started
 
     yield start

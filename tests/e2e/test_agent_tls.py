@@ -10,7 +10,7 @@ import grpc
 import httpx
 import pytest
 
-from tests.conftest import wait_until
+from tests.conftest import agent_ready, wait_until
 from tests.e2e.conftest import AgentProcess, FakeControlPlane
 from tests.e2e.gateway_support import RealAgent, approve_when_registered
 from tests.e2e.tls_support import CertificateAuthority, Issued
@@ -135,7 +135,7 @@ def test_control_plane_places_and_answers_through_an_mtls_agent(
     try:
         node = approve_when_registered(agent.name)
         agent_client = worker_control_client(node.address, node_token_for(node), 10)
-        wait_until(agent_client.health, timeout=30, message="the agent over mTLS")
+        wait_until(lambda: agent_ready(agent_client), timeout=30, message="the agent over mTLS")
         ModelConfigFactory(name="secure-echo")
         body = {"model": "secure-echo", "messages": [{"role": "user", "content": "over tls"}]}
         answer = httpx.post(f"{cp_server.url}/v1/chat/completions", json=body, timeout=120)

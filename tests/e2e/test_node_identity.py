@@ -17,7 +17,7 @@ from nodes.choices import NodeStatus
 from nodes.models import ModelReplica, Node
 from nodes.services import node_drain, node_labels_merge, node_resume
 from nodes.tokens import backend_token_for
-from tests.conftest import wait_until
+from tests.conftest import agent_ready, wait_until
 from tests.e2e.gateway_support import RealAgent, place, start_agents_fixture  # noqa: F401
 from tests.factories import ModelConfigFactory
 from worker_client.client import backend_health
@@ -64,7 +64,7 @@ def test_a_second_agent_or_a_raw_client_cannot_take_an_approved_name(cp_server, 
     for field in ("address", "token_hash", "token_salt", "approved_at", "status", "credential_hash"):
         assert getattr(after, field) == getattr(before, field), field
     assert "owner" not in {label.key for label in after.labels.all()}
-    assert agent.client().health()  # the real agent still holds the node's current token
+    assert agent_ready(agent.client())  # the real agent still holds the node's current token
 
 
 def test_kill_9_and_restart_comes_back_as_the_same_approved_node_with_a_new_backend_token(
@@ -91,7 +91,9 @@ def test_kill_9_and_restart_comes_back_as_the_same_approved_node_with_a_new_back
             timeout=60,
             message="the restarted agent to register again",
         )
-        wait_until(again.client().health, timeout=30, message="the restarted agent's gRPC server")
+        wait_until(
+            lambda: agent_ready(again.client()), timeout=30, message="the restarted agent's gRPC server"
+        )
         restarted = Node.objects.get(name=agent.name)
         assert restarted.pk == node.pk and restarted.approved_at == approved_at
         assert Node.objects.count() == 1

@@ -16,7 +16,7 @@ from nodes.apikeys import api_key_create
 from nodes.models import ModelReplica, Node
 from scheduling.catalog import model_config_upsert
 from scheduling.models import LoadFailure, PlacementDecision, SchedulingRule
-from tests.conftest import wait_until
+from tests.conftest import agent_ready, wait_until
 from tests.e2e.gateway_support import RealAgent, approve_when_registered, start_agents_fixture  # noqa: F401
 from tests.e2e.staging_support import MiB, file_server_fixture, make_file  # noqa: F401
 
@@ -163,7 +163,7 @@ def test_kill_9_mid_download_resumes_from_the_bytes_already_there(
             message="the restarted agent's registration",
         )
         approve_when_registered(agent.name)
-        wait_until(again.client().health, timeout=30, message="the restarted agent")
+        wait_until(lambda: agent_ready(again.client()), timeout=30, message="the restarted agent")
         answer = chat(cp_server.url, admin_key, "resume")
         assert answer.status_code == 200, answer.text
         assert file_server.ranges("big.bin")[-1] == f"bytes={kept}-"

@@ -18,7 +18,7 @@ from nodes.choices import NodeStatus, ReplicaState
 from nodes.models import ModelReplica, Node
 from nodes.services import node_labels_merge, node_override_set
 from scheduling.reconciler import reconcile_tick
-from tests.conftest import wait_until
+from tests.conftest import agent_ready, wait_until
 from tests.e2e.gateway_support import (  # noqa: F401
     RealAgent,
     approve_when_registered,
@@ -149,7 +149,9 @@ def test_agent_restart_keeps_admin_labels_and_override_and_stops_orphans(cp_serv
             timeout=60,
             message="the agent to register again",
         )
-        wait_until(again.client().health, timeout=30, message="the restarted agent's gRPC server")
+        wait_until(
+            lambda: agent_ready(again.client()), timeout=30, message="the restarted agent's gRPC server"
+        )
         node_again = again.node()
         assert node_again.id == node.id  # the same node, still approved: no second approval needed
         labels = {label.key: label.value for label in node_again.labels.all()}

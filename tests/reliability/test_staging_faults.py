@@ -18,7 +18,7 @@ import pytest
 from nodes.choices import ReplicaState
 from nodes.models import ModelReplica
 from scheduling.catalog import model_config_upsert
-from tests.conftest import free_port, test_database_url, wait_until
+from tests.conftest import agent_ready, free_port, test_database_url, wait_until
 from tests.e2e.gateway_support import RealAgent, approve_when_registered, place
 from tests.e2e.staging_support import MiB, RecordingProxy, make_file
 from tests.reliability.conftest import wait_http_ok, web_argv
@@ -78,7 +78,7 @@ def test_control_plane_killed_mid_download_comes_back_and_the_agent_resumes(proc
     loading = threading.Thread(target=load)
     try:
         approve_when_registered(name)
-        wait_until(agent.client().health, timeout=30, message="the agent's gRPC server")
+        wait_until(lambda: agent_ready(agent.client()), timeout=30, message="the agent's gRPC server")
         loading.start()
 
         def downloading():
