@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import stat
 
-import grpc
 import httpx
 import pytest
 
@@ -21,7 +20,6 @@ from tests.conftest import agent_ready, wait_until
 from tests.e2e.gateway_support import RealAgent, place, start_agents_fixture  # noqa: F401
 from tests.factories import ModelConfigFactory
 from worker_client.client import backend_health
-from worker_client.errors import WorkerError
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 NAME_TAKEN = "is registered by another agent; delete it first or present its credential"
@@ -108,17 +106,6 @@ def test_kill_9_and_restart_comes_back_as_the_same_approved_node_with_a_new_back
         again.stop()
 
 
-def holds_its_new_token(agent) -> bool:
-    """Whether the agent accepts the node token the control plane now holds for it."""
-    try:
-        agent.processes()
-    except WorkerError as error:
-        if error.code == grpc.StatusCode.UNAUTHENTICATED:
-            return False
-        raise
-    return True
-
-
 def test_an_agent_registering_again_without_restart_restarts_its_backends(cp_server, start_agents):
     (agent,) = start_agents(1)
     ModelConfigFactory(name="rereg-m")
@@ -136,7 +123,9 @@ def test_an_agent_registering_again_without_restart_restarts_its_backends(cp_ser
     assert not ModelReplica.objects.filter(node_id=old.node_id).exists()  # rows of old-token backends go
     # The control plane commits the new registration before the agent has read its answer: until then the
     # agent still holds its old node token and refuses the new one.
-    wait_until(lambda: holds_its_new_token(agent), timeout=30, message="the agent to take its new node token")
+    wait_until(
+        lambda: agent_ready(agent.client()), timeout=30, message="the agent to take its new node token"
+    )
     wait_until(lambda: not agent.processes(), timeout=30, message="its old backends stopped")
     assert not any(p.pid == old_pid for p in agent.processes())
 
