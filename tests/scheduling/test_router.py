@@ -253,3 +253,33 @@ async def test_a_release_whose_statement_fails_is_retried():
         assert await sync_to_async(flights)() == {"n1": 0}
     finally:
         await router.close_hot_pools()
+
+
+async def test_the_claim_is_planned_once_per_connection_not_per_request():
+    """The hot pool's prepared claim runs on its generic plan. Left to choose, PostgreSQL planned the
+    least_in_flight claim anew at every request (its custom plan drops the prefix branch when `prefer` is
+    empty, so it always looks cheaper), which cost about 0.45 ms of planning per request
+    (docs/performance.md, "Gateway overhead with routing policies")."""
+    from asgiref.sync import sync_to_async
+
+    await sync_to_async(ReplicaFactory)(node=await sync_to_async(node)("n1"), model_name="m")
+    for _ in range(12):  # psycopg prepares a statement at its 5th use; PostgreSQL weighs plans after 5 more
+        lease = await router.acquire("m")
+        await lease.release()
+    pool = await router.hot_pool()
+    held = [await pool.getconn() for _ in range(pool.get_stats()["pool_size"])]
+    try:
+        plans = [0, 0]
+        for conn in held:
+            assert (await (await conn.execute("SHOW plan_cache_mode")).fetchone())[0] == "force_generic_plan"
+            cursor = await conn.execute(
+                "SELECT coalesce(sum(generic_plans), 0), coalesce(sum(custom_plans), 0)"
+                " FROM pg_prepared_statements WHERE statement LIKE '%%claimed AS%%'"
+            )
+            generic, custom = await cursor.fetchone()
+            plans[0] += generic
+            plans[1] += custom
+        assert plans[0] > 0 and plans[1] == 0
+    finally:
+        for conn in held:
+            await pool.putconn(conn)
