@@ -46,6 +46,7 @@ class Action(models.TextChoices):
     MODEL_RETRY_LOAD = "model.retry_load", "load retried"
     MODEL_LOAD_NOW = "model.load_now", "replica loaded now"
     MODEL_UNLOAD_ALL = "model.unload_all", "replicas unloaded (all)"
+    MODEL_PREFETCH = "model.prefetch", "files prefetched"
     API_KEY_CREATE = "api_key.create", "API key created"
     API_KEY_REVOKE = "api_key.revoke", "API key revoked"
 

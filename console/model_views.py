@@ -45,6 +45,7 @@ def _table_context(query: str, **extra) -> dict:
         "query": query,
         "offered": offered,
         "missing": [row for row in rows if not row.backend_offered],
+        "downloading": any(row.downloading for row in rows),  # the table polls every second meanwhile
         **extra,
     }
 

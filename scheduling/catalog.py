@@ -101,12 +101,15 @@ def model_audit(action: str, *, name: str, before: Any, after: Any) -> None:
 
 
 def model_files_set(*, name: str, files: list[dict[str, Any]]) -> ModelConfig:
-    """Replaces the `files` of catalog entry `name` (the scan's result); clears its load backoff."""
+    """Replaces the `files` of catalog entry `name` (the scan's result); clears its load backoff. Audited as
+    `model.update` (nothing when the files did not change)."""
     with transaction.atomic():
         config = ModelConfig.objects.select_for_update().get(name=name)
+        before = model_state(config)
         config.files = files
         config.save(update_fields=["files", "updated_at"])
         load_failure_clear(model_name=name, reason="catalog entry edited")
+        model_audit(Action.MODEL_UPDATE, name=name, before=before, after=model_state(config))
     return config
 
 

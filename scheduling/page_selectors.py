@@ -143,6 +143,10 @@ class ModelRow:
         return sum(1 for replica in self.replicas if replica.state == ReplicaState.LOADING)
 
     @property
+    def downloading(self) -> int:
+        return sum(1 for replica in self.replicas if replica.state == ReplicaState.DOWNLOADING)
+
+    @property
     def in_flight(self) -> int:
         return sum(replica.in_flight for replica in self.replicas)
 
@@ -192,6 +196,10 @@ def model_rows(*, query: str = "", offered: dict[str, int] | None = None) -> lis
             "in_flight",
             "address",
             "loaded_at",
+            "progress",
+            "download_bytes",
+            "download_total",
+            "download_rate",
             "node__id",
             "node__name",
             "node__status",

@@ -657,3 +657,27 @@ def model_prefetch(*, model_name: str, only_missing: bool = False) -> list[Prefe
             placement_logger.info("prefetching %s on %s: %s", model_name, node.name, ", ".join(downloading))
         results.append(PrefetchResult(node.name, downloading, held))
     return results
+
+
+def model_prefetch_now(*, model_name: str) -> list[PrefetchResult]:
+    """An admin's prefetch (`POST /api/models/{name}/prefetch`): `model_prefetch` on every matching node, then
+    one `model.prefetch` audit entry with what each node answered (the reconciler's own prefetch for a
+    `prefetch: true` rule is not an admin action and is not audited)."""
+    results = model_prefetch(model_name=model_name)
+    with transaction.atomic():
+        model_audit(
+            Action.MODEL_PREFETCH,
+            name=model_name,
+            before=None,
+            after={
+                "nodes": {
+                    result.node_name: {
+                        "downloading": result.downloading,
+                        "held": result.held,
+                        "error": result.error,
+                    }
+                    for result in results
+                }
+            },
+        )
+    return results

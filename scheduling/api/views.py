@@ -43,7 +43,7 @@ from scheduling.selectors import decisions_filtered, rules_with_current_replicas
 from scheduling.services import (
     ReplicasBusy,
     model_load_one,
-    model_prefetch,
+    model_prefetch_now,
     model_unload_all,
     placement_plan,
     rule_delete,
@@ -425,7 +425,7 @@ class ModelPrefetchView(_ModelActionView):
         config = self._config(name)
         if not config.files:
             raise exceptions.ValidationError({"files": ["The model has no files to prefetch."]})
-        results = model_prefetch(model_name=config.name)
+        results = model_prefetch_now(model_name=config.name)
         return Response(PrefetchSerializer({"model": config.name, "nodes": results}).data)
 
 

@@ -10,6 +10,7 @@ from urllib.parse import quote
 import pytest
 from django.utils import timezone
 
+from audit.models import AuditEntry
 from nodes import services
 from nodes.choices import ReplicaState
 from nodes.models import ModelReplica, Node
@@ -121,6 +122,11 @@ def test_files_scan_fills_sha256_and_size_of_cp_files(api, settings, tmp_path: P
 
     assert answer.json()["files"][0]["sha256"] == hashlib.sha256(b"hello").hexdigest()
     assert ModelConfig.objects.get(name="org/s").files[0]["size"] == 5
+    (entry,) = AuditEntry.objects.filter(action="model.update", target_id="org/s")
+    assert (entry.actor_name, entry.via) == ("ops", "api")
+    assert entry.before["files"][0]["sha256"] == "" and entry.after["files"][0]["size"] == 5
+    assert api.post(f"/api/models/{quote('org/s')}/files/scan").status_code == 200
+    assert AuditEntry.objects.filter(action="model.update").count() == 1  # unchanged: no second entry
 
     ModelConfigFactory(name="gone", files=[{"uri": "cp://nope.bin", "sha256": "", "size": 0, "path": "n"}])
     missing = api.post("/api/models/gone/files/scan")
@@ -132,6 +138,17 @@ def test_prefetch_of_a_model_without_files_is_400(api):
     ModelConfigFactory(name="plain")
     assert api.post("/api/models/plain/prefetch").status_code == 400
     assert api.post("/api/models/unknown/prefetch").status_code == 404
+    assert not AuditEntry.objects.filter(action="model.prefetch").exists()
+
+
+def test_a_prefetch_through_the_api_is_audited_with_each_nodes_answer(api):
+    ModelConfigFactory(name="staged", files=[entry()])
+    NodeFactory(name="gpu-x", status="draining")  # not schedulable: not asked
+    answer = api.post("/api/models/staged/prefetch")
+    assert answer.status_code == 200 and answer.json()["nodes"] == []
+    (audited,) = AuditEntry.objects.filter(action="model.prefetch")
+    assert (audited.target_id, audited.actor_name, audited.via) == ("staged", "ops", "api")
+    assert audited.before is None and audited.after == {"nodes": {}}
 
 
 # --- state, capacity and progress ------------------------------------------------------------------------

@@ -21,7 +21,10 @@ UNLABELLED = """() => Array.from(document.querySelectorAll('main input:not([type
   .map((el) => el.outerHTML.slice(0, 120))"""
 
 
-@pytest.mark.parametrize("path", ["/ui/", "/ui/keys/", "/ui/playground/", "/ui/audit/", "/ui/models/"])
+@pytest.mark.parametrize(
+    "path",
+    ["/ui/", "/ui/nodes/", "/ui/scheduling/", "/ui/keys/", "/ui/playground/", "/ui/audit/", "/ui/models/"],
+)
 def test_every_control_has_a_label(page, path) -> None:
     ModelConfigFactory(name="echo-a")
     api_key_create(name="some-key")

@@ -58,6 +58,15 @@ def test_create_use_and_revoke_a_key_by_keyboard(page, cp_server) -> None:
 
     assert models_status(cp_server, raw) == 401
 
+    # Both actions are on the audit page, by the signed-in user (the first key was made by this test's code).
+    page.goto("/ui/audit/?target_type=api_key")
+    rows = page.locator("tr[data-audit-entry]").filter(has_text="playwright-client")
+    expect(rows).to_have_count(2)
+    expect(rows.nth(0)).to_contain_text("api_key.revoke")
+    expect(rows.nth(1)).to_contain_text("api_key.create")
+    for index in (0, 1):
+        expect(rows.nth(index)).to_contain_text("ops")
+
 
 def test_an_invalid_name_is_reported_at_the_form(page) -> None:
     page.goto("/ui/keys/")

@@ -101,6 +101,22 @@ def test_add_load_unload_warn_and_delete_with_a_real_agent(page, start_agents) -
     expect(page.locator("[data-missing-backends]")).to_have_count(0)
     assert not ModelConfig.objects.filter(name="pw-llama").exists()
 
+    # Each action of the flow is on the audit page, by the signed-in user, newest first.
+    page.goto("/ui/audit/?target_type=model")
+    rows = page.locator("tr[data-audit-entry]")
+    expected = [
+        ("model.delete", "pw-llama"),
+        ("model.create", "pw-llama"),
+        ("model.unload_all", "pw-echo"),
+        ("model.load_now", "pw-echo"),
+        ("model.create", "pw-echo"),
+    ]
+    expect(rows).to_have_count(len(expected))
+    for index, (action, target) in enumerate(expected):
+        expect(rows.nth(index)).to_contain_text(action)
+        expect(rows.nth(index)).to_contain_text(target)
+        expect(rows.nth(index)).to_contain_text("ops")
+
 
 def test_load_one_now_refused_shows_every_nodes_verdict(page) -> None:
     ModelConfigFactory(name="nowhere")

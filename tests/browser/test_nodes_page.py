@@ -167,6 +167,7 @@ def test_nodes_page_screenshot_with_a_drawer_open(page) -> None:
         reserved_vram=6 * GiB,
         gpu_vendor="nvidia",
         worker_max_replicas_per_model=4,
+        backends=["echo", "llama-cpp", "whisper"],
     )
     for key, value in [
         ("gpu.vendor", "nvidia"),
@@ -221,3 +222,24 @@ def test_drawer_shows_who_set_each_label(page) -> None:
     expect(chips.filter(has_text="node.name=sourced").locator("[data-label-source]")).to_have_text("auto")
     expect(chips.filter(has_text="tier=bronze")).to_have_count(0)
     screenshot(page.locator(f"#node-{node.pk}-labels"), "nodes-label-sources")
+
+
+@pytest.mark.parametrize("width, height", [(375, 812), (1920, 1080)])
+def test_the_page_and_its_drawer_fit_narrow_and_wide_screens(page, width, height) -> None:
+    gpu = NodeFactory(name="gpu-wide-labels", total_vram=80 * GiB, available_vram=30 * GiB, backends=["echo"])
+    for key, value in [("gpu.vendor", "nvidia"), ("zone", "eu-west-1-long-zone-name"), ("rack", "r12")]:
+        NodeLabelFactory(node=gpu, key=key, value=value)
+    ReplicaFactory(node=gpu, model_name="org/qwen3-8b-instruct:q4_k_m", replica_index=0, in_flight=2)
+    NodeFactory(name="cpu-c", status="draining")
+    NodeFactory(name="new-d", status="pending", approved_at=None)
+    page.set_viewport_size({"width": width, "height": height})
+    page.goto("/ui/nodes/")
+    page.get_by_role("button", name="gpu-wide-labels", exact=True).click()
+    replicas = page.locator(f"#node-{gpu.pk}-replicas")
+    expect(replicas.get_by_role("button", name="Unload org/qwen3-8b-instruct:q4_k_m#0")).to_be_visible()
+    assert page.evaluate("document.documentElement.scrollWidth") <= width
+    for name in ("Actions for gpu-wide-labels", "Approve"):
+        box = page.get_by_role("button", name=name).bounding_box()
+        assert box and box["x"] >= 0 and box["x"] + box["width"] <= width, name
+    page.evaluate("window.scrollTo(0, 0)")  # the sticky top bar at the top of the full-page picture
+    screenshot(page, f"nodes-{width}", full_page=True)

@@ -120,3 +120,19 @@ def test_the_rule_form_sets_load_based_scaling(page) -> None:
     expect(page.get_by_label("Scale to zero after (s)")).to_have_value("600")
     page.get_by_text("Pin to nodes").click()
     expect(page.get_by_role("group", name="Load-based scaling")).to_be_hidden()
+
+
+@pytest.mark.parametrize("width, height", [(375, 812), (1920, 1080)])
+def test_the_page_fits_narrow_and_wide_screens(page, width, height) -> None:
+    ModelConfigFactory(name="org/qwen3-8b-instruct:q4_k_m")
+    RuleFactory(model_name="org/qwen3-8b-instruct:q4_k_m", min_replicas=2, max_replicas=4,
+                node_selector={"gpu.vendor": "nvidia", "zone": "eu-west-1"})  # fmt: skip
+    RuleFactory(model_name="pinned", node_selector={"zone": "a"})
+    page.set_viewport_size({"width": width, "height": height})
+    page.goto("/ui/scheduling/")
+    expect(page.locator('tr[data-rule="pinned"]')).to_be_visible()
+    assert page.evaluate("document.documentElement.scrollWidth") <= width
+    for name in ("+ New rule", "Edit rule for pinned"):
+        box = page.get_by_role("button", name=name).bounding_box()
+        assert box and box["x"] >= 0 and box["x"] + box["width"] <= width, name
+    screenshot(page, f"scheduling-{width}", full_page=True)

@@ -9,7 +9,7 @@ from playwright.sync_api import expect
 
 from nodes.services import replica_download_progress
 from tests.browser.conftest import screenshot
-from tests.factories import NodeFactory, claim_row
+from tests.factories import ModelConfigFactory, NodeFactory, claim_row
 
 pytestmark = pytest.mark.browser
 MiB = 1024 * 1024
@@ -54,3 +54,25 @@ def test_the_progress_bar_moves_in_the_drawer_and_on_the_logs_page(page) -> None
 
     replica_download_progress(node=node, reports=[{"key": "llama-8b#0", "state": "loading"}])
     expect(panel).to_contain_text("Files in place · loading", timeout=20_000)
+
+
+def test_the_progress_bar_moves_on_the_models_page(page) -> None:
+    """The models page lists each replica of a model with its state: a replica staging its files shows the
+    same bar and rate, and the table polls every second while one does."""
+    ModelConfigFactory(name="llama-8b", backend="echo")
+    node = NodeFactory(name="gpu-stage", total_vram=24 * 1024**3, available_vram=24 * 1024**3)
+    claim_row(node_id=node.pk, model_name="llama-8b", vram_bytes=6 * 1024**3, artifacts=frozenset({SHA}))
+    report(node, 100 * MiB, 40 * MiB)
+
+    page.goto("/ui/models/", timeout=60_000)
+    replica = page.locator('tr[data-model="llama-8b"] [data-replica="llama-8b#0"]')
+    expect(replica).to_have_attribute("data-state", "downloading")
+    bar = replica.locator("[data-staging] progress")
+    expect(bar).to_have_attribute("value", "0.250")
+    expect(replica.locator("[data-staging-text]")).to_contain_text("25% · 100.0 MB of 400.0 MB · 40.0 MB/s")
+    expect(page.locator('tr[data-model="llama-8b"] [data-replica-summary]')).to_contain_text("1 downloading")
+
+    report(node, 300 * MiB, 48 * MiB)
+    expect(bar).to_have_attribute("value", "0.750", timeout=20_000)
+    expect(replica.locator("[data-staging-text]")).to_contain_text("75% · 300.0 MB of 400.0 MB · 48.0 MB/s")
+    screenshot(page, "staging-models-75")

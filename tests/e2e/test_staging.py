@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from audit.models import AuditEntry
 from nodes.apikeys import api_key_create
 from nodes.models import ModelReplica, Node
 from scheduling.catalog import model_config_upsert
@@ -314,4 +315,8 @@ def test_placement_prefers_the_node_holding_the_files_after_a_prefetch_rule(
     by_node = {n["node_name"]: n for n in prefetch.json()["nodes"]}
     assert by_node[second.name]["held"] == ["loc.bin"]
     assert by_node[first.name]["downloading"] == ["loc.bin"]
+    audited = AuditEntry.objects.get(action="model.prefetch", target_id="loc")
+    assert audited.via == "api" and audited.actor_name == "staging-admin"
+    assert audited.after["nodes"][first.name]["downloading"] == ["loc.bin"]
+    assert audited.after["nodes"][second.name]["held"] == ["loc.bin"]
     wait_until(lambda: (first.models_path / "loc.bin").exists(), timeout=60, message="the API prefetch")

@@ -283,3 +283,66 @@ async def test_the_claim_is_planned_once_per_connection_not_per_request():
     finally:
         for conn in held:
             await pool.putconn(conn)
+
+
+def _hold_model_load_locks(names, held, release) -> None:
+    """Another process's cold loads: the per-model load locks taken on a connection of this thread."""
+    from localai_cluster import locks
+
+    try:
+        for name in names:
+            assert locks.try_advisory_lock(locks.NAMESPACE_MODEL_LOAD, locks.model_key(name))
+        held.set()
+        release.wait(60)
+    finally:
+        connection.close()  # the session's advisory locks end with it
+
+
+def test_the_wait_for_a_load_elsewhere_adds_the_download_timeout_for_a_model_with_files():
+    """Issue 15: a request held for a cold model whose files are staged first waits up to
+    `LOCALAI_LOAD_TIMEOUT` plus `LOCALAI_DOWNLOAD_TIMEOUT`; a model without files, the load timeout only."""
+    import threading
+
+    from scheduling.placement import NoCapacity
+    from tests.factories import ModelConfigFactory
+
+    ModelConfigFactory(name="plain", backend="echo")
+    file = {"uri": "https://files.example/w.bin", "sha256": "ab" * 32, "size": 10, "path": "w.bin"}
+    ModelConfigFactory(name="staged", backend="echo", files=[file])
+    held, release = threading.Event(), threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        holder = pool.submit(_hold_model_load_locks, ["plain", "staged"], held, release)
+        try:
+            assert held.wait(30)
+            with pytest.raises(NoCapacity, match=r"timed out after 0\.05s waiting for plain"):
+                router.replica_ensure_loaded(model_name="plain", timeout=0.05, download_timeout=0.1)
+            with pytest.raises(NoCapacity, match=r"timed out after 0\.15s waiting for staged"):
+                router.replica_ensure_loaded(model_name="staged", timeout=0.05, download_timeout=0.1)
+        finally:
+            release.set()
+            holder.result(30)
+
+
+async def test_concurrent_requests_for_a_cold_model_share_one_wait(monkeypatch, settings):
+    """Issue 15: the requests of a process for a cold model (its files downloading) share one wait and one
+    load, bounded by the load timeout plus the download timeout."""
+    import threading
+
+    settings.LOCALAI_LOAD_TIMEOUT = 7
+    settings.LOCALAI_DOWNLOAD_TIMEOUT = 11
+    calls: list[dict] = []
+    started, finish = threading.Event(), threading.Event()
+
+    def ensure_loaded(**kwargs) -> None:
+        calls.append(kwargs)
+        started.set()
+        finish.wait(30)
+
+    monkeypatch.setattr(router, "replica_ensure_loaded", ensure_loaded)
+    waits = [asyncio.ensure_future(router._ensure_loaded("cold")) for _ in range(5)]
+    await asyncio.sleep(0)  # every wait has started
+    assert await asyncio.get_running_loop().run_in_executor(None, started.wait, 30)
+    assert not any(wait.done() for wait in waits)
+    finish.set()
+    await asyncio.gather(*waits)
+    assert calls == [{"model_name": "cold", "timeout": 7.0, "download_timeout": 11.0}]

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import datetime, timedelta
 
 import pytest
 from django.contrib.auth import get_user_model
 from django.test import Client
+from django.utils import timezone
 
 from nodes.apikeys import api_key_authenticate, api_key_create, api_key_hash
 from nodes.models import ApiKey
@@ -134,3 +136,22 @@ def test_queries_fixed_in_the_number_of_keys(staff_client: Client, django_assert
     # transaction is a savepoint pair inside the test's own transaction
     with django_assert_max_num_queries(9):
         staff_client.post(f"/ui/keys/{key.pk}/revoke", **HTMX)
+
+
+def test_each_row_shows_name_scope_created_and_last_used(staff_client: Client) -> None:
+    used, _ = api_key_create(name="used-key", is_admin=True)
+    api_key_create(name="idle-key")
+    stamp = timezone.make_aware(datetime(2026, 3, 4, 5, 6), timezone.get_current_timezone())
+    ApiKey.objects.filter(pk=used.pk).update(created_at=stamp, last_used_at=stamp + timedelta(hours=1))
+    html = staff_client.get("/ui/keys/").content.decode()
+
+    def cell(name: str, label: str) -> str:
+        row = html[html.index(f'<tr data-key="{name}"') :]
+        row = row[: row.index("</tr>")]
+        start = row.index(f'data-label="{label}">') + len(f'data-label="{label}">')
+        return row[start : row.index("</td>", start)]
+
+    assert cell("used-key", "Name") == "used-key" and "admin" in cell("used-key", "Scope")
+    assert "2026-03-04 05:06" in cell("used-key", "Created")
+    assert "2026-03-04 06:06" in cell("used-key", "Last used")
+    assert "inference" in cell("idle-key", "Scope") and "never" in cell("idle-key", "Last used")

@@ -316,3 +316,24 @@ def test_the_nodes_drawer_lists_the_backends(staff_client: Client) -> None:
     html = staff_client.get(f"/ui/nodes/{node.pk}/", **HTMX).content.decode()
     start = html.index("data-backends")
     assert "echo" in html[start:] and "llama-cpp" in html[start : start + 400]
+
+
+def test_a_replica_staging_its_files_shows_its_progress_and_the_table_polls_faster(
+    staff_client: Client,
+) -> None:
+    ModelConfigFactory(name="big", backend="echo")
+    ReplicaFactory(node__name="gpu-1", model_name="big", replica_index=0)
+    staging = ReplicaFactory(node__name="gpu-2", model_name="big", replica_index=0, state="downloading")
+    ModelReplica.objects.filter(pk=staging.pk).update(
+        progress=0.25, download_bytes=100 * 1024**2, download_total=400 * 1024**2, download_rate=50 * 1024**2
+    )
+    html = staff_client.get("/ui/models/").content.decode()
+    row = row_html(html, "big")
+    assert "1 loaded · 1 downloading · 0 in flight" in row
+    assert row.count("data-staging ") == 1  # the loaded replica has no bar
+    assert '<progress max="1" value="0.250"' in row
+    assert "25% · 100.0\xa0MB of 400.0\xa0MB · 50.0\xa0MB/s" in row
+    assert 'hx-trigger="every 1s' in html
+    ModelReplica.objects.filter(pk=staging.pk).update(state="loaded")
+    html = staff_client.get("/ui/models/", **HTMX).content.decode()
+    assert "data-staging " not in html and 'hx-trigger="every 5s' in html

@@ -48,9 +48,9 @@ def test_rules_table_modes_selectors_limits_and_status(staff_client: Client) -> 
 
     auto = rule_row(html, "auto")
     assert "Auto-scaling</span>" in auto and "Any node" in auto and "no limit" in auto
-    assert re.findall(r'<td class="num">(\d+)</td>', auto) == [
-        "2",
-        "2",
+    assert re.findall(r'<td class="num" data-label="(\w+)">(\d+)</td>', auto) == [
+        ("Min", "2"),
+        ("Current", "2"),
     ]  # min 2, current 2 (loaded + loading)
     assert 'data-status="ok">OK<' in auto
     pinned = rule_row(html, "pinned")
@@ -59,7 +59,7 @@ def test_rules_table_modes_selectors_limits_and_status(staff_client: Client) -> 
     stuck = rule_row(html, "stuck")
     local = timezone.localtime(until)
     assert f"Unsatisfiable until {local:%H:%M}</span>" in stuck and re.search(
-        r'<td class="num">4</td>', stuck
+        r'<td class="num" data-label="\w+">4</td>', stuck
     )
     assert 'data-status="ok">OK<' in rule_row(html, "cooled")
 
