@@ -10,6 +10,8 @@ latency <= 2 ms at concurrency 1; gateway throughput >= 50 % of direct at concur
 environment the bench's models route by prefix (one Redis lookup per request once the prompt has a block).
 
 Uses the embedded PostgreSQL and Redis unless DATABASE_URL / REDIS_URL are set, like the control plane.
+Streaming first tokens are measured twice: with httpx, and with a bare socket reading the chunked answer
+(`socket_first_tokens`), whose own cost is small, as wrk's is for the non-streaming rows.
 HTTP requests reuse keep-alive connections (one pool per run, as an OpenAI SDK client does). Every gateway row
 also prints the web processes' CPU per request (user + system time of uvicorn and its workers over the row,
 divided by its requests): on a loaded machine it moves less than latency and throughput do.
@@ -303,6 +305,48 @@ async def bench(cluster: Cluster, args: argparse.Namespace) -> None:
             f"first token {df:.2f} ms direct vs {gf:.2f} ms gateway (+{gf - df:.2f} ms); "
             f"per-token gap {dg:.2f} ms vs {gg:.2f} ms ({gg / dg - 1:+.1%})"
         )
+        s_first = await asyncio.to_thread(socket_first_tokens, cluster.url, stream_body, args.stream_requests)
+        sf = statistics.median(s_first) * 1000
+        print(
+            f"streaming, socket client (as wrk for the rows above: the HTTP client's own cost mostly removed): "
+            f"first token {df:.2f} ms direct vs {sf:.2f} ms gateway (+{sf - df:.2f} ms)"
+        )
+
+
+def socket_first_tokens(url: str, body: dict, requests: int, warm: int = 5) -> list[float]:
+    """First-token latencies (s) of sequential streaming requests on one keep-alive connection, read from a
+    bare socket: from sending the request to receiving the first event with content. Each answer is read to
+    its last chunk before the next request goes out."""
+    import json
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    payload = json.dumps(body).encode()
+    request = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n"
+    ).encode() + payload
+    firsts: list[float] = []
+    with socket.create_connection((parts.hostname, parts.port), timeout=60) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for attempt in range(warm + requests):
+            started = time.perf_counter()
+            sock.sendall(request)
+            answer = b""
+            first = None
+            while not answer.endswith(b"\r\n0\r\n\r\n"):  # the chunked body's last chunk
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise SystemExit("the gateway closed the streaming connection")
+                answer += chunk
+                if first is None and b'"content"' in answer:
+                    first = time.perf_counter()
+            if not answer.startswith(b"HTTP/1.1 200"):
+                raise SystemExit(f"streaming request failed: {answer[:200]!r}")
+            if attempt >= warm and first is not None:
+                firsts.append(first - started)
+    return firsts
 
 
 def _wrk_ms(text: str) -> float:
