@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from itertools import groupby
 from typing import Any
 
+import grpc
 from django.conf import settings
 from django.db import transaction
 from django.db.models import F
@@ -269,21 +270,44 @@ def replica_load(*, replica: ModelReplica, config: ModelConfig) -> PlacementResu
     return replica_load_finish(replica=replica, config=config, node=node, outcome=result)
 
 
+# An agent refuses every call as UNAUTHENTICATED until it has read the answer to its registration, which
+# carries its node token, while the control plane may place on the node from the moment the registration
+# commits. A load refused so is tried again for this long (docs/reliability.md, "A node's first moments")
+# instead of failing at once and putting the model in its load-failure backoff.
+TOKEN_GRACE = 2.0
+TOKEN_RETRY_START = 0.05
+
+
 def replica_load_call(*, replica: ModelReplica, config: ModelConfig, node: Node) -> LoadResult:
-    """The network half of `replica_load`: the agent's `LoadReplica` answer (raises `WorkerError`). No
-    database access, so the reconciler runs many in parallel threads; `node` needs id, address and token
-    salt."""
+    """The network half of `replica_load`: the agent's `LoadReplica` answer (raises `WorkerError`), an
+    UNAUTHENTICATED refusal tried again for `TOKEN_GRACE` seconds. No database access, so the reconciler runs
+    many in parallel threads; `node` needs id, address and token salt."""
     client = worker_control_client(node.address, node_token_for(node), settings.LOCALAI_AGENT_CALL_TIMEOUT)
-    return client.load_replica(
-        replica.model_name,
-        replica.replica_index,
-        config.backend,
-        model_options_for(config),
-        config.vram_bytes,
-        load_timeout=settings.LOCALAI_LOAD_TIMEOUT,
-        files=list(config.files or []),
-        download_timeout=settings.LOCALAI_DOWNLOAD_TIMEOUT,
-    )
+    deadline = time.monotonic() + TOKEN_GRACE
+    delay = TOKEN_RETRY_START
+    while True:
+        try:
+            return client.load_replica(
+                replica.model_name,
+                replica.replica_index,
+                config.backend,
+                model_options_for(config),
+                config.vram_bytes,
+                load_timeout=settings.LOCALAI_LOAD_TIMEOUT,
+                files=list(config.files or []),
+                download_timeout=settings.LOCALAI_DOWNLOAD_TIMEOUT,
+            )
+        except WorkerError as error:
+            if error.code != grpc.StatusCode.UNAUTHENTICATED or time.monotonic() + delay > deadline:
+                raise
+            placement_logger.info(
+                "the agent of %r refused %r as unauthenticated (its registration answer may still be on its "
+                "way): trying again",
+                node.name,
+                replica.process_key,
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
 
 def replica_load_finish(

@@ -17,9 +17,11 @@ from worker_client._generated import worker_pb2, worker_pb2_grpc
 @dataclass
 class FakeAgent(worker_pb2_grpc.WorkerControlServicer):
     """Answers `LoadReplica` with a made-up backend address (or fails when `fail` is set); `on_load` runs
-    inside the call (e.g. to look at the database while the control plane waits)."""
+    inside the call (e.g. to look at the database while the control plane waits). The first
+    `unauthenticated` calls are refused as an agent refuses them before it holds its node token."""
 
     fail: str = ""
+    unauthenticated: int = 0
     load_seconds: float = 0.0
     on_load: Callable[[worker_pb2.LoadReplicaRequest], None] | None = None
     loads: list = field(default_factory=list)
@@ -29,6 +31,10 @@ class FakeAgent(worker_pb2_grpc.WorkerControlServicer):
     def LoadReplica(self, request, context):
         with self.lock:
             self.loads.append(request)
+            refuse = self.unauthenticated > 0
+            self.unauthenticated -= refuse
+        if refuse:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong node token")
         if self.on_load:
             self.on_load(request)
         if self.load_seconds:

@@ -8,8 +8,9 @@ import pytest
 from django.db import connection, connections
 
 from nodes.models import ModelReplica, Node
-from scheduling import pipeline
+from scheduling import pipeline, services
 from scheduling.loadfailures import load_failure_clear
+from scheduling.models import LoadFailure
 from scheduling.placement import LoadFailed, NoCapacity, UnknownModel
 from scheduling.services import model_options_for, replica_place
 from tests.factories import (
@@ -150,6 +151,32 @@ def test_failed_load_releases_row_and_reservation_and_stops_the_key(agent):  # 7
     agent.fail = ""
     load_failure_clear(model_name="m", reason="retry now")  # else the load backoff answers first
     assert replica_place(model_name="m").replica_index == 0  # the slot is not poisoned
+
+
+def test_a_load_refused_before_the_agent_holds_its_token_is_tried_again(agent):
+    """An agent that has not yet read its registration answer refuses calls as UNAUTHENTICATED: the load is
+    tried again (docs/reliability.md, "A node's first moments"), placed, and the model is not put in its
+    load-failure backoff."""
+    ModelConfigFactory(name="m", vram_bytes=GiB)
+    gpu_node(agent, "n1", 10)
+    agent.unauthenticated = 3
+    assert replica_place(model_name="m").replica_index == 0
+    assert len(agent.loads) == 4 and agent.stops == []
+    assert ModelReplica.objects.get(model_name="m").state == "loaded"
+    assert not LoadFailure.objects.filter(model_name="m").exists()
+
+
+def test_a_load_refused_as_unauthenticated_past_the_grace_fails(agent, monkeypatch):
+    """An agent that keeps refusing the token (not a registration still on its way) fails the load after
+    `TOKEN_GRACE`, as any refused load does."""
+    monkeypatch.setattr(services, "TOKEN_GRACE", 0.2)
+    ModelConfigFactory(name="m", vram_bytes=GiB)
+    gpu_node(agent, "n1", 10)
+    agent.unauthenticated = 10**6
+    with pytest.raises(LoadFailed, match="wrong node token"):
+        replica_place(model_name="m")
+    assert not ModelReplica.objects.filter(model_name="m").exists()
+    assert agent.stops == ["m#0"]
 
 
 def test_load_timeout_fails_and_cleans_up(agent, settings):  # 78
