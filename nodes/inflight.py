@@ -250,6 +250,17 @@ def inflight_reclaim_dead_owners() -> dict[str, int]:
             continue  # its process still holds the lock
         try:
             with transaction.atomic():
+                # The replica rows first, then the claim rows: the router's lock order, so a late release
+                # under this owner id (a process that moved to a new one) cannot deadlock with the reclaim.
+                held = InFlightClaim.objects.filter(owner=owner, count__gt=0).values_list(
+                    "replica_id", flat=True
+                )
+                list(
+                    ModelReplica.objects.select_for_update()
+                    .filter(pk__in=list(held))
+                    .order_by("pk")
+                    .values_list("pk", flat=True)
+                )
                 claims = list(
                     InFlightClaim.objects.select_for_update()
                     .filter(owner=owner, count__gt=0)

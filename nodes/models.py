@@ -179,7 +179,11 @@ class InFlightClaim(models.Model):
     can give back exactly the units it held (see `nodes.inflight`)."""
 
     owner = models.UUIDField()
-    replica = models.ForeignKey(ModelReplica, on_delete=models.CASCADE, related_name="claims")
+    # Deleted with its replica by PostgreSQL (`ON DELETE CASCADE`, migration 0007), not by Django: Django's
+    # cascade deletes the claim rows before the replica row, the reverse of the router's lock order (replica
+    # row, then claim row), and a claim of the same replica meanwhile deadlocked with it (docs/reliability.md,
+    # "Removing a replica while it is claimed").
+    replica = models.ForeignKey(ModelReplica, on_delete=models.DO_NOTHING, related_name="claims")
     count = models.IntegerField(default=0)
 
     class Meta:
