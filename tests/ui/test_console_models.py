@@ -317,6 +317,9 @@ def test_load_one_now_on_nodes_that_cannot_start_the_backend_says_so_and_loads_n
     assert '<li data-verdict="backend_missing"><strong>gpu-1</strong>' in row
     assert "data-refusal>gpu-1: backend llama-cpp not offered (offers: echo, whisper)" in row
     assert not ModelReplica.objects.exists()
+    decisions = staff_client.get("/ui/decisions/", {"model": "chat"}).content.decode()
+    assert '<li data-verdict="backend_missing"><strong>gpu-1</strong>' in decisions
+    assert "backend llama-cpp not offered (offers: echo, whisper)" in decisions
 
 
 def test_the_page_is_staff_only(client, plain_client: Client) -> None:
