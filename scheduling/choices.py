@@ -11,6 +11,7 @@ class Verdict(models.TextChoices):
     DRAINING = "draining", "Draining"
     NOT_HEALTHY = "not_healthy", "Not healthy"
     SELECTOR_MISMATCH = "selector_mismatch", "Selector mismatch"
+    BACKEND_MISSING = "backend_missing", "Backend not offered"
     NO_FREE_SLOT = "no_free_slot", "No free slot"
     NOT_ENOUGH_VRAM = "not_enough_vram", "Not enough VRAM"
     EVICTION_CANDIDATE = "eviction_candidate", "Room only by evicting"

@@ -3,9 +3,11 @@ dry run (`GET /api/plan`, `cluster_status --why`) all go through it.
 
 1. **Snapshot** — `cluster_snapshot()`: every node, label, replica row and rule in four queries.
 2. **Eligibility** — `judge(model, node)`: the first verdict that applies, in this order: `not_approved`,
-   `draining`, `not_healthy`, `selector_mismatch` (the missing `key=value`), `no_free_slot` (used/cap),
-   `not_enough_vram` (needed vs free after reservations), `eviction_candidate` (room only by evicting an
-   idle replica: which one); None when the node can take the replica.
+   `draining`, `not_healthy`, `selector_mismatch` (the missing `key=value`), `backend_missing` (the node's
+   agent reported the backends it can start and the model's catalog `backend` is not one of them; a node that
+   reported none is not refused), `no_free_slot` (used/cap), `not_enough_vram` (needed vs free after
+   reservations), `eviction_candidate` (room only by evicting an idle replica: which one); None when the node
+   can take the replica.
 3. **Ranking** — `rank_key`: spread before stacking, then a node holding all the model's files (by sha256,
    from its heartbeat) before one that would download them, then most effective free VRAM, then least
    in-flight, then name. `evaluate()` applies 2 and 3 to a snapshot: every node gets its verdict, the best eligible one
@@ -29,7 +31,7 @@ from typing import Any
 
 import psycopg.errors
 from django.db import IntegrityError, transaction
-from django.db.models import BigIntegerField, BooleanField, F
+from django.db.models import BigIntegerField, BooleanField, F, OuterRef, Subquery
 from django.db.models.expressions import RawSQL
 from django.utils import timezone
 
@@ -37,7 +39,7 @@ from localai_cluster.db_router import primary_reads
 from nodes.choices import NodeStatus, NodeType, ReplicaState
 from nodes.models import ModelReplica, Node, NodeLabel, process_key
 from scheduling.choices import Verdict
-from scheduling.models import SchedulingRule
+from scheduling.models import ModelConfig, SchedulingRule
 
 logger = logging.getLogger("scheduling.placement")
 
@@ -48,6 +50,13 @@ LIVE_STATES = (ReplicaState.DOWNLOADING, ReplicaState.LOADING, ReplicaState.LOAD
 REASON_NO_MATCHING_NODE = "no node matches the selector"
 REASON_NO_FREE_SLOT = "no free slot"
 REASON_NOT_ENOUGH_VRAM = "not enough VRAM"
+
+
+def reason_no_backend(backend: str) -> str:
+    """The headline when every node that matched the selector lacks the model's backend."""
+    return f"no node offers backend {backend}"
+
+
 # Nodes named in a refusal message (the decision record keeps them all).
 MESSAGE_NODES = 8
 
@@ -61,12 +70,14 @@ def gib(size: int) -> str:
 
 @dataclass(frozen=True)
 class ModelRequirement:
-    """What a new replica of `name` needs: a node matching `selector` with a free slot and `vram_bytes`."""
+    """What a new replica of `name` needs: a node matching `selector` that can start `backend` (the catalog's;
+    '' when unknown: any node) with a free slot and `vram_bytes`."""
 
     name: str
     vram_bytes: int = 0
     selector: Mapping[str, str] = field(default_factory=dict)
     artifacts: frozenset[str] = frozenset()  # sha256 of the model's catalog `files`
+    backend: str = ""
 
 
 @dataclass(frozen=True)
@@ -87,6 +98,13 @@ class NodeSnapshot:
     status: str = NodeStatus.HEALTHY
     address: str = ""
     artifacts: frozenset[str] = frozenset()  # sha256 of the files the agent holds (heartbeat)
+    # Names of the backends the agent can start (registration); empty: not reported, any backend allowed.
+    backends: frozenset[str] = frozenset()
+
+    def offers(self, backend: str) -> bool:
+        """Whether the node can start `backend`: yes when either is unknown (no backend named, or the node
+        reported none)."""
+        return not backend or not self.backends or backend in self.backends
 
     def holds(self, model: ModelRequirement) -> bool:
         """Whether the node holds every file of the model (False for a model without files)."""
@@ -149,6 +167,7 @@ class RuleView:
     scale_up_since: datetime | None = None
     scale_down_since: datetime | None = None
     scaled_up_at: datetime | None = None
+    backend: str = ""  # the model's catalog backend ('' when the catalog does not know the model)
 
 
 @dataclass
@@ -183,10 +202,18 @@ class ClusterSnapshot:
         ]
 
     def requirement(
-        self, model_name: str, vram_bytes: int, artifacts: frozenset[str] = frozenset()
+        self, model_name: str, vram_bytes: int, artifacts: frozenset[str] = frozenset(), backend: str = ""
     ) -> ModelRequirement:
+        """The model's requirement with its rule's selector, and its catalog backend (`backend`, else the
+        one the snapshot read with the rule)."""
         rule = self.rules.get(model_name)
-        return ModelRequirement(model_name, vram_bytes, dict(rule.selector) if rule else {}, artifacts)
+        return ModelRequirement(
+            model_name,
+            vram_bytes,
+            dict(rule.selector) if rule else {},
+            artifacts,
+            backend or (rule.backend if rule else ""),
+        )
 
     def evaluate(self, model: ModelRequirement) -> Plan:
         """`evaluate` over this snapshot, eviction victims included."""
@@ -202,6 +229,10 @@ class ClusterSnapshot:
 
 def _artifacts(value: Any) -> frozenset[str]:
     return frozenset(str(item) for item in value) if isinstance(value, list) else frozenset()
+
+
+def _backends(value: Any) -> frozenset[str]:
+    return frozenset(str(item) for item in value) if isinstance(value, list) and value else frozenset()
 
 
 def model_artifacts(files: Any) -> frozenset[str]:
@@ -246,7 +277,8 @@ def _from_micros(micros: int | None) -> datetime | None:
 
 
 def cluster_snapshot() -> ClusterSnapshot:
-    """The cluster as placement sees it, in four queries whatever its size."""
+    """The cluster as placement sees it, in four queries whatever its size (each rule with its model's catalog
+    backend, read in the rules' query)."""
     labels: dict[Any, dict[str, str]] = defaultdict(dict)
     for node_id, key, value in NodeLabel.objects.values_list("node_id", "key", "value"):
         labels[node_id][key] = value
@@ -277,6 +309,7 @@ def cluster_snapshot() -> ClusterSnapshot:
             status=n["status"],
             address=n["address"],
             artifacts=_artifacts(n["artifacts"]),
+            backends=_backends(n["backends"]),
         )
         for n in Node.objects.filter(node_type=NodeType.BACKEND)
         .annotate(approved=RawSQL('"nodes_node"."approved_at" IS NOT NULL', (), output_field=BooleanField()))
@@ -292,6 +325,7 @@ def cluster_snapshot() -> ClusterSnapshot:
             "reserved_vram",
             "address",
             "artifacts",
+            "backends",
         )
     }
     rules = {
@@ -303,9 +337,12 @@ def cluster_snapshot() -> ClusterSnapshot:
             r["max_replicas"],
             r["unsatisfiable_until"],
             r["unsatisfiable_ticks"],
-            *(r[name] for name in _AUTOSCALE_FIELDS),
+            **{name: r[name] for name in _AUTOSCALE_FIELDS},
+            backend=r["backend"] or "",
         )
-        for r in SchedulingRule.objects.values(
+        for r in SchedulingRule.objects.annotate(
+            backend=Subquery(ModelConfig.objects.filter(name=OuterRef("model_name")).values("backend")[:1])
+        ).values(
             "id",
             "model_name",
             "node_selector",
@@ -314,6 +351,7 @@ def cluster_snapshot() -> ClusterSnapshot:
             "unsatisfiable_until",
             "unsatisfiable_ticks",
             *_AUTOSCALE_FIELDS,
+            "backend",
         )
     }
     return ClusterSnapshot(nodes, replicas, rules)
@@ -371,10 +409,16 @@ def selector_matches(labels: Mapping[str, str], selector: Mapping[str, str]) -> 
 _HEALTHY = NodeStatus.HEALTHY.value
 
 
-def gate(node: NodeSnapshot, selector: Mapping[str, str]) -> Judgement | None:
-    """The checks that do not depend on the node's room: approval, drain, health, selector."""
+def gate(node: NodeSnapshot, selector: Mapping[str, str], backend: str = "") -> Judgement | None:
+    """The checks that do not depend on the node's room: approval, drain, health, selector, and whether the
+    node can start the model's `backend` (a node that reported no backends, or no backend named: yes)."""
     labels = node.labels
-    if node.approved and node.status == _HEALTHY and all(labels.get(k) == v for k, v in selector.items()):
+    if (
+        node.approved
+        and node.status == _HEALTHY
+        and all(labels.get(k) == v for k, v in selector.items())
+        and node.offers(backend)
+    ):
         return None  # the common case, without building a verdict
     if not node.approved:
         return Judgement(Verdict.NOT_APPROVED, "not approved")
@@ -385,6 +429,9 @@ def gate(node: NodeSnapshot, selector: Mapping[str, str]) -> Judgement | None:
     missing = missing_selector_label(node.labels, selector)
     if missing:
         return Judgement(Verdict.SELECTOR_MISMATCH, f"selector {missing} missing")
+    if not node.offers(backend):
+        offers = ", ".join(sorted(node.backends))
+        return Judgement(Verdict.BACKEND_MISSING, f"backend {backend} not offered (offers: {offers})")
     return None
 
 
@@ -413,7 +460,7 @@ def judge(
     `evictable`: idle loaded replicas of other models on the node; the least recently used one whose removal
     makes the VRAM fit, and whose model keeps its rule's minimum (over `live_counts`), turns
     `not_enough_vram` into `eviction_candidate`. Slots are per model: evicting frees VRAM only."""
-    refused = gate(node, model.selector)
+    refused = gate(node, model.selector, model.backend)
     if refused:
         return refused
     if node.free_slots <= 0:
@@ -502,6 +549,8 @@ class Plan:
             return REASON_NOT_ENOUGH_VRAM
         if furthest == _VERDICT_ORDER[Verdict.NO_FREE_SLOT]:
             return REASON_NO_FREE_SLOT
+        if furthest == _VERDICT_ORDER[Verdict.BACKEND_MISSING]:
+            return reason_no_backend(self.model.backend)
         return REASON_NO_MATCHING_NODE
 
     def refusal(self) -> str:
@@ -662,7 +711,7 @@ def replica_claim(
     all of, the row starts `downloading` (it counts against capacity exactly like `loading`)."""
     if isinstance(vram_bytes, bool) or not isinstance(vram_bytes, int) or vram_bytes < 0:
         raise ValueError("vram_bytes must be a whole number of bytes, at least 0")
-    model = ModelRequirement(model_name, vram_bytes, dict(selector or {}))
+    model = ModelRequirement(model_name, vram_bytes, dict(selector or {}), backend=backend)
     now = timezone.now()
     with primary_reads(), transaction.atomic():
         node = Node.objects.select_for_update().filter(pk=node_id).first()
@@ -686,6 +735,7 @@ def replica_claim(
             labels=dict(NodeLabel.objects.filter(node=node).values_list("key", "value")) if selector else {},
             approved=node.approved_at is not None,
             status=node.status,
+            backends=_backends(node.backends),
         )
         refused = judge(model, snapshot)
         if refused is not None:
@@ -808,6 +858,7 @@ def replicas_claim(requests: list[ClaimRequest]) -> list[BatchClaim]:
                     "available_vram",
                     "reserved_vram",
                     "artifacts",
+                    "backends",
                 )
             }
             taken: dict[tuple[Any, str], set[int]] = defaultdict(set)
@@ -845,8 +896,11 @@ def replicas_claim(requests: list[ClaimRequest]) -> list[BatchClaim]:
                     labels=labels.get(node.id, {}),
                     approved=node.approved_at is not None,
                     status=node.status,
+                    backends=_backends(node.backends),
                 )
-                model = ModelRequirement(request.model_name, request.vram_bytes, dict(request.selector))
+                model = ModelRequirement(
+                    request.model_name, request.vram_bytes, dict(request.selector), backend=request.backend
+                )
                 verdict = judge(model, snapshot)
                 if verdict is not None:
                     answers.append(BatchClaim(None, refused=verdict))

@@ -82,14 +82,15 @@ def cluster_capacity(
     selector: Mapping[str, str],
     nodes: Iterable[NodeSnapshot],
     rows_per_node: Mapping[Any, int],
+    backend: str = "",
 ) -> tuple[int, bool]:
     """Free slots for the model over the nodes the pipeline's gate lets through (approved, healthy, not
-    draining, matching the selector; a node's used slots are its rows of the model in any state, or the live
-    rows given when more; each node clamped at 0), and whether any node
+    draining, matching the selector, offering the model's `backend`; a node's used slots are its rows of the
+    model in any state, or the live rows given when more; each node clamped at 0), and whether any node
     passes the gate at all."""
     capacity, matched = 0, False
     for node in nodes:
-        if pipeline.gate(node, selector) is None:
+        if pipeline.gate(node, selector, backend) is None:
             matched = True
             used = max(node.replicas_of_model, rows_per_node.get(node.id, 0))
             capacity += max(node.effective_cap - used, 0)
@@ -103,13 +104,17 @@ class CapacityIndex:
 
     def __init__(self, nodes: Iterable[NodeSnapshot]) -> None:
         self._nodes = list(nodes)
-        self._by_selector: dict[str, tuple[dict[Any, NodeSnapshot], int]] = {}
+        self._by_selector: dict[tuple[str, str], tuple[dict[Any, NodeSnapshot], int]] = {}
 
-    def __call__(self, selector: Mapping[str, str], rows_per_node: Mapping[Any, int]) -> tuple[int, bool]:
-        key = json.dumps(selector, sort_keys=True, default=str)
+    def __call__(
+        self, selector: Mapping[str, str], rows_per_node: Mapping[Any, int], backend: str = ""
+    ) -> tuple[int, bool]:
+        key = (json.dumps(selector, sort_keys=True, default=str), backend)
         entry = self._by_selector.get(key)
         if entry is None:
-            passing = {node.id: node for node in self._nodes if pipeline.gate(node, selector) is None}
+            passing = {
+                node.id: node for node in self._nodes if pipeline.gate(node, selector, backend) is None
+            }
             total = sum(max(n.effective_cap - n.replicas_of_model, 0) for n in passing.values())
             entry = self._by_selector[key] = (passing, total)
         passing, capacity = entry
@@ -178,21 +183,23 @@ def plan_rule(
     live = [r for r in replicas if r.id not in already_trimmed]
     current = len(live)
 
-    def capacity() -> tuple[int, bool]:  # only computed when a decision needs it: most ticks do not
+    def capacity(backend: str = rule.backend) -> tuple[int, bool]:  # only when a decision needs it
         rows = rows_per_node
         if rows is None:
             rows = defaultdict(int)
             for replica in replicas:
                 rows[replica.node_id] += 1
         if capacity_index is not None:
-            return capacity_index(rule.selector, rows)
-        return cluster_capacity(rule.model_name, rule.selector, nodes, rows)
+            return capacity_index(rule.selector, rows, backend)
+        return cluster_capacity(rule.model_name, rule.selector, nodes, rows, backend)
 
     if current < rule.min_replicas:
         free, matched = capacity()
         if free == 0:
             ticks = rule.unsatisfiable_ticks + 1
             plan.reason = pipeline.REASON_NO_MATCHING_NODE if not matched else pipeline.REASON_NO_FREE_SLOT
+            if not matched and rule.backend and capacity("")[1]:  # nodes match, none can start the backend
+                plan.reason = pipeline.reason_no_backend(rule.backend)
             until = None
             if ticks >= config.breaker_ticks:
                 until = now + timedelta(seconds=config.breaker_cooldown)
@@ -601,10 +608,11 @@ class _Job:
 class _Placer:
     """One tick's placements on one snapshot. Each model is judged on the snapshot plus the reservations this
     tick already made (so two models do not both count on the same free VRAM), and its nodes are ranked
-    without judging the whole cluster when it is large: nodes passing a selector's gate are kept once per
-    selector in a heap by (most effective free VRAM, least in-flight, name) — the ranking of a node with no
-    replica of the model — so a placement reads only the few best entries. Small clusters, and models whose
-    eligible nodes do not outnumber what a decision record lists, go through `pipeline.evaluate` itself."""
+    without judging the whole cluster when it is large: nodes passing a selector's gate (for the model's
+    backend) are kept once per selector and backend in a heap by (most effective free VRAM, least in-flight,
+    name) — the ranking of a node with no replica of the model — so a placement reads only the few best
+    entries. Small clusters, and models whose eligible nodes do not outnumber what a decision record lists,
+    go through `pipeline.evaluate` itself."""
 
     def __init__(self, snapshot: ClusterSnapshot) -> None:
         self.snapshot = snapshot
@@ -649,19 +657,19 @@ class _Placer:
         self.take(model, picks)
         return picks, [(_chosen(verdicts, node.name), None) for node in picks], refusal
 
-    def _gate(self, selector: Mapping[str, str]) -> _Gate:
-        key = tuple(sorted(selector.items()))
+    def _gate(self, selector: Mapping[str, str], backend: str = "") -> _Gate:
+        key = (tuple(sorted(selector.items())), backend)
         gate = self._gates.get(key)
         if gate is None:
             gate = self._gates[key] = _Gate(
-                [self.node(node, "") for node in self.snapshot.nodes.values()], dict(selector)
+                [self.node(node, "") for node in self.snapshot.nodes.values()], dict(selector), backend
             )
         return gate
 
     def _choose_fast(
         self, model: pipeline.ModelRequirement, count: int
     ) -> tuple[list[NodeSnapshot], list[_Record], str | None] | None:
-        gate = self._gate(model.selector)
+        gate = self._gate(model.selector, model.backend)
         if len(gate.passing) < FAST_PATH_MIN_NODES:
             return None
         rows = dict(self.snapshot.rows_of(model.name))
@@ -702,14 +710,14 @@ FAST_PATH_MIN_NODES = 256
 
 
 class _Gate:
-    """The nodes passing one selector's gate, ranked in a heap (see `_Placer`), and the gate's refusals
-    counted by verdict."""
+    """The nodes passing one selector's gate for one backend, ranked in a heap (see `_Placer`), and the gate's
+    refusals counted by verdict."""
 
-    def __init__(self, nodes: Iterable[NodeSnapshot], selector: Mapping[str, str]) -> None:
+    def __init__(self, nodes: Iterable[NodeSnapshot], selector: Mapping[str, str], backend: str = "") -> None:
         self.passing: dict[Any, NodeSnapshot] = {}
         self.refused_counts: dict[str, int] = defaultdict(int)
         for node in nodes:
-            judgement = pipeline.gate(node, selector)
+            judgement = pipeline.gate(node, selector, backend)
             if judgement is None:
                 self.passing[node.id] = node
             else:
@@ -814,7 +822,9 @@ def _place_all(plans: Sequence[RulePlan], snapshot: ClusterSnapshot) -> tuple[li
             continue
         if attempt.is_retry:
             count = 1
-        model = snapshot.requirement(model_name, config.vram_bytes, pipeline.model_artifacts(config.files))
+        model = snapshot.requirement(
+            model_name, config.vram_bytes, pipeline.model_artifacts(config.files), config.backend
+        )
         picks, candidates, refusal = placer.choose(model, count)
         if refusal is not None:  # slots exist, but not with VRAM enough for every replica wanted
             failed.append(f"{model_name}: {refusal if not picks else 'no room for more'}")

@@ -233,10 +233,13 @@ def model_options_for(config: ModelConfig) -> dict[str, Any]:
 
 
 def model_requirement(config: ModelConfig) -> ModelRequirement:
-    """What a new replica of a catalog entry needs: its VRAM, and its rule's selector (none without a rule)."""
+    """What a new replica of a catalog entry needs: its VRAM, its backend, and its rule's selector (none
+    without a rule)."""
     rule = SchedulingRule.objects.filter(model_name=config.name).only("node_selector").first()
     selector = dict(rule.node_selector) if rule and isinstance(rule.node_selector, dict) else {}
-    return ModelRequirement(config.name, config.vram_bytes, selector, pipeline.model_artifacts(config.files))
+    return ModelRequirement(
+        config.name, config.vram_bytes, selector, pipeline.model_artifacts(config.files), config.backend
+    )
 
 
 def placement_plan(*, model_name: str) -> pipeline.Plan:
@@ -648,7 +651,8 @@ class PrefetchResult:
 
 
 def model_prefetch(*, model_name: str, only_missing: bool = False) -> list[PrefetchResult]:
-    """Asks every schedulable node matching the model's rule's selector to stage the model's `files` ahead
+    """Asks every schedulable node matching the model's rule's selector (and able to start its backend, when
+    the node reported its backends) to stage the model's `files` ahead
     of any load (`StageFiles`: the agent starts the downloads in the background and answers at once). With
     `only_missing`, nodes whose heartbeat already lists every file are skipped (the reconciler's prefetch).
     Raises `UnknownModel`. Errors per node are answered, not raised."""
@@ -661,7 +665,7 @@ def model_prefetch(*, model_name: str, only_missing: bool = False) -> list[Prefe
     requirement = model_requirement(config)
     results: list[PrefetchResult] = []
     for node in pipeline.cluster_snapshot().nodes.values():
-        if pipeline.gate(node, requirement.selector) is not None:
+        if pipeline.gate(node, requirement.selector, requirement.backend) is not None:
             continue
         if only_missing and node.holds(requirement):
             continue

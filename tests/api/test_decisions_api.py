@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from nodes.models import ModelReplica
 from scheduling.choices import Verdict
-from scheduling.models import PlacementDecision
+from scheduling.models import ModelConfig, PlacementDecision
 from tests.factories import (
     GiB,
     ModelConfigFactory,
@@ -134,3 +134,27 @@ def test_cluster_status_why_prints_the_plan():
     assert "eviction_candidate" in text and "needs 8.0 GiB, 4.0 GiB free" in text
     with pytest.raises(CommandError, match="not in the catalog"):
         call_command("cluster_status", "--why", "nope", stdout=StringIO())
+
+
+def test_plan_and_cluster_status_name_a_node_that_cannot_start_the_models_backend(api):
+    ModelConfigFactory(name="org/v:7b", backend="vllm")
+    RuleFactory(model_name="org/v:7b", node_selector={"gpu": "a100"})
+    for name, backends in (("gpu-1", ["echo", "whisper"]), ("gpu-2", ["echo", "vllm"])):
+        NodeLabelFactory(node=NodeFactory(name=name, backends=backends), key="gpu", value="a100")
+    body = api.get("/api/plan", {"model": "org/v:7b"}).json()
+    assert body["chosen"] == "gpu-2"
+    assert body["candidates"][1] == {
+        "node": "gpu-1",
+        "verdict": "backend_missing",
+        "detail": "backend vllm not offered (offers: echo, whisper)",
+    }
+    out = StringIO()
+    call_command("cluster_status", "--why", "org/v:7b", stdout=out)
+    assert "gpu-1  backend_missing  backend vllm not offered (offers: echo, whisper)" in out.getvalue()
+    # With no node able to start it, the dry run's message says so rather than "no node matches".
+    ModelConfig.objects.filter(name="org/v:7b").update(backend="exllama")
+    body = api.get("/api/plan", {"model": "org/v:7b"}).json()
+    assert body["chosen"] is None
+    assert body["message"].startswith("cannot place org/v:7b: no node offers backend exllama (gpu-1: backend")
+    assert {c["verdict"] for c in body["candidates"]} == {"backend_missing"}
+    assert not PlacementDecision.objects.exists()  # a dry run

@@ -64,8 +64,9 @@ GiB = 1024**3
 NOW = datetime(2025, 1, 1, tzinfo=UTC)
 
 
-def node(name, *, free=0, reserved=0, total=None, cap=1, hosted=0, in_flight=0, labels=None):
-    """A snapshot with `free` GiB available (total defaults to available, 0 meaning a CPU node)."""
+def node(name, *, free=0, reserved=0, total=None, cap=1, hosted=0, in_flight=0, labels=None, backends=()):
+    """A snapshot with `free` GiB available (total defaults to available, 0 meaning a CPU node); `backends`:
+    what its agent reported it can start (none: not reported)."""
     available = free * GiB
     return NodeSnapshot(
         id=name,
@@ -77,6 +78,7 @@ def node(name, *, free=0, reserved=0, total=None, cap=1, hosted=0, in_flight=0, 
         reserved_vram=reserved * GiB,
         in_flight=in_flight,
         labels=labels or {},
+        backends=frozenset(backends),
     )
 
 
@@ -173,6 +175,45 @@ def test_selector_matching_is_exact_and_missing_key_never_matches():
 def test_slot_reason_wins_over_vram_reason_when_no_slot_anywhere():
     nodes = [node("full", free=40, hosted=1), node("small", free=1, total=0, hosted=1)]
     assert place(ModelRequirement("m", 8 * GiB), nodes).reason == REASON_NO_FREE_SLOT
+
+
+def test_a_node_whose_agent_lacks_the_models_backend_is_refused_one_that_reported_none_is_not():
+    nodes = [
+        node("echo-only", free=40, backends=["echo", "whisper"]),
+        node("llama", free=8, backends=["echo", "llama-cpp"]),
+        node("old-agent", free=16),  # reported no backends (an older agent): allowed, as before
+    ]
+    plan = evaluate(ModelRequirement("m", 4 * GiB, backend="llama-cpp"), nodes)
+    assert names(plan.eligible) == ["old-agent", "llama"]
+    refused = {c.node: (c.verdict, c.detail) for c in plan.candidates if c.node == "echo-only"}
+    assert refused == {
+        "echo-only": (Verdict.BACKEND_MISSING, "backend llama-cpp not offered (offers: echo, whisper)")
+    }
+    # A model whose backend is unknown (not in the catalog) may go to any node.
+    assert names(place(ModelRequirement("m"), nodes).candidates) == ["echo-only", "old-agent", "llama"]
+
+
+def test_backend_missing_comes_right_after_the_selector_and_before_the_room_checks():
+    assert (
+        Verdict.values.index(Verdict.BACKEND_MISSING) == Verdict.values.index(Verdict.SELECTOR_MISMATCH) + 1
+    )
+    model = ModelRequirement("m", 8 * GiB, selector={"gpu": "a100"}, backend="vllm")
+    a100 = {"gpu": "a100"}
+    # Without the label and the backend: the selector; without slot, VRAM and the backend: the backend.
+    assert pipeline.judge(model, node("h100", backends=["echo"], labels={"gpu": "h100"})).verdict == (
+        Verdict.SELECTOR_MISMATCH
+    )
+    full_and_small = node("a", free=1, hosted=1, labels=a100, backends=["echo"])
+    assert pipeline.judge(model, full_and_small).verdict == Verdict.BACKEND_MISSING
+    assert pipeline.judge(model, node("b", free=1, hosted=1, labels=a100, backends=["vllm"])).verdict == (
+        Verdict.NO_FREE_SLOT
+    )
+    # The refusal's headline is the furthest check any node passed.
+    plan = evaluate(model, [full_and_small, node("h100", labels={"gpu": "h100"})])
+    assert plan.headline == "no node offers backend vllm"
+    assert plan.refusal().startswith("cannot place m: no node offers backend vllm (a: backend vllm not")
+    plan = evaluate(model, [full_and_small, node("b", free=1, hosted=1, labels=a100, backends=["vllm"])])
+    assert plan.headline == REASON_NO_FREE_SLOT
 
 
 # --- eviction ---------------------------------------------------------------------------------------
@@ -560,6 +601,123 @@ def test_the_reconciler_records_its_placements_and_breaker_trips(agent, settings
     reconcile_tick()
     tripped = PlacementDecision.objects.filter(model_name="never").order_by("-id").first()
     assert tripped.outcome == Outcome.TRIPPED and "n1: selector gpu=a100 missing" in tripped.message
+
+
+def backend_cluster(agent):
+    """`m` needs the `vllm` backend: `echo-box` (most VRAM) cannot start it, `vllm-box` can, `old-box` did not
+    say (an agent that reports no backends)."""
+    ModelConfigFactory(name="m", backend="vllm", vram_bytes=4 * GiB)
+    gpu(agent, "echo-box", 40, cap=2, backends=["echo", "whisper"])
+    gpu(agent, "vllm-box", 10, cap=2, backends=["echo", "vllm"])
+    gpu(agent, "old-box", 20, cap=2, backends=[])
+
+
+@db
+def test_the_dry_run_names_backend_missing_and_placement_never_tries_that_node(agent):
+    backend_cluster(agent)
+    plan = placement_plan(model_name="m")
+    assert verdicts(plan) == {
+        "old-box": (Verdict.CHOSEN, "0 replica(s) of m here, 20.0 GiB free, 0 in flight"),
+        "vllm-box": (Verdict.RANKED_LOWER, "0 replica(s) of m here, 10.0 GiB free, 0 in flight"),
+        "echo-box": (Verdict.BACKEND_MISSING, "backend vllm not offered (offers: echo, whisper)"),
+    }
+    assert plan.as_dict()["candidates"][-1] == {
+        "node": "echo-box",
+        "verdict": "backend_missing",
+        "detail": "backend vllm not offered (offers: echo, whisper)",
+    }
+    for _ in range(4):  # spread, then stack: only ever on the two nodes that can start vllm
+        replica_place(model_name="m")
+    hosts = sorted(ModelReplica.objects.values_list("node__name", flat=True))
+    assert hosts == ["old-box", "old-box", "vllm-box", "vllm-box"]
+    assert len(agent.loads) == 4
+    records = PlacementDecision.objects.filter(outcome=Outcome.PLACED)
+    assert all(
+        {
+            "node": "echo-box",
+            "verdict": "backend_missing",
+            "detail": "backend vllm not offered (offers: echo, whisper)",
+        }
+        in record.candidates
+        for record in records
+    )
+    # Both slots of both nodes taken: refused for slots (the furthest check a node passed), nothing loaded.
+    with pytest.raises(NoCapacity, match="cannot place m: no free slot"):
+        replica_place(model_name="m")
+    assert len(agent.loads) == 4
+
+
+@db
+def test_no_node_offering_the_backend_is_no_capacity_not_a_load_failure(agent):
+    from scheduling.models import LoadFailure
+
+    backend_cluster(agent)
+    Node.objects.filter(name__in=["vllm-box", "old-box"]).update(backends=["echo"])
+    with pytest.raises(NoCapacity) as raised:
+        replica_place(model_name="m")
+    message = str(raised.value)
+    assert message.startswith("cannot place m: no node offers backend vllm (")
+    assert "echo-box: backend vllm not offered (offers: echo, whisper)" in message
+    assert "old-box: backend vllm not offered (offers: echo)" in message
+    assert agent.loads == [] and not ModelReplica.objects.exists()
+    assert not LoadFailure.objects.exists()  # no backoff: the model loads at once when a node offers it
+    record = PlacementDecision.objects.get()
+    assert (record.outcome, record.message) == (Outcome.NO_CAPACITY, message)
+    assert {c["verdict"] for c in record.candidates} == {Verdict.BACKEND_MISSING}
+    Node.objects.filter(name="vllm-box").update(backends=["echo", "vllm"])
+    assert replica_place(model_name="m").node_name == "vllm-box"
+
+
+@db
+def test_a_claim_judges_the_backend_again_on_the_locked_row():
+    """The node's agent registered again without the backend between the plan and the claim."""
+    node = NodeFactory(worker_max_replicas_per_model=2, backends=["echo"])
+    claim = pipeline.replica_claim(node_id=node.id, model_name="m", backend="vllm")
+    assert claim.replica is None
+    assert (claim.refused.verdict, claim.refused.detail) == (
+        Verdict.BACKEND_MISSING,
+        "backend vllm not offered (offers: echo)",
+    )
+    requests = [
+        pipeline.ClaimRequest(node.id, "m", backend="vllm"),
+        pipeline.ClaimRequest(node.id, "e", backend="echo"),
+    ]
+    refused, granted = pipeline.replicas_claim(requests)
+    assert refused.replica is None and refused.refused.verdict == Verdict.BACKEND_MISSING
+    assert granted.replica is not None
+    assert list(ModelReplica.objects.values_list("model_name", flat=True)) == ["e"]
+
+
+@db
+def test_the_reconciler_places_only_on_nodes_offering_the_backend_and_trips_when_none_does(agent, settings):
+    from scheduling.models import LoadFailure, SchedulingRule
+    from scheduling.reconciler import reconcile_tick
+
+    settings.LOCALAI_UNSATISFIABLE_TICKS = 2
+    backend_cluster(agent)
+    Node.objects.filter(name="old-box").update(backends=["echo", "vllm"])
+    ModelConfigFactory(name="nowhere", backend="exllama")
+    RuleFactory(model_name="m", min_replicas=3)
+    RuleFactory(model_name="nowhere", min_replicas=1)
+    report = reconcile_tick()
+    assert len(report.placed) == 3, report.failed
+    hosts = sorted(ModelReplica.objects.filter(model_name="m").values_list("node__name", flat=True))
+    assert hosts == ["old-box", "old-box", "vllm-box"]
+    assert sorted(load.model_name for load in agent.loads) == ["m", "m", "m"]  # nothing tried for `nowhere`
+    short = PlacementDecision.objects.get(model_name="nowhere")
+    assert short.outcome == Outcome.NO_CAPACITY
+    assert short.message.startswith("cannot place nowhere: no node offers backend exllama (")
+    assert {c["node"]: c["verdict"] for c in short.candidates} == {
+        "echo-box": Verdict.BACKEND_MISSING,
+        "vllm-box": Verdict.BACKEND_MISSING,
+        "old-box": Verdict.BACKEND_MISSING,
+    }
+    rule = SchedulingRule.objects.get(model_name="nowhere")
+    assert rule.unsatisfiable_reason == "no node offers backend exllama"
+    reconcile_tick()
+    rule.refresh_from_db()
+    assert rule.unsatisfiable_until is not None  # the breaker tripped: a misconfiguration, not a load failure
+    assert not LoadFailure.objects.exists()
 
 
 @db

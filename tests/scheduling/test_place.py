@@ -46,7 +46,7 @@ def test_load_carries_catalog_entry_and_no_transaction_is_open(agent):  # 77
         context_size=4096,
         options={"options": ["delay_ms:5"], "gpu_layers": 33, "f16": True},
     )
-    node = gpu_node(agent, "n1", 10)
+    node = gpu_node(agent, "n1", 10, backends=["echo", "llama-cpp"])
     connection.ensure_connection()
     caller_pid = connection.connection.info.backend_pid
     seen = {}

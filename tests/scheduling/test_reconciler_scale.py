@@ -11,6 +11,7 @@ from django.utils import timezone
 
 from nodes.choices import NodeStatus
 from nodes.models import ModelReplica, Node, NodeLabel
+from scheduling import pipeline
 from scheduling.choices import Outcome, Verdict
 from scheduling.decisions import MAX_RECORDED_NODES
 from scheduling.models import PlacementDecision
@@ -70,4 +71,49 @@ def test_a_large_tick_places_on_the_best_nodes_in_a_fixed_number_of_statements(a
     assert {c["verdict"] for c in record.candidates[1:]} == {Verdict.RANKED_LOWER}
     assert record.omitted[Verdict.DRAINING] == 10
     assert record.omitted[Verdict.SELECTOR_MISMATCH] == 20
+    assert sum(record.omitted.values()) + len(record.candidates) == NODES
+
+
+def test_a_large_tick_never_places_on_a_node_whose_agent_lacks_the_models_backend(agent, monkeypatch):
+    """Every tenth node (n000, n010, …, with them all five of the 80 GiB ones) reports only `echo`: the ranked
+    heap skips them for a `vllm` model and its records count them as `backend_missing`; an `echo` model
+    still goes to the best of them."""
+    now = timezone.now()
+    Node.objects.bulk_create(
+        Node(
+            name=f"n{i:03d}",
+            address=agent.address,
+            status=NodeStatus.HEALTHY,
+            approved_at=now,
+            last_heartbeat=now,
+            worker_max_replicas_per_model=2,
+            total_vram=80 * GiB,
+            available_vram=(80 - i % 70) * GiB,
+            backends=["echo"] if i % 10 == 0 else ["echo", "vllm"],
+        )
+        for i in range(NODES)
+    )
+    ModelConfigFactory(name="v", backend="vllm", vram_bytes=30 * GiB)
+    RuleFactory(model_name="v", min_replicas=2)
+    ModelConfigFactory(name="e", backend="echo", vram_bytes=30 * GiB)
+    RuleFactory(model_name="e", min_replicas=1)
+
+    def judged_node_by_node(*args, **kwargs):
+        raise AssertionError("the small-cluster path ran: this test is about the ranked heap")
+
+    monkeypatch.setattr(pipeline, "choose_nodes", judged_node_by_node)
+    report = reconcile_tick()
+    assert len(report.placed) == 3, report.failed
+    hosts = {
+        name: sorted(ModelReplica.objects.filter(model_name=name).values_list("node__name", flat=True))
+        for name in ("e", "v")
+    }
+    # `e` (placed first, by name) takes n000 (80 GiB); `v` skips n070, n140, n210, n280 (80 GiB, echo only)
+    # for the 79 GiB nodes that offer vllm, by name: n001 and n071.
+    assert hosts == {"e": ["n000"], "v": ["n001", "n071"]}
+    assert sorted(load.model_name for load in agent.loads) == ["e", "v", "v"]
+    record = PlacementDecision.objects.filter(outcome=Outcome.PLACED, model_name="v").order_by("id").first()
+    assert len(record.candidates) == MAX_RECORDED_NODES  # the large-cluster record: the rest counted
+    assert record.omitted[Verdict.BACKEND_MISSING] == NODES // 10
+    assert Verdict.BACKEND_MISSING not in {c["verdict"] for c in record.candidates}
     assert sum(record.omitted.values()) + len(record.candidates) == NODES

@@ -303,6 +303,25 @@ def test_load_one_now_refused_shows_why_in_the_row(staff_client: Client) -> None
     assert "admin" in row and "data-refusal>gpu-1: draining" in row
 
 
+def test_load_one_now_on_nodes_that_cannot_start_the_backend_says_so_and_loads_nothing(
+    staff_client: Client,
+) -> None:
+    config = ModelConfigFactory(name="chat", backend="llama-cpp")
+    NodeFactory(name="gpu-1", backends=["echo", "whisper"])
+    answer = staff_client.post(f"/ui/models/{config.pk}/load", **HTMX)
+    toast = toast_of(answer)
+    assert toast["level"] == "error"
+    assert toast["message"].startswith("chat not loaded: cannot place chat: no node offers backend llama-cpp")
+    row = row_html(answer.content.decode(), "chat")
+    assert "data-backend-missing" in row  # the page's warning, and now the placement's own verdict:
+    assert '<li data-verdict="backend_missing"><strong>gpu-1</strong>' in row
+    assert "data-refusal>gpu-1: backend llama-cpp not offered (offers: echo, whisper)" in row
+    assert not ModelReplica.objects.exists()
+    decisions = staff_client.get("/ui/decisions/", {"model": "chat"}).content.decode()
+    assert '<li data-verdict="backend_missing"><strong>gpu-1</strong>' in decisions
+    assert "backend llama-cpp not offered (offers: echo, whisper)" in decisions
+
+
 def test_the_page_is_staff_only(client, plain_client: Client) -> None:
     assert client.get("/ui/models/").status_code == 302
     assert plain_client.get("/ui/models/").status_code == 403
