@@ -611,8 +611,8 @@ class _Placer:
     without judging the whole cluster when it is large: nodes passing a selector's gate (for the model's
     backend) are kept once per selector and backend in a heap by (most effective free VRAM, least in-flight,
     name) — the ranking of a node with no replica of the model — so a placement reads only the few best
-    entries. Small clusters, and models whose eligible nodes do not outnumber what a decision record lists,
-    go through `pipeline.evaluate` itself."""
+    entries. Small clusters, models whose eligible nodes do not outnumber what a decision record lists, and
+    models with `files` (ranked by locality first) go through `pipeline.evaluate` itself."""
 
     def __init__(self, snapshot: ClusterSnapshot) -> None:
         self.snapshot = snapshot
@@ -669,6 +669,10 @@ class _Placer:
     def _choose_fast(
         self, model: pipeline.ModelRequirement, count: int
     ) -> tuple[list[NodeSnapshot], list[_Record], str | None] | None:
+        if model.artifacts:
+            # A node holding the model's files ranks first (`pipeline.rank_key`): an order of this model's
+            # own, which the heap, shared by every model of a selector, does not keep.
+            return None
         gate = self._gate(model.selector, model.backend)
         if len(gate.passing) < FAST_PATH_MIN_NODES:
             return None

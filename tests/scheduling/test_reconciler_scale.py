@@ -117,3 +117,19 @@ def test_a_large_tick_never_places_on_a_node_whose_agent_lacks_the_models_backen
     assert record.omitted[Verdict.BACKEND_MISSING] == NODES // 10
     assert Verdict.BACKEND_MISSING not in {c["verdict"] for c in record.candidates}
     assert sum(record.omitted.values()) + len(record.candidates) == NODES
+
+
+def test_a_large_tick_places_a_model_with_files_on_a_node_holding_them(agent):
+    """Locality ranks before free VRAM (`pipeline.rank_key`) on a large cluster too: n151 (69 GiB free) holds
+    the model's file and is chosen over n070 (80 GiB), the heap's first."""
+    cluster(agent)
+    sha = "a" * 64
+    Node.objects.filter(name="n151").update(artifacts=[sha])
+    files = [{"uri": "cp://weights.bin", "sha256": sha, "size": 1, "path": "weights.bin"}]
+    ModelConfigFactory(name="f", vram_bytes=30 * GiB, files=files)
+    RuleFactory(model_name="f", min_replicas=1, node_selector={"gpu": "a100"})
+    report = reconcile_tick()
+    assert len(report.placed) == 1, report.failed
+    assert list(ModelReplica.objects.filter(model_name="f").values_list("node__name", flat=True)) == ["n151"]
+    record = PlacementDecision.objects.get(outcome=Outcome.PLACED, model_name="f")
+    assert record.candidates[0]["node"] == "n151" and "holds all 1 file(s)" in record.candidates[0]["detail"]
