@@ -70,6 +70,24 @@ def django_db_setup(django_db_setup, django_db_blocker):
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
             "WHERE datname = current_database() AND pid <> pg_backend_pid()"
         )
+    _drop_without_statement_timeout()
+
+
+def _drop_without_statement_timeout() -> None:
+    """`DROP DATABASE` waits for a checkpoint, which on a busy machine can outlast the statement timeout that
+    every connection carries (LOCALAI_DB_STATEMENT_TIMEOUT): the drop was cancelled, leaving the database
+    behind. The connections that drop the test databases carry none (nor the client-side deadline)."""
+    import re
+
+    from django.conf import settings
+    from django.db import connections
+
+    settings.LOCALAI_DB_STATEMENT_TIMEOUT = 0
+    for alias in connections:
+        options = connections[alias].settings_dict.get("OPTIONS", {})
+        if "options" in options:
+            options["options"] = re.sub(r"statement_timeout=\d+", "statement_timeout=0", options["options"])
+        connections[alias].close()
 
 
 @contextlib.contextmanager
