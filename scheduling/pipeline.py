@@ -227,12 +227,10 @@ class ClusterSnapshot:
         )
 
 
-def _artifacts(value: Any) -> frozenset[str]:
+def _names(value: Any) -> frozenset[str]:
+    """A node's JSON list of names (the artifacts' sha256 its heartbeat lists, the backends it registered) as
+    a set; anything but a list is none."""
     return frozenset(str(item) for item in value) if isinstance(value, list) else frozenset()
-
-
-def _backends(value: Any) -> frozenset[str]:
-    return frozenset(str(item) for item in value) if isinstance(value, list) and value else frozenset()
 
 
 def model_artifacts(files: Any) -> frozenset[str]:
@@ -308,8 +306,8 @@ def cluster_snapshot() -> ClusterSnapshot:
             approved=n["approved"],
             status=n["status"],
             address=n["address"],
-            artifacts=_artifacts(n["artifacts"]),
-            backends=_backends(n["backends"]),
+            artifacts=_names(n["artifacts"]),
+            backends=_names(n["backends"]),
         )
         for n in Node.objects.filter(node_type=NodeType.BACKEND)
         .annotate(approved=RawSQL('"nodes_node"."approved_at" IS NOT NULL', (), output_field=BooleanField()))
@@ -735,13 +733,13 @@ def replica_claim(
             labels=dict(NodeLabel.objects.filter(node=node).values_list("key", "value")) if selector else {},
             approved=node.approved_at is not None,
             status=node.status,
-            backends=_backends(node.backends),
+            backends=_names(node.backends),
         )
         refused = judge(model, snapshot)
         if refused is not None:
             return Claim(None, refused)
         reserve = vram_bytes if node.total_vram > 0 else 0
-        held = _artifacts(node.artifacts)
+        held = _names(node.artifacts)
         state = ReplicaState.DOWNLOADING if artifacts and not artifacts <= held else ReplicaState.LOADING
         replica = None
         for index in _free_indexes(snapshot.effective_cap, taken):
@@ -896,7 +894,7 @@ def replicas_claim(requests: list[ClaimRequest]) -> list[BatchClaim]:
                     labels=labels.get(node.id, {}),
                     approved=node.approved_at is not None,
                     status=node.status,
-                    backends=_backends(node.backends),
+                    backends=_names(node.backends),
                 )
                 model = ModelRequirement(
                     request.model_name, request.vram_bytes, dict(request.selector), backend=request.backend
@@ -909,7 +907,7 @@ def replicas_claim(requests: list[ClaimRequest]) -> list[BatchClaim]:
                 used.add(index)
                 reserve = request.vram_bytes if node.total_vram > 0 else 0
                 reserved[node.id] += reserve
-                downloads = request.artifacts and not request.artifacts <= _artifacts(node.artifacts)
+                downloads = request.artifacts and not request.artifacts <= _names(node.artifacts)
                 row = ModelReplica(
                     node=node,
                     model_name=request.model_name,
