@@ -252,12 +252,10 @@ def inflight_reclaim_dead_owners() -> dict[str, int]:
             with transaction.atomic():
                 # The replica rows first, then the claim rows: the router's lock order, so a late release
                 # under this owner id (a process that moved to a new one) cannot deadlock with the reclaim.
-                held = InFlightClaim.objects.filter(owner=owner, count__gt=0).values_list(
-                    "replica_id", flat=True
-                )
+                held = InFlightClaim.objects.filter(owner=owner, count__gt=0).values("replica_id")
                 list(
                     ModelReplica.objects.select_for_update()
-                    .filter(pk__in=list(held))
+                    .filter(pk__in=held)
                     .order_by("pk")
                     .values_list("pk", flat=True)
                 )
