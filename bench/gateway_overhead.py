@@ -44,6 +44,43 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_http(
+    url: str,
+    *,
+    what: str,
+    log: Path | str,
+    timeout: float,
+    interval: float,
+    process: subprocess.Popen | None = None,
+) -> None:
+    """Polls `GET url` until it answers 200. Ends the bench, naming `what` and its log, when it does not within
+    `timeout` seconds, or when `process` (the one serving it) exits first."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise SystemExit(f"{what} exited; see {log}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(interval)
+    raise SystemExit(f"{what} did not start; see {log}")
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 30 s; returns once the process is gone."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def _setup_django() -> None:
     import django
 
@@ -88,17 +125,13 @@ class Cluster:
         return process
 
     def _wait_http(self, timeout: float = 60) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise SystemExit(f"the control plane did not start; see {self.log_dir}/web.log")
+        wait_http(
+            f"{self.url}/healthz",
+            what="the control plane",
+            log=self.log_dir / "web.log",
+            timeout=timeout,
+            interval=0.2,
+        )
 
     def web_cpu(self) -> float:
         """CPU seconds (user + system) used so far by the uvicorn process and its worker processes."""

@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import os
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ DATABASE = "bench_heartbeat"
 REPLICAS_PER_NODE = 3
 GiB = 1024**3
 
+from bench.gateway_overhead import _free_port, stop_process, wait_http  # noqa: E402
 from bench.pgcpu import postmaster_pid, process_cpu_seconds, tree_cpu_seconds  # noqa: E402
 
 
@@ -112,11 +112,7 @@ class Web:
     """uvicorn with N worker processes on loopback."""
 
     def __init__(self, workers: int, log: Path) -> None:
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "uvicorn", "localai_cluster.asgi:application", "--host", "127.0.0.1"]
         command += ["--port", str(self.port), "--workers", str(workers), "--log-level", "warning"]
@@ -129,25 +125,12 @@ class Web:
         self.log = log
 
     def wait(self, timeout: float = 90) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise SystemExit(f"the control plane did not start; see {self.log}")
+        wait_http(
+            f"{self.url}/healthz", what="the control plane", log=self.log, timeout=timeout, interval=0.3
+        )
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        stop_process(self.process)
         self._log.close()
 
 

@@ -35,7 +35,6 @@ import hashlib
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -210,32 +209,21 @@ class Proxy:
         ).stdout.strip()
 
     def wait(self, timeout: float = 180) -> None:
-        import httpx
+        from bench.gateway_overhead import wait_http
 
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SystemExit(f"LiteLLM's proxy exited; see {self.log_dir}/litellm.log")
-            try:
-                if httpx.get(f"{self.url}/health/liveliness", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise SystemExit(f"LiteLLM's proxy did not start; see {self.log_dir}/litellm.log")
+        wait_http(
+            f"{self.url}/health/liveliness",
+            what="LiteLLM's proxy",
+            log=self.log_dir / "litellm.log",
+            timeout=timeout,
+            interval=0.5,
+            process=self.process,
+        )
 
     def stop(self) -> None:
-        _stop(self.process)
+        from bench.gateway_overhead import stop_process
 
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(self.process)
 
 
 # --- the measurement -----------------------------------------------------------------------------------------
@@ -476,6 +464,8 @@ def main() -> None:
     args.body = {"model": "bench-upstream", "messages": messages}
     args.ours_body = {"model": args.model, "messages": messages}
     load_before = os.getloadavg()
+    from bench.gateway_overhead import stop_process
+
     upstream_process, upstream = _upstream_process(log_dir)
     proxy = Proxy(venv, upstream, "bench-upstream", workers=args.workers, log_dir=log_dir)
     cluster = None
@@ -509,7 +499,7 @@ def main() -> None:
         print_table(targets, bool(args.wrk_seconds))
     finally:
         proxy.stop()
-        _stop(upstream_process)
+        stop_process(upstream_process)
         if cluster:
             cluster.stop()
             from scheduling.models import ModelConfig, SchedulingRule
