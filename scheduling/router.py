@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 import weakref
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -135,20 +136,55 @@ SELECT auth.allowed, auth.key_id, auth.key_last_used_at, (SELECT policy FROM rou
 FROM auth LEFT JOIN claimed ON true
 """
 
-# Only a unit this owner still holds is given back: after the health monitor reclaimed a dead (or lost)
-# owner's units, their late releases change nothing. Locks are taken in the claim's order — the replica row,
-# then the claim row — so a claim and a release of the same replica can never deadlock.
-_RELEASE_SQL = f"""
-WITH target AS (
-  SELECT id FROM {ModelReplica._meta.db_table} WHERE id = %(replica)s FOR UPDATE
-), released AS (
-  UPDATE {InFlightClaim._meta.db_table} SET count = count - 1
-  WHERE owner = %(owner)s AND replica_id IN (SELECT id FROM target) AND count > 0
-  RETURNING replica_id
-)
-UPDATE {ModelReplica._meta.db_table} SET in_flight = GREATEST(in_flight - 1, 0)
-WHERE id IN (SELECT replica_id FROM released)
+# Claims batched per event loop (`_Claims`): `%(units)s` units of one model for requests of one turn of the
+# loop with no routing preference, in one statement. Every routable replica of the model is locked (in id
+# order: a batch never waits on another in a cycle, nor on a release batch), then the units are dealt by
+# water-filling — each unit to the replica least loaded once the units dealt before it are counted, ties broken
+# as a single claim breaks them — so a batch places its units as that many single claims in a row would.
+_BATCH_CLAIMED_CTE = f"""
+{_ROUTE_CTE}, candidates AS (
+  SELECT r.id, r.in_flight, n.available_vram - n.reserved_vram AS free, r.last_used
+  {_ROUTABLE}
+  /*guard*/
+  ORDER BY r.id
+  FOR UPDATE OF r
+), dealt AS (
+  SELECT c.id FROM candidates c CROSS JOIN generate_series(0, %(units)s - 1) AS unit(k)
+  ORDER BY c.in_flight + unit.k, c.free DESC, c.last_used ASC NULLS FIRST, c.id
+  LIMIT %(units)s
+), claimed AS (
+  UPDATE {ModelReplica._meta.db_table} AS claimed
+  SET in_flight = claimed.in_flight + given.units, last_used = now()
+  FROM (SELECT id, count(*)::integer AS units FROM dealt GROUP BY id) AS given, {Node._meta.db_table} AS node
+  WHERE claimed.id = given.id AND node.id = claimed.node_id
+  RETURNING claimed.id, given.units, claimed.replica_index, claimed.address, node.id AS node_id, node.name,
+            node.address AS node_address, node.token_salt AS node_token_salt
+), recorded AS (
+  INSERT INTO {InFlightClaim._meta.db_table} (owner, replica_id, count)
+  SELECT %(owner)s, id, units FROM claimed
+  ON CONFLICT (owner, replica_id) DO UPDATE SET count = {InFlightClaim._meta.db_table}.count + EXCLUDED.count
+)"""
+
+# One row per replica given units, or one row of NULLs: the model's policy, the replica and its units.
+_BATCH_CLAIM_SQL = f"""
+WITH {_BATCH_CLAIMED_CTE.replace("/*guard*/", "")}
+SELECT route.policy, claimed.id, claimed.units, claimed.replica_index, claimed.address, claimed.node_id,
+       claimed.name, claimed.node_address, claimed.node_token_salt
+FROM route LEFT JOIN claimed ON true
 """
+
+# With the gateway's key check: nothing is claimed unless the key rule allows the batch's requests (which all
+# carry the same bearer value).
+_AUTHORIZED_BATCH_CLAIM_SQL = f"""
+WITH auth AS ({GATEWAY_AUTH_SELECT}), {_BATCH_CLAIMED_CTE.replace("/*guard*/", "AND (SELECT allowed FROM auth)")}
+SELECT auth.allowed, auth.key_id, auth.key_last_used_at, (SELECT policy FROM route),
+       claimed.id, claimed.units, claimed.replica_index, claimed.address, claimed.node_id, claimed.name,
+       claimed.node_address, claimed.node_token_salt
+FROM auth LEFT JOIN claimed ON true
+"""
+
+# The most units one batched statement claims (more requests of the same turn go in further statements).
+MAX_BATCH_UNITS = 64
 
 _ROUTABLE_EXISTS_SQL = f"SELECT EXISTS (SELECT 1 {_ROUTABLE})"
 
@@ -206,7 +242,7 @@ def replica_release(replica_id: int, owner: Any) -> None:
     """Gives back one in-flight unit that `owner` holds on the replica (never below 0; nothing when the
     unit was already reclaimed)."""
     with connection.cursor() as cursor:
-        cursor.execute(_RELEASE_SQL, {"owner": owner, "replica": replica_id})
+        cursor.execute(_RELEASE_BATCH_SQL, {"owners": [owner], "replicas": [replica_id], "counts": [1]})
 
 
 def model_has_routable_replica(*, model_name: str) -> bool:
@@ -404,6 +440,12 @@ def _release_abandoned(lease: Lease | None) -> None:
         lease.release_soon()
 
 
+def _release_all(leases: list[Lease]) -> None:
+    """`_release_abandoned` for a batch of claims."""
+    for lease in leases:
+        lease.release_soon()
+
+
 async def database_ready() -> bool:
     """Whether a statement runs on this event loop's hot pool within `LOCALAI_DB_POOL_TIMEOUT` (`/readyz`)."""
 
@@ -419,7 +461,8 @@ async def database_ready() -> bool:
 
 
 async def close_hot_pools() -> None:
-    """Closes this event loop's pool (ASGI lifespan shutdown)."""
+    """Sends this event loop's queued releases, then closes its pool (ASGI lifespan shutdown)."""
+    await releases_settled()
     opening = _hot_pools.pop(asyncio.get_running_loop(), None)
     if opening is not None and opening.done() and not opening.cancelled() and opening.exception() is None:
         await opening.result().close()
@@ -477,52 +520,20 @@ async def aclaim(
     id in the same statement; None when there is none. The model's policy the statement read is remembered
     (`scheduling.routing.remember_policy`) and set on the lease. With `raw_key` (a bearer value or None), the
     gateway's key rule is checked in the same statement, and `Unauthorized` raised (nothing claimed) when it
-    fails. Bounded by `LOCALAI_DB_POOL_TIMEOUT` (`DatabaseTimeout`). The claim runs in a task of its own that
-    neither the deadline nor the caller's cancellation (a client that disconnects) interrupts: cancelling
-    psycopg in the middle of the claim statement, or of the key's last-used stamp after it, would leave a
-    committed claim that no lease holds; a claim that lands after its caller stopped waiting is given back at
-    once."""
+    fails. Bounded by `LOCALAI_DB_POOL_TIMEOUT` (`DatabaseTimeout`).
+
+    A claim with no routing preference and nothing excluded joins the claims of the same model and bearer value
+    made in the same turn of the event loop, and they are claimed by one statement (`_Claims`).
+
+    The claim runs in a task of its own that neither the deadline nor the caller's cancellation (a client that
+    disconnects) interrupts: cancelling psycopg in the middle of the claim statement, or of the key's
+    last-used stamp after it, would leave a committed claim that no lease holds; a claim that lands after its
+    caller stopped waiting is given back at once."""
     prefer = preference or Preference.none()
-
-    async def claim() -> Lease | None:
-        owner = await _owner()
-        params = {
-            "model": model_name,
-            "exclude": list(exclude),
-            "owner": owner,
-            "default_policy": settings.LOCALAI_ROUTING_POLICY,
-            "prefer": prefer.replicas,
-            "threshold": int(settings.LOCALAI_PREFIX_BALANCE_THRESHOLD),
-            "session": prefer.session,
-            "home": prefer.home,
-        }
-
-        async def run(conn: Any) -> tuple | None:
-            if raw_key is NO_AUTH:
-                policy, *claimed = await (await conn.execute(_CLAIM_SQL, params)).fetchone()
-                remember_policy(model_name, policy)
-                return (policy, *claimed) if claimed[0] is not None else None
-            params["hash"] = gateway_key_hash(raw_key)
-            allowed, key_id, key_last_used_at, policy, *claimed = await (
-                await conn.execute(_AUTHORIZED_CLAIM_SQL, params)
-            ).fetchone()
-            if not allowed:
-                raise Unauthorized()  # the statement claimed nothing
-            remember_policy(model_name, policy)
-            if key_id is not None:
-                # The claim has committed: a failure of the stamp (a row lock held past the statement timeout,
-                # a connection that broke) must not lose the claimed unit, so it is logged, not raised.
-                try:
-                    await gateway_key_used(conn, key_id, key_last_used_at)
-                except psycopg.Error as error:
-                    logger.warning("last-used stamp of API key %s failed: %s", key_id, error)
-            return (policy, *claimed) if claimed[0] is not None else None
-
-        row = await _on_hot_connection(run)
-        return None if row is None else _lease(model_name, row, owner)
-
     try:
-        return await _bounded(claim(), abandoned=_release_abandoned)
+        if not exclude and not prefer.replicas and not prefer.session and not prefer.home:
+            return await _claims().claim(model_name, raw_key)
+        return await _bounded(_claim_one(model_name, exclude, raw_key, prefer), abandoned=_release_abandoned)
     except asyncio.CancelledError:
         logger.info(
             "the client of a request for %r went away while its replica was being claimed; a unit it "
@@ -530,6 +541,145 @@ async def aclaim(
             model_name,
         )
         raise
+
+
+async def _claim_one(
+    model_name: str, exclude: Sequence[int], raw_key: Any, prefer: Preference
+) -> Lease | None:
+    owner = await _owner()
+    params = {
+        "model": model_name,
+        "exclude": list(exclude),
+        "owner": owner,
+        "default_policy": settings.LOCALAI_ROUTING_POLICY,
+        "prefer": prefer.replicas,
+        "threshold": int(settings.LOCALAI_PREFIX_BALANCE_THRESHOLD),
+        "session": prefer.session,
+        "home": prefer.home,
+    }
+
+    async def run(conn: Any) -> tuple | None:
+        if raw_key is NO_AUTH:
+            policy, *claimed = await (await conn.execute(_CLAIM_SQL, params)).fetchone()
+            remember_policy(model_name, policy)
+            return (policy, *claimed) if claimed[0] is not None else None
+        params["hash"] = gateway_key_hash(raw_key)
+        allowed, key_id, key_last_used_at, policy, *claimed = await (
+            await conn.execute(_AUTHORIZED_CLAIM_SQL, params)
+        ).fetchone()
+        if not allowed:
+            raise Unauthorized()  # the statement claimed nothing
+        remember_policy(model_name, policy)
+        await _stamp_after_claim(conn, key_id, key_last_used_at)
+        return (policy, *claimed) if claimed[0] is not None else None
+
+    row = await _on_hot_connection(run)
+    return None if row is None else _lease(model_name, row, owner)
+
+
+async def _claim_units(model_name: str, raw_key: Any, units: int) -> list[Lease]:
+    """`units` units of `model_name` by one statement (`_BATCH_CLAIM_SQL`); none when nothing is routable."""
+    owner = await _owner()
+    params = {
+        "model": model_name,
+        "exclude": [],
+        "owner": owner,
+        "default_policy": settings.LOCALAI_ROUTING_POLICY,
+        "units": units,
+    }
+
+    async def run(conn: Any) -> list[tuple]:
+        if raw_key is NO_AUTH:
+            rows = await (await conn.execute(_BATCH_CLAIM_SQL, params)).fetchall()
+            policy = rows[0][0]
+            remember_policy(model_name, policy)
+            return [(policy, *row[1:]) for row in rows if row[1] is not None]
+        params["hash"] = gateway_key_hash(raw_key)
+        rows = await (await conn.execute(_AUTHORIZED_BATCH_CLAIM_SQL, params)).fetchall()
+        allowed, key_id, key_last_used_at, policy = rows[0][:4]
+        if not allowed:
+            raise Unauthorized()  # the statement claimed nothing
+        remember_policy(model_name, policy)
+        await _stamp_after_claim(conn, key_id, key_last_used_at)
+        return [(policy, *row[4:]) for row in rows if row[4] is not None]
+
+    leases = []
+    for policy, replica_id, count, *rest in await _on_hot_connection(run):
+        leases += [_lease(model_name, (policy, replica_id, *rest), owner) for _ in range(count)]
+    return leases
+
+
+async def _stamp_after_claim(conn: Any, key_id: int | None, key_last_used_at: Any) -> None:
+    """The accepted key's last-used stamp, after its claim committed: a failure of the stamp (a row lock held
+    past the statement timeout, a connection that broke) must not lose the claimed units, so it is logged, not
+    raised."""
+    if key_id is None:
+        return
+    try:
+        await gateway_key_used(conn, key_id, key_last_used_at)
+    except psycopg.Error as error:
+        logger.warning("last-used stamp of API key %s failed: %s", key_id, error)
+
+
+class _Claims:
+    """Claims of one event loop waiting for the next turn of the loop, by (model, bearer value): each group is
+    claimed by one statement — one unit alone by the single claim (`_CLAIM_SQL`), more by `_BATCH_CLAIM_SQL`.
+    A lone claim (concurrency 1) costs what it did (one `call_soon` more); under load the requests that reach
+    their claim in the same turn share a statement, a round trip and the replica rows' locks."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queued: dict[tuple[str, Any], list[asyncio.Future[Lease | None]]] = {}
+        self._scheduled = False
+
+    def claim(self, model_name: str, raw_key: Any) -> asyncio.Future[Lease | None]:
+        """A future of the claimed lease (None when nothing is routable); cancelling it gives its unit back."""
+        future: asyncio.Future[Lease | None] = self._loop.create_future()
+        self._queued.setdefault((model_name, raw_key), []).append(future)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._send)
+        return future
+
+    def _send(self) -> None:
+        self._scheduled = False
+        queued, self._queued = self._queued, {}
+        for (model_name, raw_key), waiters in queued.items():
+            for start in range(0, len(waiters), MAX_BATCH_UNITS):
+                _in_background(_claim_for(model_name, raw_key, waiters[start : start + MAX_BATCH_UNITS]))
+
+
+async def _claim_for(model_name: str, raw_key: Any, waiters: list[asyncio.Future[Lease | None]]) -> None:
+    """Claims one unit per waiting request and hands them out; a request that went away meanwhile has its unit
+    given back at once."""
+    waiters = [waiter for waiter in waiters if not waiter.done()]
+    try:
+        if len(waiters) == 1:
+            lease = await _bounded(
+                _claim_one(model_name, (), raw_key, Preference.none()), abandoned=_release_abandoned
+            )
+            leases = [] if lease is None else [lease]
+        elif waiters:
+            leases = await _bounded(_claim_units(model_name, raw_key, len(waiters)), abandoned=_release_all)
+        else:
+            return
+    except Exception as error:
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(error)
+        return
+    except BaseException:  # this task was cancelled (the loop is closing): nobody waits for ever
+        for waiter in waiters:
+            waiter.cancel()
+        raise
+    for waiter in waiters:
+        lease = leases.pop() if leases else None
+        if not waiter.done():
+            waiter.set_result(lease)
+        elif lease is not None:
+            lease.release_soon()  # its request went away meanwhile
+    for lease in leases:
+        lease.release_soon()
 
 
 async def authorize(raw_key: str | None) -> None:
@@ -550,26 +700,156 @@ async def _admit(conn: Any, allowed: bool, key_id: int | None, key_last_used_at:
         await gateway_key_used(conn, key_id, key_last_used_at)
 
 
-async def arelease(replica_id: int, owner: Any) -> None:
-    """`replica_release` on the event loop. Waits at most `LOCALAI_DB_POOL_TIMEOUT`: a release the database
-    does not answer in time (frozen) goes on in the background and gives the unit back when it resumes."""
+# --- releases, batched per event loop ----------------------------------------------------------------------
+# Releases commute (each gives back one unit its owner holds, never more), so the units an event loop gives
+# back are sent together: one statement for every unit released since the last one was sent, and one such
+# statement in flight at a time. A lone release (concurrency 1) is sent at the next turn of the loop, as
+# before; under load a statement carries many (at concurrency 32, about a tenth as many release statements as
+# requests: docs/performance.md, "Releases batched per event loop"), which takes most of the release's
+# statements, round trips and row-lock waits off the hot path.
+#
+# Only a unit its owner still holds is given back: after the health monitor reclaimed a dead (or lost)
+# owner's units, their late releases change nothing. Locks are taken in the claim's order — the replica rows
+# (in id order, so two batches never wait on each other in a cycle), then the claim rows — so a claim and a
+# release of the same replica can never deadlock.
+_RELEASE_BATCH_SQL = f"""
+WITH given AS (
+  SELECT * FROM unnest(%(owners)s::uuid[], %(replicas)s::bigint[], %(counts)s::integer[])
+    AS given(owner, replica_id, count)
+), target AS (
+  SELECT id FROM {ModelReplica._meta.db_table} WHERE id IN (SELECT replica_id FROM given) ORDER BY id FOR UPDATE
+), held AS (
+  SELECT c.owner, c.replica_id, LEAST(c.count, given.count) AS units
+  FROM {InFlightClaim._meta.db_table} c
+  JOIN given ON given.owner = c.owner AND given.replica_id = c.replica_id
+  WHERE c.replica_id IN (SELECT id FROM target) AND c.count > 0
+  FOR UPDATE OF c
+), released AS (
+  UPDATE {InFlightClaim._meta.db_table} c SET count = c.count - held.units
+  FROM held WHERE c.owner = held.owner AND c.replica_id = held.replica_id
+  RETURNING c.replica_id, held.units
+)
+UPDATE {ModelReplica._meta.db_table} r SET in_flight = GREATEST(r.in_flight - given_back.units, 0)
+FROM (SELECT replica_id, sum(units) AS units FROM released GROUP BY replica_id) given_back
+WHERE r.id = given_back.replica_id
+"""
 
-    async def release(conn: Any) -> None:
-        await conn.execute(_RELEASE_SQL, {"owner": owner, "replica": replica_id})
-
-    try:
-        await _bounded(_on_hot_connection(release))
-    except DatabaseTimeout as error:
-        logger.warning(
-            "release of a unit on replica %s is still waiting for the database: %s", replica_id, error
-        )
-
-
-# A release whose statement failed (the database is unreachable for a moment) is tried again for about a
-# minute: a unit never given back would make its replica look busy for as long as this process lives, while a
-# repeated release can at worst give back early another unit this process holds on the replica (never below
-# what the process holds: see `_RELEASE_SQL`).
+# A batch whose statement failed (the database is unreachable for a moment) is tried again for about a
+# minute, with every release queued meanwhile: a unit never given back would make its replica look busy for
+# as long as this process lives, while a repeated release can at worst give back early another unit this
+# process holds on the replica (never more than the process holds: see `_RELEASE_BATCH_SQL`).
 RELEASE_RETRY_DELAYS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+
+
+class _Releases:
+    """The in-flight units one event loop gives back, queued until its next release statement."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._units: Counter[tuple[Any, int]] = Counter()  # (owner, replica id) -> units
+        self._waiters: list[asyncio.Future[None]] = []
+        self._sending: asyncio.Task | None = None
+
+    def add(self, replica_id: int, owner: Any) -> asyncio.Future[None]:
+        """Queues one unit; the future is done once its statement ran (or was given up, which is logged)."""
+        self._units[(owner, replica_id)] += 1
+        done = self._loop.create_future()
+        self._waiters.append(done)
+        if self._sending is None:
+            self._sending = _in_background(self._send_queued())
+        return done
+
+    async def settled(self) -> None:
+        """Waits until nothing is queued or being sent (ASGI shutdown, tests)."""
+        while self._sending is not None:
+            await asyncio.shield(self._sending)
+
+    async def _send_queued(self) -> None:
+        try:
+            while self._units:
+                await self._send_with_retries()
+        finally:
+            self._sending = None
+
+    def _take(self) -> tuple[Counter[tuple[Any, int]], list[asyncio.Future[None]]]:
+        units, waiters = self._units, self._waiters
+        self._units, self._waiters = Counter(), []
+        return units, waiters
+
+    async def _send_with_retries(self) -> None:
+        units, waiters = self._take()
+        try:
+            for delay in (*RELEASE_RETRY_DELAYS, None):
+                try:
+                    await _bounded(_on_hot_connection(partial(_send_releases, units)))
+                    return
+                except DatabaseTimeout as error:
+                    # The statement goes on in the background and gives the units back when the database
+                    # resumes: sending it again could give back units this process claims meanwhile.
+                    logger.warning(
+                        "a release of %d unit(s) is still waiting for the database: %s",
+                        sum(units.values()),
+                        error,
+                    )
+                    return
+                except Exception as error:
+                    if delay is None:
+                        logger.error("%d in-flight unit(s) not given back: %s", sum(units.values()), error)
+                        return
+                    logger.warning(
+                        "giving back %d in-flight unit(s) failed (%s); retrying", sum(units.values()), error
+                    )
+                    await asyncio.sleep(delay)
+                    more, more_waiters = self._take()  # what was queued meanwhile goes with the retry
+                    units.update(more)
+                    waiters.extend(more_waiters)
+        finally:
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+
+async def _send_releases(units: Counter[tuple[Any, int]], conn: Any) -> None:
+    keys = sorted(units, key=lambda key: (key[1], str(key[0])))
+    await conn.execute(
+        _RELEASE_BATCH_SQL,
+        {
+            "owners": [owner for owner, _ in keys],
+            "replicas": [replica_id for _, replica_id in keys],
+            "counts": [units[key] for key in keys],
+        },
+    )
+
+
+# One queue of each kind per event loop, keyed by the loop itself (see `_hot_pools`).
+_release_queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Releases] = weakref.WeakKeyDictionary()
+_claim_queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Claims] = weakref.WeakKeyDictionary()
+
+
+def _claims() -> _Claims:
+    return _of_this_loop(_claim_queues, _Claims)
+
+
+Q = TypeVar("Q", "_Releases", "_Claims")
+
+
+def _of_this_loop(queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Q], kind: type[Q]) -> Q:
+    loop = asyncio.get_running_loop()
+    queue = queues.get(loop)
+    if queue is None:
+        queue = queues[loop] = kind(loop)
+    return queue
+
+
+def _releases() -> _Releases:
+    return _of_this_loop(_release_queues, _Releases)
+
+
+async def releases_settled() -> None:
+    """Waits until this event loop's queued releases were sent (ASGI shutdown, tests)."""
+    queue = _release_queues.get(asyncio.get_running_loop())
+    if queue is not None:
+        await queue.settled()
 
 
 async def _owner_of(lease: Lease) -> Any:
@@ -585,19 +865,8 @@ async def _give_back_lease(lease: Lease) -> None:
 
 
 async def _give_back(replica_id: int, owner: Any) -> None:
-    """`arelease`, retried after failures; logs instead of raising (it runs in the background)."""
-    for delay in (*RELEASE_RETRY_DELAYS, None):
-        try:
-            await arelease(replica_id, owner)
-            return
-        except Exception as error:
-            if delay is None:
-                logger.error("in-flight unit on replica %s not given back: %s", replica_id, error)
-                return
-            logger.warning(
-                "giving back an in-flight unit on replica %s failed (%s); retrying", replica_id, error
-            )
-            await asyncio.sleep(delay)
+    """Queues the unit's release and waits for its statement (retried after failures; never raises)."""
+    await _releases().add(replica_id, owner)
 
 
 # --- async API ---------------------------------------------------------------------------------------------

@@ -255,6 +255,140 @@ async def test_a_release_whose_statement_fails_is_retried():
         await router.close_hot_pools()
 
 
+async def test_releases_queued_in_one_turn_of_the_loop_go_in_one_statement(monkeypatch):
+    """Releases commute, so the units an event loop gives back together are sent in one statement
+    (docs/performance.md, "Releases batched per event loop"): 20 releases of two replicas, one statement, and
+    each replica's count back to what the other owner holds."""
+    from asgiref.sync import sync_to_async
+
+    from nodes.models import InFlightClaim
+
+    a = await sync_to_async(ReplicaFactory)(node=await sync_to_async(node)("a"), model_name="m")
+    await sync_to_async(ReplicaFactory)(node=await sync_to_async(node)("b"), model_name="m")
+    leases = [await router.acquire("m") for _ in range(20)]
+    assert {lease.node_name for lease in leases} == {"a", "b"}
+    # Another web process's unit on `a`: a batch gives back only what its owners hold.
+    other = "00000000-0000-0000-0000-000000000001"
+    await sync_to_async(InFlightClaim.objects.create)(owner=other, replica_id=a.id, count=1)
+    await sync_to_async(ModelReplica.objects.filter(pk=a.pk).update)(in_flight=11)
+    sent = []
+    real_send = router._send_releases
+
+    async def counting(units, conn):
+        sent.append(sum(units.values()))
+        await real_send(units, conn)
+
+    monkeypatch.setattr(router, "_send_releases", counting)
+    await asyncio.gather(*(lease.release() for lease in leases))
+    assert sent == [20]
+    assert await sync_to_async(flights)() == {"a": 1, "b": 0}
+
+
+async def test_a_failed_release_batch_is_retried_with_what_was_queued_meanwhile(monkeypatch):
+    """The first statement fails; the retry carries its units and the one released while it waited."""
+    import psycopg
+    from asgiref.sync import sync_to_async
+
+    await sync_to_async(ReplicaFactory)(node=await sync_to_async(node)("n1"), model_name="m")
+    first, second = await router.acquire("m"), await router.acquire("m")
+    monkeypatch.setattr(router, "RELEASE_RETRY_DELAYS", (0.05,))
+    sent = []
+    real_send = router._send_releases
+
+    async def failing_once(units, conn):
+        sent.append(sum(units.values()))
+        if len(sent) == 1:
+            second.release_soon()  # queued while the first statement is out
+            raise psycopg.OperationalError("the server went away")
+        await real_send(units, conn)
+
+    monkeypatch.setattr(router, "_send_releases", failing_once)
+    await first.release()
+    await router.releases_settled()
+    assert sent == [1, 2]
+    assert await sync_to_async(flights)() == {"n1": 0}
+
+
+def _count_statements(monkeypatch, name):
+    """Wraps `router.<name>` (a coroutine function) to record the size of each call's batch."""
+    sizes = []
+    real = getattr(router, name)
+
+    async def counting(model_name, raw_key, units):
+        sizes.append(units)
+        return await real(model_name, raw_key, units)
+
+    monkeypatch.setattr(router, name, counting)
+    return sizes
+
+
+async def test_claims_of_one_turn_of_the_loop_go_in_one_statement_dealt_by_load(monkeypatch):
+    """Four requests reach their claim in the same turn: one statement claims the four units, dealt as four
+    single claims in a row would deal them (fewest in-flight first; at equal load the node with more free
+    VRAM), and each request gets one lease."""
+    from asgiref.sync import sync_to_async
+
+    from nodes.models import InFlightClaim
+
+    a = await sync_to_async(ReplicaFactory)(node=await sync_to_async(node)("a", 10), model_name="m")
+    b = await sync_to_async(ReplicaFactory)(node=await sync_to_async(node)("b", 5), model_name="m")
+    await sync_to_async(ModelReplica.objects.filter(pk=b.pk).update)(in_flight=1)
+    sizes = _count_statements(monkeypatch, "_claim_units")
+    leases = await asyncio.gather(*(router.aclaim("m") for _ in range(4)))
+    assert sizes == [4]
+    assert len({id(lease) for lease in leases}) == 4
+    # a: 0, 1, then 2 (tied with b's 2: more free VRAM); b: 1 → a gets 3, b gets 1.
+    assert sorted(lease.node_name for lease in leases) == ["a", "a", "a", "b"]
+    assert await sync_to_async(flights)() == {"a": 3, "b": 2}
+    owners = await sync_to_async(lambda: dict(InFlightClaim.objects.values_list("replica_id", "count")))()
+    assert owners == {a.id: 3, b.id: 1}
+    await asyncio.gather(*(lease.release() for lease in leases))
+    assert await sync_to_async(flights)() == {"a": 0, "b": 1}
+
+
+async def test_a_batch_refused_by_the_key_rule_claims_nothing(monkeypatch):
+    from asgiref.sync import sync_to_async
+
+    from nodes.apikeys import api_key_create
+
+    await sync_to_async(ReplicaFactory)(node=await sync_to_async(node)("n1"), model_name="m")
+    await sync_to_async(api_key_create)(name="ci")
+    sizes = _count_statements(monkeypatch, "_claim_units")
+    outcomes = await asyncio.gather(
+        *(router.aclaim("m", raw_key="not-a-key") for _ in range(3)), return_exceptions=True
+    )
+    assert sizes == [3]
+    assert all(isinstance(outcome, router.Unauthorized) for outcome in outcomes)
+    assert await sync_to_async(flights)() == {"n1": 0}
+
+
+async def test_a_request_gone_before_its_batch_returned_gives_its_unit_back(monkeypatch):
+    """The batch's statement is out when one of its requests is cancelled (its client went away): the
+    statement is not interrupted, and the unit it claimed for that request is given back."""
+    from asgiref.sync import sync_to_async
+
+    await sync_to_async(ReplicaFactory)(node=await sync_to_async(node)("n1"), model_name="m")
+    sent = asyncio.Event()
+    proceed = asyncio.Event()
+    real = router._claim_units
+
+    async def slow(model_name, raw_key, units):
+        sent.set()
+        await proceed.wait()
+        return await real(model_name, raw_key, units)
+
+    monkeypatch.setattr(router, "_claim_units", slow)
+    kept, gone = asyncio.ensure_future(router.aclaim("m")), asyncio.ensure_future(router.aclaim("m"))
+    await sent.wait()
+    gone.cancel()
+    proceed.set()
+    lease = await kept
+    assert gone.cancelled()
+    await sync_to_async(wait_until)(lambda: flights() == {"n1": 1}, message="the gone request's unit back")
+    await lease.release()
+    assert await sync_to_async(flights)() == {"n1": 0}
+
+
 async def test_the_claim_is_planned_once_per_connection_not_per_request():
     """The hot pool's prepared claim runs on its generic plan. Left to choose, PostgreSQL planned the
     least_in_flight claim anew at every request (its custom plan drops the prefix branch when `prefer` is
