@@ -327,6 +327,8 @@ async def hot_pool() -> Any:
         opening.add_done_callback(
             lambda task: _hot_pools.pop(loop, None) if task.cancelled() or task.exception() else None
         )
+    elif opening.done() and not opening.cancelled() and opening.exception() is None:
+        return opening.result()  # the usual case: no future to shield it with
     return await asyncio.shield(opening)
 
 
@@ -440,12 +442,6 @@ def _release_abandoned(lease: Lease | None) -> None:
         lease.release_soon()
 
 
-def _release_all(leases: list[Lease]) -> None:
-    """`_release_abandoned` for a batch of claims."""
-    for lease in leases:
-        lease.release_soon()
-
-
 async def database_ready() -> bool:
     """Whether a statement runs on this event loop's hot pool within `LOCALAI_DB_POOL_TIMEOUT` (`/readyz`)."""
 
@@ -532,7 +528,7 @@ async def aclaim(
     prefer = preference or Preference.none()
     try:
         if not exclude and not prefer.replicas and not prefer.session and not prefer.home:
-            return await _claims().claim(model_name, raw_key)
+            return await _claimed(_claims().claim(model_name, raw_key))
         return await _bounded(_claim_one(model_name, exclude, raw_key, prefer), abandoned=_release_abandoned)
     except asyncio.CancelledError:
         logger.info(
@@ -540,6 +536,18 @@ async def aclaim(
             "claims is given back",
             model_name,
         )
+        raise
+
+
+async def _claimed(future: asyncio.Future[Lease | None]) -> Lease | None:
+    """The lease a queued claim hands out. A caller cancelled after its lease was handed out, but before it
+    could run again to take it, gives it back here (`_claim_for` gives back only the units of requests whose
+    future was cancelled before the hand-out)."""
+    try:
+        return await future
+    except asyncio.CancelledError:
+        if future.done() and not future.cancelled() and future.exception() is None:
+            _release_abandoned(future.result())
         raise
 
 
@@ -650,20 +658,25 @@ class _Claims:
 
 
 async def _claim_for(model_name: str, raw_key: Any, waiters: list[asyncio.Future[Lease | None]]) -> None:
-    """Claims one unit per waiting request and hands them out; a request that went away meanwhile has its unit
-    given back at once."""
+    """Claims one unit per waiting request and hands them out. This task is the claim's own (nothing cancels
+    it), so it bounds the requests' wait itself: after `LOCALAI_DB_POOL_TIMEOUT` they get `DatabaseTimeout`
+    while the statement goes on, and a unit claimed for a request that stopped waiting (the deadline passed, or
+    its client went away) is given back at once."""
     waiters = [waiter for waiter in waiters if not waiter.done()]
+    if not waiters:
+        return
+    deadline = asyncio.get_running_loop().call_later(
+        float(settings.LOCALAI_DB_POOL_TIMEOUT), _expire, waiters
+    )
     try:
         if len(waiters) == 1:
-            lease = await _bounded(
-                _claim_one(model_name, (), raw_key, Preference.none()), abandoned=_release_abandoned
-            )
+            lease = await _claim_one(model_name, (), raw_key, Preference.none())
             leases = [] if lease is None else [lease]
-        elif waiters:
-            leases = await _bounded(_claim_units(model_name, raw_key, len(waiters)), abandoned=_release_all)
         else:
-            return
+            leases = await _claim_units(model_name, raw_key, len(waiters))
     except Exception as error:
+        if all(waiter.done() for waiter in waiters) and not isinstance(error, Unauthorized):
+            logger.warning("a claim the gateway stopped waiting for failed: %s", error)
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_exception(error)
@@ -672,14 +685,23 @@ async def _claim_for(model_name: str, raw_key: Any, waiters: list[asyncio.Future
         for waiter in waiters:
             waiter.cancel()
         raise
+    finally:
+        deadline.cancel()
     for waiter in waiters:
         lease = leases.pop() if leases else None
         if not waiter.done():
             waiter.set_result(lease)
         elif lease is not None:
-            lease.release_soon()  # its request went away meanwhile
+            lease.release_soon()  # its request stopped waiting meanwhile
     for lease in leases:
         lease.release_soon()
+
+
+def _expire(waiters: list[asyncio.Future[Lease | None]]) -> None:
+    timeout = float(settings.LOCALAI_DB_POOL_TIMEOUT)
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_exception(DatabaseTimeout(f"the database did not answer within {timeout:g}s"))
 
 
 async def authorize(raw_key: str | None) -> None:
