@@ -5,6 +5,7 @@ cookies), and how a request ends when its client goes away or stops reading a st
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from types import SimpleNamespace
 from typing import Any
@@ -246,3 +247,54 @@ async def test_metrics_keeps_its_connection_health_around_the_view(handler, monk
     answer = await Exchange("GET", "/metrics").run(handler)
     assert (answer.status, answer.body) == (200, b"up 1\n")
     assert calls == ["close_old_connections", "close_old_connections"]
+
+
+def test_only_djangos_csrf_and_method_wrappers_are_peeled():
+    from django.views.decorators.csrf import csrf_exempt
+    from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+    from localai_cluster.lean_asgi import _without_django_wrappers
+
+    async def view(request):
+        return JsonResponse({})
+
+    assert _without_django_wrappers(csrf_exempt(require_POST(view))) == (view, frozenset({"POST"}))
+    both = require_http_methods(["GET", "POST"])(require_GET(view))
+    assert _without_django_wrappers(both) == (view, frozenset({"GET"}))
+
+    def logged(inner):
+        @functools.wraps(inner)
+        async def wrapper(request):
+            return await inner(request)
+
+        return wrapper
+
+    custom = csrf_exempt(logged(require_POST(view)))
+    peeled, methods = _without_django_wrappers(custom)
+    assert peeled is custom.__wrapped__ and methods is None  # the custom wrapper and all below it are kept
+
+
+def test_the_table_holds_what_resolution_gives_for_a_fixed_path():
+    from django.urls import URLResolver, path, re_path
+    from django.urls.resolvers import RegexPattern
+
+    from localai_cluster.lean_asgi import _fixed_paths
+
+    def first(request, **kwargs): ...
+
+    def second(request): ...
+
+    def third(request): ...
+
+    def fourth(request, pk): ...
+
+    patterns = [
+        path("a", first),
+        path("a", second),  # shadowed by the first
+        re_path(r"^b/(?P<rest>.*)$", first),
+        path("b/c", second),  # taken by the regex, with an argument: left to resolution
+        path("d", third, {"extra": 1}),  # resolved with a keyword argument: left to resolution
+        path("e/<int:pk>", fourth),
+        path("f", third),
+    ]
+    assert _fixed_paths(URLResolver(RegexPattern(r"^/"), patterns)) == {"/a": first, "/f": third}
