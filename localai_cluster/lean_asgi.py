@@ -274,11 +274,16 @@ class LeanASGIHandler(ASGIHandler):
         if response.streaming:
             await self.send_response(response, send)
             return
+        content = response.content  # type: ignore[attr-defined]
+        if not response.has_header("Content-Length"):
+            # As Django's CommonMiddleware sets it on the full stack: without it the server frames the body in
+            # chunks, and writes the last (empty) chunk on its own.
+            response["Content-Length"] = str(len(content))
         headers = [(name.encode("ascii"), value.encode("latin1")) for name, value in response.items()]
         for cookie in response.cookies.values():
             headers.append((b"Set-Cookie", cookie.output(header="").encode("ascii").strip()))
         await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
-        await send({"type": "http.response.body", "body": response.content})  # type: ignore[attr-defined]
+        await send({"type": "http.response.body", "body": content})
 
 
 def _too_large_body(path: str, limit: int) -> bytes:
