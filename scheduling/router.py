@@ -242,7 +242,7 @@ def replica_release(replica_id: int, owner: Any) -> None:
     """Gives back one in-flight unit that `owner` holds on the replica (never below 0; nothing when the
     unit was already reclaimed)."""
     with connection.cursor() as cursor:
-        cursor.execute(_RELEASE_BATCH_SQL, {"owners": [owner], "replicas": [replica_id], "counts": [1]})
+        cursor.execute(_RELEASE_SQL, {"owner": owner, "replica": replica_id})
 
 
 def model_has_routable_replica(*, model_name: str) -> bool:
@@ -756,6 +756,19 @@ FROM (SELECT replica_id, sum(units) AS units FROM released GROUP BY replica_id) 
 WHERE r.id = given_back.replica_id
 """
 
+# One unit, the common case at low load: the same rule and lock order for one row.
+_RELEASE_SQL = f"""
+WITH target AS (
+  SELECT id FROM {ModelReplica._meta.db_table} WHERE id = %(replica)s FOR UPDATE
+), released AS (
+  UPDATE {InFlightClaim._meta.db_table} SET count = count - 1
+  WHERE owner = %(owner)s AND replica_id IN (SELECT id FROM target) AND count > 0
+  RETURNING replica_id
+)
+UPDATE {ModelReplica._meta.db_table} SET in_flight = GREATEST(in_flight - 1, 0)
+WHERE id IN (SELECT replica_id FROM released)
+"""
+
 # A batch whose statement failed (the database is unreachable for a moment) is tried again for about a
 # minute, with every release queued meanwhile: a unit never given back would make its replica look busy for
 # as long as this process lives, while a repeated release can at worst give back early another unit this
@@ -832,6 +845,12 @@ class _Releases:
 
 
 async def _send_releases(units: Counter[tuple[Any, int]], conn: Any) -> None:
+    if len(units) == 1 and sum(units.values()) == 1:
+        # One unit (concurrency 1): the single release, about 0.15 ms cheaper for the server than the batch's
+        # statement with one row (docs/performance.md, "Claims and releases batched per event loop").
+        [(owner, replica_id)] = units
+        await conn.execute(_RELEASE_SQL, {"owner": owner, "replica": replica_id})
+        return
     keys = sorted(units, key=lambda key: (key[1], str(key[0])))
     await conn.execute(
         _RELEASE_BATCH_SQL,
