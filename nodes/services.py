@@ -20,7 +20,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import F
+from django.db.models import F, QuerySet
 from django.db.models.functions import Greatest
 from django.utils import timezone
 
@@ -266,6 +266,14 @@ def _replica_keys(node: Node) -> list[str]:
 # --- registration and heartbeat -----------------------------------------------------------------------------
 
 
+def replicas_locked(replicas: QuerySet[ModelReplica]) -> list[Any]:
+    """Locks the rows of `replicas` in id order, in the caller's transaction, and answers their ids. Every
+    statement that locks or writes several replica rows takes them in id order first, as the router's batched
+    claims and releases do: two such statements then never wait for each other in a cycle (docs/reliability.md,
+    "Removing a replica while it is claimed")."""
+    return list(replicas.select_for_update(of=("self",)).order_by("pk").values_list("pk", flat=True))
+
+
 def node_register(
     *,
     name: str,
@@ -364,6 +372,7 @@ def node_register(
 
         _refresh_worker_labels(node, worker_labels)
         _refresh_auto_labels(node)
+        replicas_locked(ModelReplica.objects.filter(node=node))
         ModelReplica.objects.filter(node=node).delete()
         _capacity_changed(f"node {name} registered")
 
@@ -524,6 +533,7 @@ def node_heartbeat(
                 continue  # loaded after this heartbeat was built
             else:
                 gone.append(pk)
+        replicas_locked(ModelReplica.objects.filter(pk__in=gone + seen))
         if gone:
             ModelReplica.objects.filter(pk__in=gone).delete()
         if seen:
@@ -645,6 +655,7 @@ def node_deregister(*, node: Node) -> Node:
     reservation) but keeps its id, approval, labels and override, so a restart comes back as the same node."""
     with transaction.atomic():
         locked = _lock_node(node.pk)
+        replicas_locked(ModelReplica.objects.filter(node=locked))
         ModelReplica.objects.filter(node=locked).delete()
         locked.status = NodeStatus.OFFLINE
         locked.reserved_vram = 0
@@ -669,6 +680,7 @@ def node_delete(*, node: Node) -> list[str]:
             "replicas": keys,
         }
         _audit_node(Action.NODE_DELETE, locked, before=before, after=None)
+        replicas_locked(ModelReplica.objects.filter(node=locked))
         locked.delete()
         if keys and address:
             transaction.on_commit(

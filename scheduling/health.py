@@ -30,7 +30,7 @@ from localai_cluster.metrics import TICK_DURATION
 from nodes.choices import NodeStatus, NodeType, ReplicaState
 from nodes.inflight import inflight_reclaim_dead_owners
 from nodes.models import ModelReplica, Node
-from nodes.services import LOADED_GRACE_HEARTBEATS
+from nodes.services import LOADED_GRACE_HEARTBEATS, replicas_locked
 from scheduling.decisions import decisions_prune
 
 logger = logging.getLogger(__name__)
@@ -107,6 +107,7 @@ def mark_stale_nodes_offline(*, now: datetime) -> list[str]:
             return []
         ids = [node_id for node_id, _ in nodes]
         Node.objects.filter(id__in=ids).update(status=NodeStatus.OFFLINE, reserved_vram=0, updated_at=now)
+        replicas_locked(ModelReplica.objects.filter(node_id__in=ids))
         ModelReplica.objects.filter(node_id__in=ids).delete()
     names = sorted(name for _, name in nodes)
     logger.warning(
@@ -187,7 +188,9 @@ def probe_unheard_replicas(*, now: datetime) -> tuple[int, list[str]]:
         answers = list(pool.map(_probe, replicas))
     alive = [replica.pk for replica, ok in zip(replicas, answers, strict=True) if ok]
     if alive:
-        ModelReplica.objects.filter(pk__in=alive).update(last_seen_at=timezone.now())
+        with transaction.atomic():
+            replicas_locked(ModelReplica.objects.filter(pk__in=alive))
+            ModelReplica.objects.filter(pk__in=alive).update(last_seen_at=timezone.now())
     removed = []
     for replica, ok in zip(replicas, answers, strict=True):
         if not ok:

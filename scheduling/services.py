@@ -603,12 +603,14 @@ def model_unload_all(*, model_name: str, force: bool = False) -> list[UnloadedRe
         if not node_ids:
             return []
         list(Node.objects.select_for_update().filter(pk__in=node_ids).order_by("pk").values_list("pk"))
+        # Locked in id order (`nodes.services.replicas_locked`'s rule), then grouped by node.
         rows = list(
             ModelReplica.objects.select_for_update(of=("self",))
             .select_related("node")
             .filter(model_name=model_name, node_id__in=node_ids)
-            .order_by("node__name", "replica_index")
+            .order_by("pk")
         )
+        rows.sort(key=lambda row: (row.node.name, row.replica_index))
         described = {
             row.pk: UnloadedReplica(row.node.name, row.process_key, row.state, row.in_flight) for row in rows
         }
