@@ -74,7 +74,8 @@ def _locked_in_id_order_before_written(statements: list[str]) -> bool:
         index
         for index, sql in enumerate(statements)
         # `ORDER BY 1`: Django's spelling of the id order when only the id is selected.
-        if "FOR UPDATE" in sql and ("ORDER BY 1 ASC" in sql or 'ORDER BY "nodes_modelreplica"."id" ASC' in sql)
+        if "FOR UPDATE" in sql
+        and ("ORDER BY 1 ASC" in sql or 'ORDER BY "nodes_modelreplica"."id" ASC' in sql)
     ]
     return bool(writes) and bool(locks) and min(locks) < min(writes)
 
@@ -111,7 +112,7 @@ def test_writers_of_several_replica_rows_lock_them_in_id_order_first(writer, mon
 
 
 def test_unload_all_locks_the_models_replicas_in_id_order(monkeypatch):
-    """"Unload all" locks every replica of the model before it stops them: in id order too."""
+    """The model's "unload all" locks every replica of the model before it stops them: in id order too."""
     from scheduling import services as scheduling_services
 
     node = NodeFactory()
