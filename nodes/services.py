@@ -736,8 +736,10 @@ def replica_unload(*, node: Node, replicas: Iterable[ModelReplica]) -> list[str]
     it; requests in flight on it are cut off), then — after commit — the agent is asked to stop exactly
     their process keys. Returns the keys of the rows removed (a row already gone is skipped). Audited as
     `node.unload` (the node's replica keys before and after), in the same transaction."""
+    replicas = list(replicas)
     with transaction.atomic():
         before = _replica_keys(node)
+        replicas_locked(ModelReplica.objects.filter(pk__in=[replica.id for replica in replicas]))
         removed = [
             replica.process_key
             for replica in replicas

@@ -80,7 +80,7 @@ def _locked_in_id_order_before_written(statements: list[str]) -> bool:
     return bool(writes) and bool(locks) and min(locks) < min(writes)
 
 
-@pytest.mark.parametrize("writer", ["deregister", "delete", "stale", "heartbeat", "alive"])
+@pytest.mark.parametrize("writer", ["deregister", "delete", "stale", "heartbeat", "alive", "unload"])
 def test_writers_of_several_replica_rows_lock_them_in_id_order_first(writer, monkeypatch):
     """The router's batched claims and releases lock several replica rows, in id order; every other statement
     that writes several replica rows locks them in that order first, so none of them can wait for another in a
@@ -103,6 +103,8 @@ def test_writers_of_several_replica_rows_lock_them_in_id_order_first(writer, mon
         "stale": lambda: health.mark_stale_nodes_offline(now=timezone.now()),
         # The agent lists the first replica only: the other two are removed, the first is marked seen.
         "heartbeat": lambda: services.node_heartbeat(node=node, replicas=[replicas[0].process_key]),
+        # An operator unloads two replicas, listed in descending id order.
+        "unload": lambda: services.replica_unload(node=node, replicas=replicas[:0:-1]),
     }
     if writer == "alive":
         monkeypatch.setattr(health, "_probe", lambda replica: True)
