@@ -401,6 +401,10 @@ async def _on_hot_connection(work: Callable[[Any], Awaitable[T]]) -> T:
         await pool.putconn(conn)
 
 
+def _timed_out() -> DatabaseTimeout:
+    return DatabaseTimeout(f"the database did not answer within {float(settings.LOCALAI_DB_POOL_TIMEOUT):g}s")
+
+
 async def _bounded(work: Coroutine[Any, Any, T], *, abandoned: Callable[[T], Any] | None = None) -> T:
     """Awaits `work` for at most `LOCALAI_DB_POOL_TIMEOUT`, then raises `DatabaseTimeout`. The work itself is
     never interrupted (cutting a statement that may already sit in the server's input would leave its outcome
@@ -411,9 +415,7 @@ async def _bounded(work: Coroutine[Any, Any, T], *, abandoned: Callable[[T], Any
         return await asyncio.wait_for(asyncio.shield(task), float(settings.LOCALAI_DB_POOL_TIMEOUT))
     except TimeoutError:
         _abandon(task, abandoned)
-        raise DatabaseTimeout(
-            f"the database did not answer within {float(settings.LOCALAI_DB_POOL_TIMEOUT):g}s"
-        ) from None
+        raise _timed_out() from None
     except asyncio.CancelledError:
         _abandon(task, abandoned)
         raise
@@ -565,24 +567,9 @@ async def _claim_one(
         "session": prefer.session,
         "home": prefer.home,
     }
-
-    async def run(conn: Any) -> tuple | None:
-        if raw_key is NO_AUTH:
-            policy, *claimed = await (await conn.execute(_CLAIM_SQL, params)).fetchone()
-            remember_policy(model_name, policy)
-            return (policy, *claimed) if claimed[0] is not None else None
-        params["hash"] = gateway_key_hash(raw_key)
-        allowed, key_id, key_last_used_at, policy, *claimed = await (
-            await conn.execute(_AUTHORIZED_CLAIM_SQL, params)
-        ).fetchone()
-        if not allowed:
-            raise Unauthorized()  # the statement claimed nothing
-        remember_policy(model_name, policy)
-        await _stamp_after_claim(conn, key_id, key_last_used_at)
-        return (policy, *claimed) if claimed[0] is not None else None
-
-    row = await _on_hot_connection(run)
-    return None if row is None else _lease(model_name, row, owner)
+    run = partial(_claimed_rows, model_name, raw_key, params, _CLAIM_SQL, _AUTHORIZED_CLAIM_SQL)
+    policy, rows = await _on_hot_connection(run)
+    return _lease(model_name, (policy, *rows[0]), owner) if rows else None
 
 
 async def _claim_units(model_name: str, raw_key: Any, units: int) -> list[Lease]:
@@ -595,26 +582,36 @@ async def _claim_units(model_name: str, raw_key: Any, units: int) -> list[Lease]
         "default_policy": settings.LOCALAI_ROUTING_POLICY,
         "units": units,
     }
-
-    async def run(conn: Any) -> list[tuple]:
-        if raw_key is NO_AUTH:
-            rows = await (await conn.execute(_BATCH_CLAIM_SQL, params)).fetchall()
-            policy = rows[0][0]
-            remember_policy(model_name, policy)
-            return [(policy, *row[1:]) for row in rows if row[1] is not None]
-        params["hash"] = gateway_key_hash(raw_key)
-        rows = await (await conn.execute(_AUTHORIZED_BATCH_CLAIM_SQL, params)).fetchall()
-        allowed, key_id, key_last_used_at, policy = rows[0][:4]
-        if not allowed:
-            raise Unauthorized()  # the statement claimed nothing
-        remember_policy(model_name, policy)
-        await _stamp_after_claim(conn, key_id, key_last_used_at)
-        return [(policy, *row[4:]) for row in rows if row[4] is not None]
-
+    run = partial(_claimed_rows, model_name, raw_key, params, _BATCH_CLAIM_SQL, _AUTHORIZED_BATCH_CLAIM_SQL)
+    policy, rows = await _on_hot_connection(run)
     leases = []
-    for policy, replica_id, count, *rest in await _on_hot_connection(run):
+    for replica_id, count, *rest in rows:
         leases += [_lease(model_name, (policy, replica_id, *rest), owner) for _ in range(count)]
     return leases
+
+
+async def _claimed_rows(
+    model_name: str, raw_key: Any, params: dict[str, Any], sql: str, authorized_sql: str, conn: Any
+) -> tuple[str, list[tuple]]:
+    """Runs a claim statement — `sql`, or with `raw_key` (not `NO_AUTH`) `authorized_sql`, whose first columns
+    are the key check's — and answers the model's policy and the claimed replicas' rows (the statement's row of
+    NULLs, when nothing was claimed, left out). The policy is remembered (`remember_policy`); a refused key
+    raises `Unauthorized` (the statement claimed nothing)."""
+    if raw_key is NO_AUTH:
+        rows = await (await conn.execute(sql, params)).fetchall()
+        policy, claimed = rows[0][0], [row[1:] for row in rows]
+        remember_policy(model_name, policy)
+    else:
+        rows = await (
+            await conn.execute(authorized_sql, {**params, "hash": gateway_key_hash(raw_key)})
+        ).fetchall()
+        allowed, key_id, key_last_used_at, policy = rows[0][:4]
+        if not allowed:
+            raise Unauthorized()
+        remember_policy(model_name, policy)
+        await _stamp_after_claim(conn, key_id, key_last_used_at)
+        claimed = [row[4:] for row in rows]
+    return policy, [row for row in claimed if row[0] is not None]
 
 
 async def _stamp_after_claim(conn: Any, key_id: int | None, key_last_used_at: Any) -> None:
@@ -698,10 +695,9 @@ async def _claim_for(model_name: str, raw_key: Any, waiters: list[asyncio.Future
 
 
 def _expire(waiters: list[asyncio.Future[Lease | None]]) -> None:
-    timeout = float(settings.LOCALAI_DB_POOL_TIMEOUT)
     for waiter in waiters:
         if not waiter.done():
-            waiter.set_exception(DatabaseTimeout(f"the database did not answer within {timeout:g}s"))
+            waiter.set_exception(_timed_out())
 
 
 async def authorize(raw_key: str | None) -> None:
@@ -867,10 +863,6 @@ _release_queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Releases]
 _claim_queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Claims] = weakref.WeakKeyDictionary()
 
 
-def _claims() -> _Claims:
-    return _of_this_loop(_claim_queues, _Claims)
-
-
 Q = TypeVar("Q", "_Releases", "_Claims")
 
 
@@ -880,6 +872,10 @@ def _of_this_loop(queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Q
     if queue is None:
         queue = queues[loop] = kind(loop)
     return queue
+
+
+def _claims() -> _Claims:
+    return _of_this_loop(_claim_queues, _Claims)
 
 
 def _releases() -> _Releases:
