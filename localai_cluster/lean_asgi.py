@@ -9,7 +9,7 @@ hand their connections back themselves. So this handler has no middleware and no
 thread; everything else (pages, admin, APIs) keeps Django's full handler.
 
 It also serves a request with less of Django's per-request machinery than `ASGIHandler` does, answering the
-same bytes:
+same bytes, but for `Content-Length` on a non-streaming answer (below):
 
 - Direct dispatch: every path a fixed route of the lean urlconf matches (`/v1/chat/completions`,
   `/v1/completions`, `/v1/embeddings`, `/v1/models`, `/healthz`, `/readyz`, `/metrics`) is one dictionary
@@ -20,8 +20,9 @@ same bytes:
 - The view is awaited directly (no `get_response_async` chain), an exception it raises answered by Django's
   own `response_for_exception` (for an unexpected one, Django's plain HTML 500 page, logged as Django logs it).
 - A non-streaming answer is sent as one `http.response.start` and one `http.response.body` message built from
-  the response (its headers and cookies, as Django's `send_response` builds them); a streaming one goes
-  through Django's `send_response`, which closes its iterator however the request ends.
+  the response (its headers and cookies, as Django's `send_response` builds them), with `Content-Length` as
+  Django's `CommonMiddleware` sets it on the full stack; a streaming one goes through Django's
+  `send_response`, which closes its iterator however the request ends.
 - The view runs in the request's own task, not in a task of its own: one listener task per request waits for
   `http.disconnect` and cancels the request (the view, or the stream being sent), as Django's pair of tasks
   did, so a claimed in-flight unit is given back when the client goes away.
