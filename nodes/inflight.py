@@ -34,6 +34,7 @@ from django.db.models.functions import Greatest
 from localai_cluster import locks
 from localai_cluster.dbhealth import idle_connection_suspect, statement_deadline
 from nodes.models import InFlightClaim, ModelReplica
+from nodes.services import replicas_locked
 
 logger = logging.getLogger(__name__)
 
@@ -253,12 +254,7 @@ def inflight_reclaim_dead_owners() -> dict[str, int]:
                 # The replica rows first, then the claim rows: the router's lock order, so a late release
                 # under this owner id (a process that moved to a new one) cannot deadlock with the reclaim.
                 held = InFlightClaim.objects.filter(owner=owner, count__gt=0).values("replica_id")
-                list(
-                    ModelReplica.objects.select_for_update()
-                    .filter(pk__in=held)
-                    .order_by("pk")
-                    .values_list("pk", flat=True)
-                )
+                replicas_locked(ModelReplica.objects.filter(pk__in=held))
                 claims = list(
                     InFlightClaim.objects.select_for_update()
                     .filter(owner=owner, count__gt=0)
