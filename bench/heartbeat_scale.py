@@ -26,7 +26,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -36,23 +35,9 @@ DATABASE = "bench_heartbeat"
 REPLICAS_PER_NODE = 3
 GiB = 1024**3
 
+from bench.benchdb import use_fresh_database  # noqa: E402
 from bench.gateway_overhead import _free_port, stop_process, wait_http  # noqa: E402
 from bench.pgcpu import postmaster_pid, process_cpu_seconds, tree_cpu_seconds  # noqa: E402
-
-
-def _use_bench_database() -> None:
-    """Point DATABASE_URL at a fresh `bench_heartbeat` database on the same server."""
-    import psycopg
-
-    from bench.reconcile_scale import _conninfo
-    from localai_cluster import embedded
-
-    url = os.environ.get("DATABASE_URL") or embedded.ensure_postgres(embedded.default_state_dir(REPO_ROOT))
-    parts = urlsplit(url)
-    with psycopg.connect(_conninfo(parts), autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {DATABASE}")
-    os.environ["DATABASE_URL"] = urlunsplit(parts._replace(path=f"/{DATABASE}"))
 
 
 def _populate(count: int) -> list[tuple[str, str, list[str]]]:
@@ -214,7 +199,7 @@ def main() -> None:
     args = parser.parse_args()
     print("reproduce:", shlex.join([sys.executable, *sys.argv]), flush=True)
 
-    _use_bench_database()
+    use_fresh_database(DATABASE)
     import django
 
     django.setup()

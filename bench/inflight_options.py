@@ -44,7 +44,6 @@ import uuid
 from collections import Counter
 from functools import partial
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -54,6 +53,7 @@ DATABASE = "bench_inflight"
 MODEL = "bench-inflight"
 COLUMNS = "{:<22}{:>4}{:>12}{:>10}{:>9}{:>11}{:>9}{:>9}{:>9}"
 
+from bench.benchdb import drop_database, use_fresh_database  # noqa: E402
 from bench.pgcpu import postmaster_pid, server_cpu_seconds  # noqa: E402
 
 # KEYS: the model's hash, the process's hash; ARGV: the routable replica ids. Fewest in-flight wins (ties: the
@@ -80,24 +80,6 @@ if (tonumber(redis.call('HGET', KEYS[1], ARGV[1])) or 0) > 0 then
 end
 return 1
 """
-
-
-def _use_bench_database() -> str:
-    """Points DATABASE_URL at a fresh `bench_inflight` database on the same server; answers the server's URL."""
-    from localai_cluster import embedded
-
-    url = os.environ.get("DATABASE_URL") or embedded.ensure_postgres(embedded.default_state_dir(REPO_ROOT))
-    _admin(url, f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)", f"CREATE DATABASE {DATABASE}")
-    os.environ["DATABASE_URL"] = urlunsplit(urlsplit(url)._replace(path=f"/{DATABASE}"))
-    return url
-
-
-def _admin(url: str, *statements: str) -> None:
-    import psycopg
-
-    with psycopg.connect(urlunsplit(urlsplit(url)._replace(path="/postgres")), autocommit=True) as conn:
-        for statement in statements:
-            conn.execute(statement)
 
 
 def _populate() -> None:
@@ -263,7 +245,7 @@ def main() -> None:
     print(
         "reproduce:", shlex.join([".venv/bin/python", "bench/inflight_options.py", *sys.argv[1:]]), flush=True
     )
-    server_url = _use_bench_database()
+    server_url = use_fresh_database(DATABASE)
     redis_keys: list[str] = []
     try:
         import django
@@ -286,7 +268,7 @@ def main() -> None:
 
         PROCESS_OWNER.close()
         connections.close_all()
-        _admin(server_url, f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
+        drop_database(server_url, DATABASE)
 
 
 if __name__ == "__main__":

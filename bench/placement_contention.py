@@ -31,26 +31,7 @@ os.environ.setdefault("LOG_LEVEL", "WARNING")
 DATABASE = "bench_placement"
 GiB = 1024**3
 
-
-def _use_bench_database() -> None:
-    """Point DATABASE_URL at a fresh `bench_placement` database on the same server."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    import dj_database_url
-    import psycopg
-
-    from localai_cluster import embedded
-
-    url = os.environ.get("DATABASE_URL") or embedded.ensure_postgres(embedded.default_state_dir(REPO_ROOT))
-    parts = urlsplit(url)
-    db = dj_database_url.parse(urlunsplit(parts._replace(path="/postgres")))
-    fields = {"dbname": "postgres", "user": db["USER"], "host": db["HOST"], "port": db["PORT"]}
-    fields["password"] = db["PASSWORD"]
-    conninfo = " ".join(f"{key}='{value}'" for key, value in fields.items() if value)
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {DATABASE}")
-    os.environ["DATABASE_URL"] = urlunsplit(parts._replace(path=f"/{DATABASE}"))
+from bench.benchdb import use_fresh_database  # noqa: E402
 
 
 def _plain_connection():
@@ -100,7 +81,7 @@ def main() -> None:
     args = parser.parse_args()
     print("reproduce:", shlex.join([sys.executable, *sys.argv]), flush=True)
 
-    _use_bench_database()
+    use_fresh_database(DATABASE)
     import django
 
     django.setup()

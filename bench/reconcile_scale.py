@@ -26,7 +26,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -34,35 +33,8 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "localai_cluster.settings")
 os.environ.setdefault("LOG_LEVEL", "WARNING")
 DATABASE = "bench_reconcile"
 
+from bench.benchdb import use_fresh_database  # noqa: E402
 from bench.pgcpu import postmaster_pid, process_cpu_seconds, server_cpu_seconds  # noqa: E402
-
-
-def _use_bench_database() -> None:
-    """Point DATABASE_URL at a fresh `bench_reconcile` database on the same server."""
-    import psycopg
-
-    from localai_cluster import embedded
-
-    url = os.environ.get("DATABASE_URL") or embedded.ensure_postgres(embedded.default_state_dir(REPO_ROOT))
-    parts = urlsplit(url)
-    with psycopg.connect(_conninfo(parts), autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {DATABASE}")
-    os.environ["DATABASE_URL"] = urlunsplit(parts._replace(path=f"/{DATABASE}"))
-
-
-def _conninfo(parts) -> str:
-    import dj_database_url
-
-    db = dj_database_url.parse(urlunsplit(parts._replace(path="/postgres")))
-    fields = {
-        "dbname": "postgres",
-        "user": db["USER"],
-        "host": db["HOST"],
-        "port": db["PORT"],
-        "password": db["PASSWORD"],
-    }
-    return " ".join(f"{key}='{value}'" for key, value in fields.items() if value)
 
 
 def _populate(nodes: int, replicas: int, rules: int) -> None:
@@ -219,7 +191,7 @@ def main() -> None:
     args = parser.parse_args()
     print("reproduce:", shlex.join([sys.executable, *sys.argv]), flush=True)
 
-    _use_bench_database()
+    use_fresh_database(DATABASE)
     import django
 
     django.setup()
