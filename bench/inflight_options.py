@@ -82,7 +82,8 @@ return 1
 """
 
 
-def _populate() -> None:
+def populate() -> None:
+    """A model with 2 loaded replicas on 2 healthy, approved nodes."""
     from django.utils import timezone
 
     from nodes.choices import NodeStatus, NodeType, ReplicaState
@@ -254,7 +255,7 @@ def main() -> None:
         from django.core.management import call_command
 
         call_command("migrate", verbosity=0)
-        _populate()
+        populate()
         asyncio.run(bench(args, redis_keys))
     finally:
         if redis_keys:

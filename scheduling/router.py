@@ -86,13 +86,7 @@ route AS (
 # The best one gets `in_flight + 1`. `FOR UPDATE` makes a claim that raced another change wait for it and
 # re-check the row: a replica that left `loaded` (or whose node stopped being routable) meanwhile is passed over
 # for the next candidate, never claimed.
-_CLAIMED_CTE = f"""
-{_ROUTE_CTE}, claimed AS (
-  UPDATE {ModelReplica._meta.db_table} AS claimed
-  SET in_flight = claimed.in_flight + 1, last_used = now()
-  FROM {Node._meta.db_table} AS node
-  WHERE claimed.id = (
-      SELECT r.id {_ROUTABLE}
+_CLAIM_ORDER = f"""
       ORDER BY
         CASE WHEN cardinality(%(prefer)s::bigint[]) > 0
                   AND (SELECT policy FROM route) = '{PREFIX_CACHE}'
@@ -104,7 +98,15 @@ _CLAIMED_CTE = f"""
         CASE WHEN %(home)s <> '' AND (SELECT policy FROM route) = '{PREFIX_CACHE}'
              THEN md5(%(home)s || ':' || r.id::text) END DESC NULLS LAST,
         (n.available_vram - n.reserved_vram) DESC, r.last_used ASC NULLS FIRST, r.id
-      LIMIT 1
+"""
+
+_CLAIMED_CTE = f"""
+{_ROUTE_CTE}, claimed AS (
+  UPDATE {ModelReplica._meta.db_table} AS claimed
+  SET in_flight = claimed.in_flight + 1, last_used = now()
+  FROM {Node._meta.db_table} AS node
+  WHERE claimed.id = (
+      SELECT r.id {_ROUTABLE}{_CLAIM_ORDER}      LIMIT 1
       FOR UPDATE OF r
     )
     AND node.id = claimed.node_id
