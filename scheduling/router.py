@@ -40,9 +40,13 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Polling of the per-model load lock by a process that does not hold it.
+# Polling of the per-model load lock by a process that does not hold it. Between two polls it listens for the
+# holder's word that the load is done (`MODEL_LOADED_CHANNEL`), so it usually wakes at once; the polls are the
+# fallback when no word comes (the listening session failed, or the model was made routable another way).
 LOCK_POLL_START = 0.02
 LOCK_POLL_MAX = 0.25
+# PostgreSQL NOTIFY channel: the payload is the name of a model the load-lock holder just loaded.
+MODEL_LOADED_CHANNEL = "localai_model_loaded"
 # How long `discard_unreachable` waits for the agent to stop the unreachable replica's process.
 STOP_WAIT = 5.0
 
@@ -266,30 +270,86 @@ def replica_ensure_loaded(*, model_name: str, timeout: float, download_timeout: 
         timeout += download_timeout
     deadline = time.monotonic() + timeout
     delay = LOCK_POLL_START
-    while True:
-        if model_has_routable_replica(model_name=model_name):
-            return
-        if locks.try_advisory_lock(locks.NAMESPACE_MODEL_LOAD, key):
-            try:
-                if model_has_routable_replica(model_name=model_name):
-                    return
-                try:
-                    replica_place(model_name=model_name)
-                except UnknownModel:
-                    if ModelReplica.objects.filter(model_name=model_name).exists():
-                        raise NoCapacity(
-                            f"no replica of {model_name} is available, and it is not in the catalog to load "
-                            "another"
-                        ) from None
-                    raise
+    with _LoadedWatch() as watch:
+        while True:
+            if model_has_routable_replica(model_name=model_name):
                 return
-            finally:
-                locks.advisory_unlock(locks.NAMESPACE_MODEL_LOAD, key)
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise NoCapacity(f"timed out after {timeout:g}s waiting for {model_name} to load")
-        time.sleep(min(delay, remaining))
-        delay = min(delay * 1.5, LOCK_POLL_MAX)
+            if locks.try_advisory_lock(locks.NAMESPACE_MODEL_LOAD, key):
+                try:
+                    if model_has_routable_replica(model_name=model_name):
+                        return
+                    try:
+                        replica_place(model_name=model_name)
+                    except UnknownModel:
+                        if ModelReplica.objects.filter(model_name=model_name).exists():
+                            raise NoCapacity(
+                                f"no replica of {model_name} is available, and it is not in the catalog to "
+                                "load another"
+                            ) from None
+                        raise
+                    _announce_loaded(model_name)
+                    return
+                finally:
+                    locks.advisory_unlock(locks.NAMESPACE_MODEL_LOAD, key)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise NoCapacity(f"timed out after {timeout:g}s waiting for {model_name} to load")
+            watch.wait(min(delay, remaining))
+            delay = min(delay * 1.5, LOCK_POLL_MAX)
+
+
+def _announce_loaded(model_name: str) -> None:
+    """Tells the other web processes waiting for `model_name` that the load they wait for is done (they then
+    re-check at once instead of at their next poll). A failure only costs them that poll: logged."""
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_notify(%s, %s)", [MODEL_LOADED_CHANNEL, model_name])
+    except DatabaseError as error:
+        logger.warning("could not announce that %s is loaded: %s", model_name, error)
+
+
+class _LoadedWatch:
+    """A waiter's wake-up on `MODEL_LOADED_CHANNEL`: its own session, opened on the first wait (so a process
+    that takes the load lock at once never opens it), listening from then on. The first wait returns as soon as
+    the session listens, so the caller re-checks after that: a load finished before it listened is seen by that
+    check, one finished after wakes the next wait. Any notification wakes it (the caller re-checks its model).
+    When the session cannot be opened or fails, `wait` sleeps instead."""
+
+    def __init__(self) -> None:
+        self._conn: psycopg.Connection | None = None
+        self._failed = False
+
+    def __enter__(self) -> _LoadedWatch:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+    def wait(self, seconds: float) -> None:
+        if self._failed:
+            time.sleep(seconds)
+            return
+        try:
+            if self._conn is None:
+                from nodes.inflight import plain_connection_params
+
+                params: dict[str, Any] = {
+                    "connect_timeout": max(1, round(float(settings.LOCALAI_DB_POOL_TIMEOUT)))
+                }
+                params |= plain_connection_params()
+                self._conn = psycopg.connect(**params, autocommit=True)
+                self._conn.execute(f"LISTEN {MODEL_LOADED_CHANNEL}")
+                return
+            for _notification in self._conn.notifies(timeout=seconds, stop_after=1):
+                return
+        except psycopg.Error as error:
+            logger.info("waiting for a load without its wake-up (%s): polling instead", error)
+            self._failed = True
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            time.sleep(seconds)
 
 
 # --- the hot path on native async connections ---------------------------------------------------------------

@@ -478,6 +478,86 @@ def test_the_wait_for_a_load_elsewhere_adds_the_download_timeout_for_a_model_wit
             holder.result(30)
 
 
+def _ensure_loaded_in_thread(**kwargs) -> None:
+    """`replica_ensure_loaded` as a web process's load thread runs it (its own database connection)."""
+    try:
+        router.replica_ensure_loaded(**kwargs)
+    finally:
+        connection.close()
+
+
+def _listening_sessions() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE query = %s AND state = 'idle'",
+            [f"LISTEN {router.MODEL_LOADED_CHANNEL}"],
+        )
+        return cursor.fetchone()[0]
+
+
+def test_a_wait_for_a_load_elsewhere_wakes_when_the_holder_says_it_is_loaded(monkeypatch):
+    """A process waiting for another process's cold load listens for the holder's word (`_announce_loaded`)
+    and re-checks at once, instead of at its next poll (up to LOCK_POLL_MAX later). Its polls are an hour
+    apart here, so only the word can wake it before its load timeout."""
+    import threading
+
+    monkeypatch.setattr(router, "LOCK_POLL_START", 3600.0)
+    monkeypatch.setattr(router, "LOCK_POLL_MAX", 3600.0)
+    held, release = threading.Event(), threading.Event()
+    with ThreadPoolExecutor(2) as pool:
+        holder = pool.submit(_hold_model_load_locks, ["listened"], held, release)
+        try:
+            assert held.wait(30)
+            waiter = pool.submit(_ensure_loaded_in_thread, model_name="listened", timeout=120)
+            wait_until(lambda: _listening_sessions() == 1, timeout=60)
+            assert not waiter.done()
+            ReplicaFactory(node=node("n1"), model_name="listened")  # the other process's load is done…
+            router._announce_loaded("listened")  # …and it says so
+            waiter.result(timeout=60)  # returned, without NoCapacity: it saw the replica
+        finally:
+            release.set()
+            holder.result(30)
+    wait_until(lambda: _listening_sessions() == 0, timeout=30)  # its session closed with the wait
+
+
+def test_a_wait_for_a_load_elsewhere_polls_when_it_cannot_listen(monkeypatch, caplog):
+    """The wake-up is an accelerator: when its session cannot be opened, the waiter polls as before."""
+    import threading
+
+    import psycopg
+
+    def refused(*args, **kwargs):
+        raise psycopg.OperationalError("connection refused (test)")
+
+    monkeypatch.setattr(router.psycopg, "connect", refused)
+    monkeypatch.setattr(router, "LOCK_POLL_START", 0.01)
+    monkeypatch.setattr(router, "LOCK_POLL_MAX", 0.01)
+    held, release = threading.Event(), threading.Event()
+    with ThreadPoolExecutor(2) as pool:
+        holder = pool.submit(_hold_model_load_locks, ["polled"], held, release)
+        try:
+            assert held.wait(30)
+            with caplog.at_level("INFO", logger="scheduling.router"):
+                waiter = pool.submit(_ensure_loaded_in_thread, model_name="polled", timeout=120)
+                wait_until(lambda: "polling instead" in caplog.text, timeout=60)
+                ReplicaFactory(node=node("n1"), model_name="polled")  # loaded elsewhere, and nobody says so
+                waiter.result(timeout=60)
+        finally:
+            release.set()
+            holder.result(30)
+
+
+def test_announcing_a_load_when_the_database_fails_is_logged_not_raised(monkeypatch, caplog):
+    from django.db import OperationalError
+
+    def broken(*args, **kwargs):
+        raise OperationalError("server closed the connection (test)")
+
+    monkeypatch.setattr(connection, "cursor", broken)
+    router._announce_loaded("m")
+    assert "could not announce that m is loaded" in caplog.text
+
+
 async def test_concurrent_requests_for_a_cold_model_share_one_wait(monkeypatch, settings):
     """Issue 15: the requests of a process for a cold model (its files downloading) share one wait and one
     load, bounded by the load timeout plus the download timeout."""
