@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -495,35 +496,40 @@ def _listening_sessions() -> int:
         return cursor.fetchone()[0]
 
 
+@contextlib.contextmanager
+def _waiting_for_a_load_elsewhere(model_name):
+    """Another process holds `model_name`'s load lock, and this process's load thread waits for it: yields the
+    future of that wait (`replica_ensure_loaded`, load timeout 120 s)."""
+    import threading
+
+    held, release = threading.Event(), threading.Event()
+    with ThreadPoolExecutor(2) as pool:
+        holder = pool.submit(_hold_model_load_locks, [model_name], held, release)
+        try:
+            assert held.wait(30)
+            yield pool.submit(_ensure_loaded_in_thread, model_name=model_name, timeout=120)
+        finally:
+            release.set()
+            holder.result(30)
+
+
 def test_a_wait_for_a_load_elsewhere_wakes_when_the_holder_says_it_is_loaded(monkeypatch):
     """A process waiting for another process's cold load listens for the holder's word (`_announce_loaded`)
     and re-checks at once, instead of at its next poll (up to LOCK_POLL_MAX later). Its polls are an hour
     apart here, so only the word can wake it before its load timeout."""
-    import threading
-
     monkeypatch.setattr(router, "LOCK_POLL_START", 3600.0)
     monkeypatch.setattr(router, "LOCK_POLL_MAX", 3600.0)
-    held, release = threading.Event(), threading.Event()
-    with ThreadPoolExecutor(2) as pool:
-        holder = pool.submit(_hold_model_load_locks, ["listened"], held, release)
-        try:
-            assert held.wait(30)
-            waiter = pool.submit(_ensure_loaded_in_thread, model_name="listened", timeout=120)
-            wait_until(lambda: _listening_sessions() == 1, timeout=60)
-            assert not waiter.done()
-            ReplicaFactory(node=node("n1"), model_name="listened")  # the other process's load is done…
-            router._announce_loaded("listened")  # …and it says so
-            waiter.result(timeout=60)  # returned, without NoCapacity: it saw the replica
-        finally:
-            release.set()
-            holder.result(30)
+    with _waiting_for_a_load_elsewhere("listened") as waiter:
+        wait_until(lambda: _listening_sessions() == 1, timeout=60)
+        assert not waiter.done()
+        ReplicaFactory(node=node("n1"), model_name="listened")  # the other process's load is done…
+        router._announce_loaded("listened")  # …and it says so
+        waiter.result(timeout=60)  # returned, without NoCapacity: it saw the replica
     wait_until(lambda: _listening_sessions() == 0, timeout=30)  # its session closed with the wait
 
 
 def test_a_wait_for_a_load_elsewhere_polls_when_it_cannot_listen(monkeypatch, caplog):
     """The wake-up is an accelerator: when its session cannot be opened, the waiter polls as before."""
-    import threading
-
     import psycopg
 
     def refused(*args, **kwargs):
@@ -532,19 +538,13 @@ def test_a_wait_for_a_load_elsewhere_polls_when_it_cannot_listen(monkeypatch, ca
     monkeypatch.setattr(router.psycopg, "connect", refused)
     monkeypatch.setattr(router, "LOCK_POLL_START", 0.01)
     monkeypatch.setattr(router, "LOCK_POLL_MAX", 0.01)
-    held, release = threading.Event(), threading.Event()
-    with ThreadPoolExecutor(2) as pool:
-        holder = pool.submit(_hold_model_load_locks, ["polled"], held, release)
-        try:
-            assert held.wait(30)
-            with caplog.at_level("INFO", logger="scheduling.router"):
-                waiter = pool.submit(_ensure_loaded_in_thread, model_name="polled", timeout=120)
-                wait_until(lambda: "polling instead" in caplog.text, timeout=60)
-                ReplicaFactory(node=node("n1"), model_name="polled")  # loaded elsewhere, and nobody says so
-                waiter.result(timeout=60)
-        finally:
-            release.set()
-            holder.result(30)
+    with (
+        caplog.at_level("INFO", logger="scheduling.router"),
+        _waiting_for_a_load_elsewhere("polled") as waiter,
+    ):
+        wait_until(lambda: "polling instead" in caplog.text, timeout=60)
+        ReplicaFactory(node=node("n1"), model_name="polled")  # loaded elsewhere, and nobody says so
+        waiter.result(timeout=60)
 
 
 def test_announcing_a_load_when_the_database_fails_is_logged_not_raised(monkeypatch, caplog):
