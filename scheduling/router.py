@@ -334,11 +334,8 @@ class _LoadedWatch:
             if self._conn is None:
                 from nodes.inflight import plain_connection_params
 
-                params: dict[str, Any] = {
-                    "connect_timeout": max(1, round(float(settings.LOCALAI_DB_POOL_TIMEOUT)))
-                }
-                params |= plain_connection_params()
-                self._conn = psycopg.connect(**params, autocommit=True)
+                # Django's connection options bound the attempt (LOCALAI_DB_CONNECT_TIMEOUT).
+                self._conn = psycopg.connect(**plain_connection_params(), autocommit=True)
                 self._conn.execute(f"LISTEN {MODEL_LOADED_CHANNEL}")
                 return
             for _notification in self._conn.notifies(timeout=seconds, stop_after=1):
@@ -785,7 +782,7 @@ async def _admit(conn: Any, allowed: bool, key_id: int | None, key_last_used_at:
 # back are sent together: one statement for every unit released since the last one was sent, and one such
 # statement in flight at a time. A lone release (concurrency 1) is sent at the next turn of the loop, as
 # before; under load a statement carries many (at concurrency 32, about a tenth as many release statements as
-# requests: docs/performance.md, "Releases batched per event loop"), which takes most of the release's
+# requests: docs/performance.md, "Claims and releases batched per event loop"), which takes most of the release's
 # statements, round trips and row-lock waits off the hot path.
 #
 # Only a unit its owner still holds is given back: after the health monitor reclaimed a dead (or lost)

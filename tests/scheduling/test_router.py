@@ -258,8 +258,8 @@ async def test_a_release_whose_statement_fails_is_retried():
 
 async def test_releases_queued_in_one_turn_of_the_loop_go_in_one_statement(monkeypatch):
     """Releases commute, so the units an event loop gives back together are sent in one statement
-    (docs/performance.md, "Releases batched per event loop"): 20 releases of two replicas, one statement, and
-    each replica's count back to what the other owner holds."""
+    (docs/performance.md, "Claims and releases batched per event loop"): 20 releases of two replicas, one
+    statement, and each replica's count back to what the other owner holds."""
     from asgiref.sync import sync_to_async
 
     from nodes.models import InFlightClaim
