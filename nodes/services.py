@@ -274,6 +274,13 @@ def replicas_locked(replicas: QuerySet[ModelReplica]) -> list[Any]:
     return list(replicas.select_for_update(of=("self",)).order_by("pk").values_list("pk", flat=True))
 
 
+def replicas_delete(replicas: QuerySet[ModelReplica]) -> None:
+    """Deletes the rows of `replicas`, locked in id order first (`replicas_locked`), in the caller's
+    transaction."""
+    replicas_locked(replicas)
+    replicas.delete()
+
+
 def node_register(
     *,
     name: str,
@@ -372,8 +379,7 @@ def node_register(
 
         _refresh_worker_labels(node, worker_labels)
         _refresh_auto_labels(node)
-        replicas_locked(ModelReplica.objects.filter(node=node))
-        ModelReplica.objects.filter(node=node).delete()
+        replicas_delete(ModelReplica.objects.filter(node=node))
         _capacity_changed(f"node {name} registered")
 
     logger.info("node %r %s (%s)", name, "registered" if created else "registered again", node.status)
@@ -655,8 +661,7 @@ def node_deregister(*, node: Node) -> Node:
     reservation) but keeps its id, approval, labels and override, so a restart comes back as the same node."""
     with transaction.atomic():
         locked = _lock_node(node.pk)
-        replicas_locked(ModelReplica.objects.filter(node=locked))
-        ModelReplica.objects.filter(node=locked).delete()
+        replicas_delete(ModelReplica.objects.filter(node=locked))
         locked.status = NodeStatus.OFFLINE
         locked.reserved_vram = 0
         locked.save(update_fields=["status", "reserved_vram", "updated_at"])

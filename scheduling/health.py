@@ -30,7 +30,7 @@ from localai_cluster.metrics import TICK_DURATION
 from nodes.choices import NodeStatus, NodeType, ReplicaState
 from nodes.inflight import inflight_reclaim_dead_owners
 from nodes.models import ModelReplica, Node
-from nodes.services import LOADED_GRACE_HEARTBEATS, replicas_locked
+from nodes.services import LOADED_GRACE_HEARTBEATS, replicas_delete, replicas_locked
 from scheduling.decisions import decisions_prune
 
 logger = logging.getLogger(__name__)
@@ -107,8 +107,7 @@ def mark_stale_nodes_offline(*, now: datetime) -> list[str]:
             return []
         ids = [node_id for node_id, _ in nodes]
         Node.objects.filter(id__in=ids).update(status=NodeStatus.OFFLINE, reserved_vram=0, updated_at=now)
-        replicas_locked(ModelReplica.objects.filter(node_id__in=ids))
-        ModelReplica.objects.filter(node_id__in=ids).delete()
+        replicas_delete(ModelReplica.objects.filter(node_id__in=ids))
     names = sorted(name for _, name in nodes)
     logger.warning(
         "node(s) offline after %.0fs without heartbeat: %r",
