@@ -25,23 +25,22 @@ import statistics
 import sys
 import time
 
-from gateway_overhead import Cluster, _setup_django, percentile, pin_to_this_run
+from gateway_overhead import Cluster, _setup_django, chat_request_bytes, percentile, pin_to_this_run
+
+
+def _body(model: str) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": "cold start"}]}
 
 
 def socket_burst(url: str, model: str, requests: int) -> tuple[list[float], list[int], float, float]:
     """(latencies, statuses, wall clock of the first request written, of the last answer read): `requests`
     keep-alive connections opened first, then one request written on each, the answers read as they come."""
-    import json
     import selectors
     import socket
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
-    payload = json.dumps({"model": model, "messages": [{"role": "user", "content": "cold start"}]}).encode()
-    request = (
-        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(payload)}\r\n\r\n"
-    ).encode() + payload
+    request = chat_request_bytes(url, _body(model))
     sockets = [socket.create_connection((parts.hostname, parts.port), timeout=600) for _ in range(requests)]
     selector = selectors.DefaultSelector()
     started: dict[socket.socket, float] = {}
@@ -87,7 +86,7 @@ def socket_burst(url: str, model: str, requests: int) -> tuple[list[float], list
 async def burst(url: str, model: str, requests: int) -> tuple[list[float], list[int]]:
     import httpx
 
-    body = {"model": model, "messages": [{"role": "user", "content": "cold start"}]}
+    body = _body(model)
     limits = httpx.Limits(max_connections=requests)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
 

@@ -346,20 +346,27 @@ async def bench(cluster: Cluster, args: argparse.Namespace) -> None:
         )
 
 
+def chat_request_bytes(url: str, body: dict) -> bytes:
+    """`POST /v1/chat/completions` of `body` as bytes on the wire, for the bare-socket clients."""
+    import json
+    from urllib.parse import urlsplit
+
+    payload = json.dumps(body).encode()
+    return (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {urlsplit(url).netloc}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    ).encode() + payload
+
+
 def socket_first_tokens(url: str, body: dict, requests: int, warm: int = 5) -> list[float]:
     """First-token latencies (s) of sequential streaming requests on one keep-alive connection, read from a
     bare socket: from sending the request to receiving the first event with content. Each answer is read to
     its last chunk before the next request goes out."""
-    import json
     import socket
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
-    payload = json.dumps(body).encode()
-    request = (
-        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(payload)}\r\n\r\n"
-    ).encode() + payload
+    request = chat_request_bytes(url, body)
     firsts: list[float] = []
     with socket.create_connection((parts.hostname, parts.port), timeout=60) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
