@@ -8,6 +8,8 @@ latency <= 2 ms at concurrency 1; gateway throughput >= 50 % of direct at concur
 
 `--system-chars N` adds a system prompt of N characters; with `LOCALAI_ROUTING_POLICY=prefix_cache` in the
 environment the bench's models route by prefix (one Redis lookup per request once the prompt has a block).
+`LOCALAI_OPTIMISTIC_DISPATCH=false` in the environment turns optimistic dispatch off in the web processes (a
+non-streaming completion's backend call then always waits for its claim; README, "Optimistic dispatch").
 
 Uses the embedded PostgreSQL and Redis unless DATABASE_URL / REDIS_URL are set, like the control plane.
 Streaming first tokens are measured twice: with httpx, and with a bare socket reading the chunked answer
@@ -455,9 +457,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     policy = os.environ.get("LOCALAI_ROUTING_POLICY", "least_in_flight")
+    early = os.environ.get("LOCALAI_OPTIMISTIC_DISPATCH", "true")
     print(
-        f"reproduce: LOCALAI_ROUTING_POLICY={policy} .venv/bin/python bench/gateway_overhead.py "
-        + shlex.join(sys.argv[1:])
+        f"reproduce: LOCALAI_ROUTING_POLICY={policy} LOCALAI_OPTIMISTIC_DISPATCH={early} "
+        ".venv/bin/python bench/gateway_overhead.py " + shlex.join(sys.argv[1:])
     )
     _setup_django()
     import logging

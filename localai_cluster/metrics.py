@@ -62,6 +62,13 @@ GATEWAY_LATENCY = Histogram(
     ["model", "endpoint"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
+GATEWAY_OPTIMISTIC_CALLS = Counter(
+    "localai_cluster_gateway_optimistic_calls",
+    "Backend calls the gateway started before their claim answered (optimistic dispatch); outcome used (the "
+    "claim picked that replica), discarded (it picked another, none, or refused the key: the call was "
+    "cancelled) or failed (the call was made again on the claimed replica).",
+    ["outcome"],
+)
 
 
 # --- read from the database at scrape time -----------------------------------------------------------------

@@ -33,7 +33,7 @@ from django.views.decorators.http import require_GET, require_POST
 from console.usage import usage_record
 from localai_cluster import metrics
 from localai_cluster.bounds import UnsafeJSON, loads_checked
-from scheduling import router, routing
+from scheduling import optimistic, router, routing
 from scheduling.models import ModelConfig
 from scheduling.placement import LoadFailed, NoCapacity, UnknownModel
 from worker_client.client import BackendClient, Reply
@@ -309,10 +309,11 @@ async def _with_replica(
     *,
     fields: dict[str, Any] | None = None,
     session: str = "",
+    early: bool = False,
 ) -> tuple[router.Lease, Any]:
     """`_claim_and_call`, with a database fault answered as a 503 (`control_plane_unavailable`)."""
     try:
-        return await _claim_and_call(model, raw_key, call, fields=fields, session=session)
+        return await _claim_and_call(model, raw_key, call, fields=fields, session=session, early=early)
     except (DatabaseError, psycopg.Error) as error:
         raise _database_unavailable(error) from error
 
@@ -344,12 +345,16 @@ async def _claim_and_call(
     *,
     fields: dict[str, Any] | None = None,
     session: str = "",
+    early: bool = False,
 ) -> tuple[router.Lease, Any]:
     """Claims a replica and runs `call` on it (a whole non-streaming call, or a stream up to its first piece:
     nothing has reached the client yet). A call that fails with `UNAVAILABLE` — the connection was refused,
     reset or closed, e.g. a backend killed a moment ago — is retried once, elsewhere or on a fresh load: a
     refused replica is removed and its process stopped at once; another is probed first (the gRPC health
     check) and removed only when it does not answer. Never a third try.
+    With `early` (a whole non-streaming call), the first attempt's call may start beside its claim, on the
+    replica the claim is predicted to pick (`scheduling.optimistic`); its answer counts only when the claim
+    picked that replica.
     On success the caller owns the lease (and releases it); on failure, or when the caller is cancelled at
     any point, it is already released."""
     exclude: list[int] = []
@@ -357,45 +362,57 @@ async def _claim_and_call(
         preference = await routing.preference_for(model, fields, session)
     else:
         preference = routing.Preference.none(session)
-    for attempt in (0, 1):
-        try:
-            lease = await router.acquire(
-                model,
-                exclude=exclude,
-                raw_key=raw_key if attempt == 0 else router.NO_AUTH,
-                preference=preference,
-            )
-        except router.Unauthorized:
-            raise _unauthorized() from None
-        except (UnknownModel, NoCapacity, LoadFailed) as error:
-            raise _placement_error(error, model) from error
-        _record_prefix(model, lease, preference, fields)
-        # From here until the lease is handed to the caller, every exit gives the unit back.
-        try:
+    with optimistic.in_progress(model):
+        for attempt in (0, 1):
+            started = optimistic.start(model, raw_key, preference, call) if early and attempt == 0 else None
             try:
-                return lease, await call(lease)
-            except WorkerError as error:
-                failure = error
-            if attempt == 0 and failure.unavailable:
-                logger.warning(
-                    "backend %s of %s on %s is unavailable (%s): retrying once",
-                    lease.address,
-                    lease.process_key,
-                    lease.node_name,
-                    failure.details,
+                lease = await router.acquire(
+                    model,
+                    exclude=exclude,
+                    raw_key=raw_key if attempt == 0 else router.NO_AUTH,
+                    preference=preference,
                 )
-                if failure.connect_failed:
-                    await router.discard_unreachable(lease)
-                    exclude.append(lease.replica_id)
-                elif not await router.probe_replica(lease):
-                    exclude.append(lease.replica_id)
+            except BaseException as error:
+                if started is not None:
+                    started.drop()
+                if isinstance(error, router.Unauthorized):
+                    raise _unauthorized() from None
+                if isinstance(error, UnknownModel | NoCapacity | LoadFailed):
+                    raise _placement_error(error, model) from error
+                raise
+            if attempt == 0:
+                optimistic.claimed(model, raw_key, preference, lease)
+            _record_prefix(model, lease, preference, fields)
+            # From here until the lease is handed to the caller, every exit gives the unit back.
+            try:
+                try:
+                    answer = call(lease) if started is None else started.answer(lease, call)
+                    return lease, await answer
+                except WorkerError as error:
+                    failure = error
+                if attempt == 0 and failure.unavailable:
+                    logger.warning(
+                        "backend %s of %s on %s is unavailable (%s): retrying once",
+                        lease.address,
+                        lease.process_key,
+                        lease.node_name,
+                        failure.details,
+                    )
+                    if failure.connect_failed:
+                        await router.discard_unreachable(lease)
+                        exclude.append(lease.replica_id)
+                    elif not await router.probe_replica(lease):
+                        exclude.append(lease.replica_id)
+                    await lease.release()
+                    continue
+            except BaseException:
                 await lease.release()
-                continue
-        except BaseException:
+                raise
+            finally:
+                if started is not None:
+                    started.drop()
             await lease.release()
-            raise
-        await lease.release()
-        raise _backend_error(failure) from failure
+            raise _backend_error(failure) from failure
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -637,7 +654,7 @@ async def _complete(
                 return await _backend(lease).predict(fields)
 
             lease, reply = await _with_replica(
-                completion.model, raw_key, predict, fields=fields, session=session
+                completion.model, raw_key, predict, fields=fields, session=session, early=True
             )
             lease.release_soon()
             body = _chat_body(completion, reply) if chat else _text_body(completion, reply)
