@@ -408,9 +408,6 @@ async def _claim_and_call(
             except BaseException:
                 await lease.release()
                 raise
-            finally:
-                if started is not None:
-                    started.drop()
             await lease.release()
             raise _backend_error(failure) from failure
     raise AssertionError("unreachable")  # pragma: no cover

@@ -76,7 +76,7 @@ class _Model:
 
 
 class _Loop:
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.models: dict[str, _Model] = {}
         self.accepted: OrderedDict[Any, float] = OrderedDict()  # bearer value -> when last accepted
 
@@ -97,21 +97,12 @@ _loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Loop] = weakref.We
 
 
 def _this_loop() -> _Loop:
-    loop = asyncio.get_running_loop()
-    state = _loops.get(loop)
-    if state is None:
-        state = _loops[loop] = _Loop()
-    return state
-
-
-def _unordered(preference: Preference) -> bool:
-    """A claim that orders replicas by load alone (no prefix match, session key or home): the predictable one."""
-    return not preference.replicas and not preference.session and not preference.home
+    return router.of_this_loop(_loops, _Loop)
 
 
 class EarlyCall(Generic[T]):
     """A backend call started on `guess` before the claim answered. Settle it exactly once: `answer` with the
-    claimed lease, or `drop`."""
+    claimed lease (awaiting it settles the call at once, before its first suspension), or `drop`."""
 
     def __init__(self, guess: router.Lease, work: Awaitable[T]) -> None:
         self.guess = guess
@@ -166,7 +157,7 @@ def start(
 ) -> EarlyCall[T] | None:
     """Starts `call` on the predicted replica when every gate is open (see the module's docstring); None
     otherwise. Call it inside `in_progress(model)`."""
-    if not settings.LOCALAI_OPTIMISTIC_DISPATCH or not _unordered(preference):
+    if not settings.LOCALAI_OPTIMISTIC_DISPATCH or not preference.by_load_alone:
         return None
     loop = _this_loop()
     state = loop.model(model)
@@ -190,7 +181,7 @@ def claimed(model: str, raw_key: Any, preference: Preference, lease: router.Leas
         loop.accepted.move_to_end(raw_key)
         if len(loop.accepted) > MAX_KEYS:
             loop.accepted.popitem(last=False)
-    if not _unordered(preference):
+    if not preference.by_load_alone:
         return
     state = loop.model(model)
     guess = state.predicted()

@@ -588,7 +588,7 @@ async def aclaim(
     caller stopped waiting is given back at once."""
     prefer = preference or Preference.none()
     try:
-        if not exclude and not prefer.replicas and not prefer.session and not prefer.home:
+        if not exclude and prefer.by_load_alone:
             return await _claimed(_claims().claim(model_name, raw_key))
         return await _bounded(_claim_one(model_name, exclude, raw_key, prefer), abandoned=_release_abandoned)
     except asyncio.CancelledError:
@@ -922,23 +922,27 @@ _release_queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Releases]
 _claim_queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Claims] = weakref.WeakKeyDictionary()
 
 
-Q = TypeVar("Q", "_Releases", "_Claims")
+S = TypeVar("S")
 
 
-def _of_this_loop(queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Q], kind: type[Q]) -> Q:
+def of_this_loop(
+    states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, S],
+    make: Callable[[asyncio.AbstractEventLoop], S],
+) -> S:
+    """The running event loop's entry of `states`, made by `make(loop)` on first use."""
     loop = asyncio.get_running_loop()
-    queue = queues.get(loop)
-    if queue is None:
-        queue = queues[loop] = kind(loop)
-    return queue
+    state = states.get(loop)
+    if state is None:
+        state = states[loop] = make(loop)
+    return state
 
 
 def _claims() -> _Claims:
-    return _of_this_loop(_claim_queues, _Claims)
+    return of_this_loop(_claim_queues, _Claims)
 
 
 def _releases() -> _Releases:
-    return _of_this_loop(_release_queues, _Releases)
+    return of_this_loop(_release_queues, _Releases)
 
 
 async def releases_settled() -> None:

@@ -161,6 +161,11 @@ class Preference:
     def none(cls, session: str = "") -> Preference:
         return cls([], [], session)
 
+    @property
+    def by_load_alone(self) -> bool:
+        """Whether the claim orders replicas by load alone: no prefix match, session key or home."""
+        return not self.replicas and not self.session and not self.home
+
 
 # Every claim answers the model's policy; this process remembers it to know whether to look a prefix up.
 _policies: dict[str, str] = {}

@@ -182,6 +182,11 @@ def wait_in_flight_zero(model: str, timeout: float = 20) -> None:
     )
 
 
+def predict_count(agent, model: str) -> int:
+    """How many `Predict` calls the agent's backend of `model` logged (one per call that reached it)."""
+    return sum(1 for line in agent.client().get_logs(model) if line.text.startswith("Predict"))
+
+
 def place(model: str, count: int = 1) -> list:
     """Places `count` replicas of a catalog model through the real placement path."""
     from scheduling.services import replica_place

@@ -10,7 +10,12 @@ import pytest
 from localai_cluster import metrics
 from nodes.apikeys import api_key_create, api_key_revoke
 from scheduling import optimistic
-from tests.e2e.gateway_support import place, start_agents_fixture, wait_in_flight_zero  # noqa: F401
+from tests.e2e.gateway_support import (  # noqa: F401
+    place,
+    predict_count,
+    start_agents_fixture,
+    wait_in_flight_zero,
+)
 from tests.factories import ModelConfigFactory
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -20,10 +25,6 @@ def chat(url: str, model: str, key: str | None = None) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
     return httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=60)
-
-
-def predict_count(agent, model: str) -> int:
-    return sum(1 for line in agent.client().get_logs(model) if line.text.startswith("Predict"))
 
 
 def count(outcome: str) -> float:

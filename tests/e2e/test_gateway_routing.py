@@ -13,7 +13,13 @@ import pytest
 from nodes.models import ModelReplica, Node
 from scheduling.catalog import model_config_upsert
 from tests.conftest import wait_until
-from tests.e2e.gateway_support import in_flight, place, start_agents_fixture, wait_in_flight_zero  # noqa: F401
+from tests.e2e.gateway_support import (  # noqa: F401
+    in_flight,
+    place,
+    predict_count,
+    start_agents_fixture,
+    wait_in_flight_zero,
+)
 from tests.factories import GiB, ModelConfigFactory, RuleFactory
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -22,10 +28,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 def chat(url: str, model: str, text: str = "hi", **extra) -> httpx.Response:
     body = {"model": model, "messages": [{"role": "user", "content": text}], **extra}
     return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
-
-
-def predict_count(agent, model: str) -> int:
-    return sum(1 for line in agent.client().get_logs(model) if line.text.startswith("Predict"))
 
 
 def backend_pid(agent, key: str) -> int:
