@@ -9,7 +9,8 @@ latency <= 2 ms at concurrency 1; gateway throughput >= 50 % of direct at concur
 `--system-chars N` adds a system prompt of N characters; with `LOCALAI_ROUTING_POLICY=prefix_cache` in the
 environment the bench's models route by prefix (one Redis lookup per request once the prompt has a block).
 `LOCALAI_OPTIMISTIC_DISPATCH=false` in the environment turns optimistic dispatch off in the web processes (a
-non-streaming completion's backend call then always waits for its claim; README, "Optimistic dispatch").
+completion's backend call, or a stream's opening, then always waits for its claim; README, "Optimistic
+dispatch").
 
 Uses the embedded PostgreSQL and Redis unless DATABASE_URL / REDIS_URL are set, like the control plane.
 Streaming first tokens are measured twice: with httpx, and with a bare socket reading the chunked answer

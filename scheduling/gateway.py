@@ -310,10 +310,13 @@ async def _with_replica(
     fields: dict[str, Any] | None = None,
     session: str = "",
     early: bool = False,
+    discard: optimistic.Discard[Any] | None = None,
 ) -> tuple[router.Lease, Any]:
     """`_claim_and_call`, with a database fault answered as a 503 (`control_plane_unavailable`)."""
     try:
-        return await _claim_and_call(model, raw_key, call, fields=fields, session=session, early=early)
+        return await _claim_and_call(
+            model, raw_key, call, fields=fields, session=session, early=early, discard=discard
+        )
     except (DatabaseError, psycopg.Error) as error:
         raise _database_unavailable(error) from error
 
@@ -346,15 +349,16 @@ async def _claim_and_call(
     fields: dict[str, Any] | None = None,
     session: str = "",
     early: bool = False,
+    discard: optimistic.Discard[Any] | None = None,
 ) -> tuple[router.Lease, Any]:
     """Claims a replica and runs `call` on it (a whole non-streaming call, or a stream up to its first piece:
     nothing has reached the client yet). A call that fails with `UNAVAILABLE` — the connection was refused,
     reset or closed, e.g. a backend killed a moment ago — is retried once, elsewhere or on a fresh load: a
     refused replica is removed and its process stopped at once; another is probed first (the gRPC health
     check) and removed only when it does not answer. Never a third try.
-    With `early` (a whole non-streaming call), the first attempt's call may start beside its claim, on the
-    replica the claim is predicted to pick (`scheduling.optimistic`); its answer counts only when the claim
-    picked that replica.
+    With `early`, the first attempt's call may start beside its claim, on the replica the claim is predicted
+    to pick (`scheduling.optimistic`); its answer counts only when the claim picked that replica, and one
+    thrown away is given to `discard` (a stream opened early: closed).
     On success the caller owns the lease (and releases it); on failure, or when the caller is cancelled at
     any point, it is already released."""
     exclude: list[int] = []
@@ -364,7 +368,11 @@ async def _claim_and_call(
         preference = routing.Preference.none(session)
     with optimistic.in_progress(model):
         for attempt in (0, 1):
-            started = optimistic.start(model, raw_key, preference, call) if early and attempt == 0 else None
+            started = (
+                optimistic.start(model, raw_key, preference, call, discard)
+                if early and attempt == 0
+                else None
+            )
             try:
                 lease = await router.acquire(
                     model,
@@ -666,8 +674,17 @@ async def _complete(
                 await stream.aclose()  # type: ignore[attr-defined]
                 raise
 
+        async def close_stream(opened: tuple[Reply | None, AsyncIterator[Reply]]) -> None:
+            await opened[1].aclose()  # type: ignore[attr-defined]
+
         lease, (first, stream) = await _with_replica(
-            completion.model, raw_key, open_stream, fields=fields, session=session
+            completion.model,
+            raw_key,
+            open_stream,
+            fields=fields,
+            session=session,
+            early=True,
+            discard=close_stream,
         )
     except GatewayError as error:
         _observe(_model_label(completion.model, error), endpoint, error.status, started)

@@ -1,14 +1,16 @@
-"""Optimistic dispatch: a non-streaming completion's backend call starts beside its claim, on the replica the
-claim is predicted to pick, and its answer is used only when the claim picked exactly that replica.
+"""Optimistic dispatch: a completion's backend call (a whole answer, or a stream up to its first piece) starts
+beside its claim, on the replica the claim is predicted to pick, and its answer is used only when the claim
+picked exactly that replica.
 
 At concurrency 1 a request through the gateway waits for the claim's statement (a PostgreSQL round trip) and
-then for the backend; when the claim is predictable the two can overlap. PostgreSQL stays the only source of
-truth: the claim runs as always (key check, routable set, the unit recorded under the process's owner id), and
-an answer reaches the client only when the claim committed a unit on the same replica (same row id, address
-and backend token) — so every answer a client gets was counted on a replica that was routable when its unit
-was claimed, and stays counted until it is released, exactly as without this. An early call whose claim
-picked another replica, or none, or refused the key, is cancelled and its answer dropped; an early call that
-failed is made again on the claimed replica, so the retry rules apply to the real call only.
+then for the backend (for a stream, its first token); when the claim is predictable the two can overlap.
+PostgreSQL stays the only source of truth: the claim runs as always (key check, routable set, the unit
+recorded under the process's owner id), and an answer reaches the client only when the claim committed a unit
+on the same replica (same row id, address and backend token) — so every answer a client gets was counted on a
+replica that was routable when its unit was claimed, and stays counted until it is released, exactly as
+without this. An early call whose claim picked another replica, or none, or refused the key, is cancelled and
+its answer dropped (a stream it had already opened is closed, so the backend stops generating for nobody); an
+early call that failed is made again on the claimed replica, so the retry rules apply to the real call only.
 
 What an early call may cost, and the gates that bound it (`docs/internal-interfaces.md`, "Optimistic
 dispatch"):
@@ -34,7 +36,7 @@ import contextlib
 import logging
 import weakref
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from time import monotonic
 from typing import Any, Generic, TypeVar
@@ -48,6 +50,8 @@ from scheduling.routing import Preference
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# Frees an answer that is thrown away after it arrived (an open stream: closed).
+Discard = Callable[[T], Coroutine[Any, Any, None]]
 
 TRUST_AFTER = 8  # right predictions in a row before a call is dispatched early
 RECENT = 2.0  # seconds: how fresh the key's acceptance and the model's last claim must be
@@ -102,25 +106,31 @@ def _this_loop() -> _Loop:
 
 class EarlyCall(Generic[T]):
     """A backend call started on `guess` before the claim answered. Settle it exactly once: `answer` with the
-    claimed lease (awaiting it settles the call at once, before its first suspension), or `drop`."""
+    claimed lease (awaiting it settles the call at once, before its first suspension), or `drop`. `discard`
+    frees an answer that is thrown away after it arrived (an open stream: closed)."""
 
-    def __init__(self, guess: router.Lease, work: Awaitable[T]) -> None:
+    def __init__(self, guess: router.Lease, work: Awaitable[T], discard: Discard[T] | None = None) -> None:
         self.guess = guess
         self.task: asyncio.Future[T] = asyncio.ensure_future(work)
         # A dropped call's failure is nobody's to raise: retrieved here so asyncio does not report it.
         self.task.add_done_callback(lambda task: task.cancelled() or task.exception())
         self.settled = False
+        self._discard = discard
 
     async def answer(self, lease: router.Lease, call: Callable[[router.Lease], Awaitable[T]]) -> T:
         """The call's answer for the claimed `lease`: the early one when the claim picked the guessed replica
         and the early call succeeded, else the call made now on `lease` (the early one cancelled)."""
         self.settled = True
         if not same_replica(self.guess, lease):
-            self.task.cancel()
+            self._throw_away()
             metrics.GATEWAY_OPTIMISTIC_CALLS.labels("discarded").inc()
             return await call(lease)
         try:
             result = await self.task
+        except asyncio.CancelledError:
+            # The request went away: the call was cancelled with it, or had just answered (then discarded).
+            self._throw_away()
+            raise
         except Exception as error:
             # The real call decides what a failure means (its retry, a removed replica): it is made now.
             logger.info(
@@ -136,8 +146,18 @@ class EarlyCall(Generic[T]):
         if self.settled:
             return
         self.settled = True
-        self.task.cancel()
+        self._throw_away()
         metrics.GATEWAY_OPTIMISTIC_CALLS.labels("discarded").inc()
+
+    def _throw_away(self) -> None:
+        """Cancels the call (nothing when it has ended); an answer it has or still gets goes to `discard`."""
+        self.task.cancel()
+        if self._discard is not None:
+            self.task.add_done_callback(self._discard_answer)
+
+    def _discard_answer(self, task: asyncio.Future[T]) -> None:
+        if self._discard is not None and not task.cancelled() and task.exception() is None:
+            router.run_in_background(self._discard(task.result()))
 
 
 @contextlib.contextmanager
@@ -153,10 +173,14 @@ def in_progress(model: str) -> Iterator[None]:
 
 
 def start(
-    model: str, raw_key: Any, preference: Preference, call: Callable[[router.Lease], Awaitable[T]]
+    model: str,
+    raw_key: Any,
+    preference: Preference,
+    call: Callable[[router.Lease], Awaitable[T]],
+    discard: Discard[T] | None = None,
 ) -> EarlyCall[T] | None:
     """Starts `call` on the predicted replica when every gate is open (see the module's docstring); None
-    otherwise. Call it inside `in_progress(model)`."""
+    otherwise. Call it inside `in_progress(model)`. `discard` frees an answer thrown away (`EarlyCall`)."""
     if not settings.LOCALAI_OPTIMISTIC_DISPATCH or not preference.by_load_alone:
         return None
     loop = _this_loop()
@@ -169,7 +193,7 @@ def start(
     guess = state.predicted()
     if guess is None:
         return None
-    return EarlyCall(guess, call(guess))
+    return EarlyCall(guess, call(guess), discard)
 
 
 def claimed(model: str, raw_key: Any, preference: Preference, lease: router.Lease) -> None:

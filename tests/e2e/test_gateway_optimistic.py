@@ -1,8 +1,10 @@
 """Optimistic dispatch through the gateway (`scheduling.optimistic`), end to end on loopback: steady sequential
-traffic gets its backend call started beside the claim, and a change of what the claim may pick — a drain, a
+traffic gets its backend call (a whole answer or a stream) started beside the claim, and a change of what the claim may pick — a drain, a
 revoked key — costs at most one dropped call, never a wrong answer or a leaked unit."""
 
 from __future__ import annotations
+
+import json
 
 import httpx
 import pytest
@@ -21,10 +23,16 @@ from tests.factories import ModelConfigFactory
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 
-def chat(url: str, model: str, key: str | None = None) -> httpx.Response:
+def chat(url: str, model: str, key: str | None = None, *, stream: bool = False) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
-    return httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=60)
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    answer = httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=60)
+    if stream and answer.status_code == 200:  # the whole stream, well formed
+        assert answer.text.endswith("data: [DONE]\n\n")
+        events = [json.loads(line[6:]) for line in answer.text.splitlines() if line.startswith("data: {")]
+        text = "".join(event["choices"][0]["delta"].get("content", "") for event in events)
+        assert text.split() == ["echo:", "hi"]
+    return answer
 
 
 def count(outcome: str) -> float:
@@ -37,8 +45,9 @@ def steady(monkeypatch):
     monkeypatch.setattr(optimistic, "RECENT", 600.0)
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole answers", "streams"])
 def test_sequential_requests_are_answered_early_and_a_drain_costs_at_most_one_dropped_call(
-    cp_server, start_agents, settings
+    cp_server, start_agents, settings, stream
 ):
     from nodes.services import node_drain
 
@@ -47,7 +56,7 @@ def test_sequential_requests_are_answered_early_and_a_drain_costs_at_most_one_dr
     ModelConfigFactory(name="early")
     place("early", 2)
     used = count("used")
-    answers = [chat(cp_server.url, "early") for _ in range(2 * optimistic.TRUST_AFTER + 4)]
+    answers = [chat(cp_server.url, "early", stream=stream) for _ in range(2 * optimistic.TRUST_AFTER + 4)]
     assert [answer.status_code for answer in answers] == [200] * len(answers)
     assert {answer.headers["x-localai-node"] for answer in answers} == {a.name, b.name}  # they take turns
     assert count("used") > used  # the two replicas' turns were learned, then called early
@@ -56,7 +65,7 @@ def test_sequential_requests_are_answered_early_and_a_drain_costs_at_most_one_dr
     node_drain(node=a.node())
     on_a = predict_count(a, "early")
     used = count("used")
-    after = [chat(cp_server.url, "early") for _ in range(optimistic.TRUST_AFTER - 2)]
+    after = [chat(cp_server.url, "early", stream=stream) for _ in range(optimistic.TRUST_AFTER - 2)]
     assert [answer.status_code for answer in after] == [200] * len(after)
     assert {answer.headers["x-localai-node"] for answer in after} == {b.name}  # the claim decides
     assert predict_count(a, "early") - on_a <= 1  # at most the one early call the miss dropped

@@ -170,3 +170,56 @@ async def test_a_dropped_call_is_cancelled_once():
     await asyncio.wait([early.task])
     assert early.task.cancelled()
     assert count("discarded") == discarded + 1
+
+
+async def test_an_answer_thrown_away_after_it_arrived_is_discarded():
+    """A stream opened early on the wrong replica, or by a request that failed or went away, is closed."""
+    closed: list[str] = []
+
+    async def opened(target: router.Lease) -> str:
+        return f"stream of {target.replica_id}"
+
+    async def close(answer: str) -> None:
+        closed.append(answer)
+
+    early = optimistic.EarlyCall(lease(1), opened(lease(1)), close)
+    await asyncio.wait([early.task])  # the early stream is open
+    assert await early.answer(lease(2), opened) == "stream of 2"
+    dropped = optimistic.EarlyCall(lease(3), opened(lease(3)), close)
+    await asyncio.wait([dropped.task])
+    dropped.drop()  # the claim failed
+    used = optimistic.EarlyCall(lease(4), opened(lease(4)), close)
+    assert await used.answer(lease(4), opened) == "stream of 4"
+    await wait_for(lambda: len(closed) == 2)
+    assert closed == ["stream of 1", "stream of 3"]  # the one used is the caller's to close
+
+
+async def test_an_early_answer_that_arrives_as_its_request_goes_away_is_discarded():
+    opening = asyncio.Event()
+    closed: list[str] = []
+
+    async def opened(target: router.Lease) -> str:
+        await opening.wait()
+        return f"stream of {target.replica_id}"
+
+    async def close(answer: str) -> None:
+        closed.append(answer)
+
+    early = optimistic.EarlyCall(lease(1), opened(lease(1)), close)
+    request = asyncio.ensure_future(early.answer(lease(1), opened))
+    # Runs after the early call answered and before the request resumes with that answer: the client went away.
+    early.task.add_done_callback(lambda _: request.cancel())
+    await asyncio.sleep(0)  # the request waits for the early answer
+    opening.set()
+    await asyncio.wait([request])
+    assert request.cancelled()
+    await wait_for(lambda: closed == ["stream of 1"])
+
+
+async def wait_for(condition) -> None:
+    """Lets the event loop turn until `condition` holds (a background discard is a turn or two away)."""
+    for _ in range(100):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the condition never held")
