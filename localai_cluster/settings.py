@@ -85,7 +85,8 @@ if LOCALAI_ROUTING_POLICY not in ("least_in_flight", "prefix_cache", "session"):
 # prefix_cache: the replica with the longest matched prefix is passed over when its in-flight exceeds the least
 # loaded replica's by more than this.
 LOCALAI_PREFIX_BALANCE_THRESHOLD = env_int("LOCALAI_PREFIX_BALANCE_THRESHOLD", 4)
-# A predictable non-streaming completion's backend call starts beside its claim (scheduling.optimistic).
+# A predictable completion's backend call, or a stream's opening, starts beside its claim
+# (scheduling.optimistic).
 LOCALAI_OPTIMISTIC_DISPATCH = env_bool("LOCALAI_OPTIMISTIC_DISPATCH", default=True)
 # prefix_cache's index in Redis: prompts are hashed in blocks of this many characters; an entry lives this long
 # after the last request that matched it, and each model keeps at most this many block entries.

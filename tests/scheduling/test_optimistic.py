@@ -176,22 +176,19 @@ async def test_an_answer_thrown_away_after_it_arrived_is_discarded():
     """A stream opened early on the wrong replica, or by a request that failed or went away, is closed."""
     closed: list[str] = []
 
-    async def opened(target: router.Lease) -> str:
-        return f"stream of {target.replica_id}"
-
     async def close(answer: str) -> None:
         closed.append(answer)
 
-    early = optimistic.EarlyCall(lease(1), opened(lease(1)), close)
+    early = optimistic.EarlyCall(lease(1), answer_of(lease(1)), close)
     await asyncio.wait([early.task])  # the early stream is open
-    assert await early.answer(lease(2), opened) == "stream of 2"
-    dropped = optimistic.EarlyCall(lease(3), opened(lease(3)), close)
+    assert await early.answer(lease(2), answer_of) == "answer of 2"
+    dropped = optimistic.EarlyCall(lease(3), answer_of(lease(3)), close)
     await asyncio.wait([dropped.task])
     dropped.drop()  # the claim failed
-    used = optimistic.EarlyCall(lease(4), opened(lease(4)), close)
-    assert await used.answer(lease(4), opened) == "stream of 4"
+    used = optimistic.EarlyCall(lease(4), answer_of(lease(4)), close)
+    assert await used.answer(lease(4), answer_of) == "answer of 4"
     await wait_for(lambda: len(closed) == 2)
-    assert closed == ["stream of 1", "stream of 3"]  # the one used is the caller's to close
+    assert closed == ["answer of 1", "answer of 3"]  # the one used is the caller's to close
 
 
 async def test_an_early_answer_that_arrives_as_its_request_goes_away_is_discarded():
