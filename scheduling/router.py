@@ -142,8 +142,9 @@ SELECT auth.allowed, auth.key_id, auth.key_last_used_at, (SELECT policy FROM rou
 FROM auth LEFT JOIN claimed ON true
 """
 
-# Claims batched per event loop (`_Claims`): `%(units)s` units of one model for requests of one turn of the
-# loop with no routing preference, in one statement. Every routable replica of the model is locked (in id
+# Claims batched per event loop (`_Claims`): `%(units)s` units of one model for requests with no routing
+# preference queued together (one turn of the loop, or the time the model's previous statement was out), in
+# one statement. Every routable replica of the model is locked (in id
 # order: a batch never waits on another in a cycle, nor on a release batch), then the units are dealt by
 # water-filling — each unit to the replica least loaded once the units dealt before it are counted, ties broken
 # as a single claim breaks them — so a batch places its units as that many single claims in a row would.
@@ -189,7 +190,7 @@ SELECT auth.allowed, auth.key_id, auth.key_last_used_at, (SELECT policy FROM rou
 FROM auth LEFT JOIN claimed ON true
 """
 
-# The most units one batched statement claims (more requests of the same turn go in further statements).
+# The most units one batched statement claims (more queued requests go in further statements, sent together).
 MAX_BATCH_UNITS = 64
 
 _ROUTABLE_EXISTS_SQL = f"SELECT EXISTS (SELECT 1 {_ROUTABLE})"
@@ -580,7 +581,8 @@ async def aclaim(
     fails. Bounded by `LOCALAI_DB_POOL_TIMEOUT` (`DatabaseTimeout`).
 
     A claim with no routing preference and nothing excluded joins the claims of the same model and bearer value
-    made in the same turn of the event loop, and they are claimed by one statement (`_Claims`).
+    made in the same turn of the event loop, or while the group's previous statement was out, and they are
+    claimed by one statement (`_Claims`).
 
     The claim runs in a task of its own that neither the deadline nor the caller's cancellation (a client that
     disconnects) interrupts: cancelling psycopg in the middle of the claim statement, or of the key's
@@ -686,31 +688,73 @@ async def _stamp_after_claim(conn: Any, key_id: int | None, key_last_used_at: An
 
 
 class _Claims:
-    """Claims of one event loop waiting for the next turn of the loop, by (model, bearer value): each group is
-    claimed by one statement — one unit alone by the single claim (`_CLAIM_SQL`), more by `_BATCH_CLAIM_SQL`.
-    A lone claim (concurrency 1) costs what it did (one `call_soon` more); under load the requests that reach
-    their claim in the same turn share a statement, a round trip and the replica rows' locks."""
+    """Claims of one event loop, by (model, bearer value): each group is claimed by one statement — one unit
+    alone by the single claim (`_CLAIM_SQL`), more by `_BATCH_CLAIM_SQL` — with at most one statement of a
+    group in flight at a time. A claim whose group has none in flight waits for the next turn of the loop, so
+    a lone claim (concurrency 1) costs what it did (one `call_soon` more); one made while its group's
+    statement is in flight waits for that statement and goes with the next, together with every claim of the
+    group queued meanwhile. Under load the requests share statements, round trips and the replica rows' locks,
+    and the process's claims never queue on those locks behind one another.
+
+    A group whose statement has not ended by its deadline (`LOCALAI_DB_POOL_TIMEOUT`: the database froze)
+    stops holding the claims queued behind it: they get `DatabaseTimeout` with the statement's own requests,
+    and the group's next claim sends a statement of its own."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._queued: dict[tuple[str, Any], list[asyncio.Future[Lease | None]]] = {}
         self._scheduled = False
+        # The groups with a statement in flight: a token for each, told apart from a later statement's.
+        self._sending: dict[tuple[str, Any], object] = {}
 
     def claim(self, model_name: str, raw_key: Any) -> asyncio.Future[Lease | None]:
         """A future of the claimed lease (None when nothing is routable); cancelling it gives its unit back."""
         future: asyncio.Future[Lease | None] = self._loop.create_future()
-        self._queued.setdefault((model_name, raw_key), []).append(future)
+        group = (model_name, raw_key)
+        self._queued.setdefault(group, []).append(future)
+        if group not in self._sending:
+            self._schedule()
+        return future
+
+    def _schedule(self) -> None:
         if not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self._send)
-        return future
 
     def _send(self) -> None:
         self._scheduled = False
-        queued, self._queued = self._queued, {}
-        for (model_name, raw_key), waiters in queued.items():
-            for start in range(0, len(waiters), MAX_BATCH_UNITS):
-                _in_background(_claim_for(model_name, raw_key, waiters[start : start + MAX_BATCH_UNITS]))
+        for group in [group for group in self._queued if group not in self._sending]:
+            waiters = [waiter for waiter in self._queued.pop(group) if not waiter.done()]
+            if waiters:  # none when every request of the group went away while it was queued
+                self._start(group, waiters)
+
+    def _start(self, group: tuple[str, Any], waiters: list[asyncio.Future[Lease | None]]) -> None:
+        model_name, raw_key = group
+        token = self._sending[group] = object()
+        tasks = [
+            _in_background(_claim_for(model_name, raw_key, waiters[start : start + MAX_BATCH_UNITS]))
+            for start in range(0, len(waiters), MAX_BATCH_UNITS)
+        ]
+        deadline = self._loop.call_later(float(settings.LOCALAI_DB_POOL_TIMEOUT), self._overdue, group, token)
+        pending = len(tasks)
+
+        def ended(_: asyncio.Task) -> None:
+            nonlocal pending
+            pending -= 1
+            if not pending and self._sending.get(group) is token:
+                deadline.cancel()
+                del self._sending[group]
+                if group in self._queued:
+                    self._schedule()
+
+        for task in tasks:
+            task.add_done_callback(ended)
+
+    def _overdue(self, group: tuple[str, Any], token: object) -> None:
+        """The group's statement outlived its deadline: the claims queued behind it time out as its own did."""
+        if self._sending.get(group) is token:
+            del self._sending[group]
+            _expire(self._queued.pop(group, []))
 
 
 async def _claim_for(model_name: str, raw_key: Any, waiters: list[asyncio.Future[Lease | None]]) -> None:

@@ -411,6 +411,100 @@ async def test_a_request_cancelled_just_after_its_lease_was_handed_out_gives_it_
     await sync_to_async(wait_until)(lambda: flights() == {"n1": 0}, message="the handed-out unit back")
 
 
+def _record_claim_statements(monkeypatch, hold_first):
+    """Wraps the router's two claim statements (`_claim_one` for a lone claim, `_claim_units` for a batch):
+    records each statement's units, in order, and holds the first statement until `hold_first` is set."""
+    sent = []
+    real_one, real_units = router._claim_one, router._claim_units
+
+    async def one(model_name, exclude, raw_key, prefer):
+        sent.append((model_name, 1))
+        if len(sent) == 1:
+            await hold_first.wait()
+        return await real_one(model_name, exclude, raw_key, prefer)
+
+    async def units(model_name, raw_key, count):
+        sent.append((model_name, count))
+        if len(sent) == 1:
+            await hold_first.wait()
+        return await real_units(model_name, raw_key, count)
+
+    monkeypatch.setattr(router, "_claim_one", one)
+    monkeypatch.setattr(router, "_claim_units", units)
+    return sent
+
+
+async def test_claims_made_while_their_groups_statement_is_out_go_together_in_the_next(monkeypatch):
+    """One claim statement of a (model, key) group in flight at a time (docs/performance.md, "One claim
+    statement in flight per model"): the claims made while it is out wait for it, then go in one statement;
+    another model's claim is not held by it. Every request gets its lease."""
+    from asgiref.sync import sync_to_async
+
+    await sync_to_async(ReplicaFactory)(node=await sync_to_async(node)("a"), model_name="m")
+    await sync_to_async(ReplicaFactory)(node=await sync_to_async(node)("b"), model_name="other")
+    hold_first = asyncio.Event()
+    sent = _record_claim_statements(monkeypatch, hold_first)
+    first = asyncio.ensure_future(router.aclaim("m"))
+    await _turns_until(lambda: sent == [("m", 1)])
+    queued = [asyncio.ensure_future(router.aclaim("m")) for _ in range(3)]
+    elsewhere = await router.aclaim("other")  # its own group: sent while m's statement is out
+    for _ in range(5):  # turns of the loop: nothing more of m's is sent while its statement is out
+        await asyncio.sleep(0)
+    assert sent == [("m", 1), ("other", 1)]
+    hold_first.set()
+    leases = [await first, *[await claim for claim in queued]]
+    assert sent == [("m", 1), ("other", 1), ("m", 3)]
+    assert all(lease is not None and lease.node_name == "a" for lease in leases)
+    assert await sync_to_async(flights)() == {"a": 4}
+    await asyncio.gather(*(lease.release() for lease in [*leases, elsewhere]))
+    assert await sync_to_async(flights)() == {"a": 0}
+
+
+async def test_claims_queued_behind_a_statement_past_its_deadline_time_out_and_the_next_goes_alone(
+    monkeypatch, settings
+):
+    """The database froze under a group's statement: when its deadline passes, the claims queued behind it
+    get `DatabaseTimeout` as its own request does (none waits for a second deadline), and the group's next
+    claim sends a statement of its own instead of waiting for the frozen one."""
+    settings.LOCALAI_DB_POOL_TIMEOUT = 0.1
+    frozen = asyncio.Event()
+    sent = []
+
+    async def one(model_name, exclude, raw_key, prefer):
+        sent.append(1)
+        if len(sent) == 1:
+            await frozen.wait()  # no answer until the test ends
+        return None
+
+    async def units(model_name, raw_key, count):
+        sent.append(count)
+        return None
+
+    monkeypatch.setattr(router, "_claim_one", one)
+    monkeypatch.setattr(router, "_claim_units", units)
+    try:
+        first = asyncio.ensure_future(router.aclaim("m"))
+        await _turns_until(lambda: sent == [1])
+        queued = [asyncio.ensure_future(router.aclaim("m")) for _ in range(2)]
+        for claim_ in (first, *queued):
+            with pytest.raises(router.DatabaseTimeout):
+                await claim_
+        assert sent == [1]  # the queued claims never went out behind the frozen statement
+        assert await router.aclaim("m") is None  # the next claim: a statement of its own, answered
+        assert sent == [1, 1]
+    finally:
+        frozen.set()
+
+
+async def _turns_until(condition, turns=1000):
+    """Lets the event loop run until `condition()` holds (bounded by turns of the loop, not by time)."""
+    for _ in range(turns):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    pytest.fail(f"not reached within {turns} turns of the event loop")
+
+
 async def test_the_claim_is_planned_once_per_connection_not_per_request():
     """The hot pool's prepared claim runs on its generic plan. Left to choose, PostgreSQL planned the
     least_in_flight claim anew at every request (its custom plan drops the prefix branch when `prefer` is
