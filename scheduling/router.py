@@ -696,13 +696,14 @@ class _Claims:
     group queued meanwhile. Under load the requests share statements, round trips and the replica rows' locks,
     and the process's claims never queue on those locks behind one another.
 
-    A group whose statement has not ended by its deadline (`LOCALAI_DB_POOL_TIMEOUT`: the database froze)
-    stops holding the claims queued behind it: they get `DatabaseTimeout` with the statement's own requests,
-    and the group's next claim sends a statement of its own."""
+    Every claim's wait is bounded by `LOCALAI_DB_POOL_TIMEOUT` from the moment it was queued (its statement's
+    deadline counts from its batch's oldest claim). A statement still out at its deadline (the database froze)
+    stops holding its group: the claims queued behind it go in a statement of their own."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._queued: dict[tuple[str, Any], list[asyncio.Future[Lease | None]]] = {}
+        self._since: dict[tuple[str, Any], float] = {}  # when each queued group's oldest claim was queued
         self._scheduled = False
         # The groups with a statement in flight: a token for each, told apart from a later statement's.
         self._sending: dict[tuple[str, Any], object] = {}
@@ -711,7 +712,11 @@ class _Claims:
         """A future of the claimed lease (None when nothing is routable); cancelling it gives its unit back."""
         future: asyncio.Future[Lease | None] = self._loop.create_future()
         group = (model_name, raw_key)
-        self._queued.setdefault(group, []).append(future)
+        waiters = self._queued.get(group)
+        if waiters is None:
+            waiters = self._queued[group] = []
+            self._since[group] = self._loop.time()
+        waiters.append(future)
         if group not in self._sending:
             self._schedule()
         return future
@@ -725,49 +730,54 @@ class _Claims:
         self._scheduled = False
         for group in [group for group in self._queued if group not in self._sending]:
             waiters = [waiter for waiter in self._queued.pop(group) if not waiter.done()]
+            expires_at = self._since.pop(group) + float(settings.LOCALAI_DB_POOL_TIMEOUT)
             if waiters:  # none when every request of the group went away while it was queued
-                self._start(group, waiters)
+                self._start(group, waiters, expires_at)
 
-    def _start(self, group: tuple[str, Any], waiters: list[asyncio.Future[Lease | None]]) -> None:
+    def _start(
+        self, group: tuple[str, Any], waiters: list[asyncio.Future[Lease | None]], expires_at: float
+    ) -> None:
         model_name, raw_key = group
         token = self._sending[group] = object()
         tasks = [
-            _in_background(_claim_for(model_name, raw_key, waiters[start : start + MAX_BATCH_UNITS]))
+            _in_background(
+                _claim_for(model_name, raw_key, waiters[start : start + MAX_BATCH_UNITS], expires_at)
+            )
             for start in range(0, len(waiters), MAX_BATCH_UNITS)
         ]
-        deadline = self._loop.call_later(float(settings.LOCALAI_DB_POOL_TIMEOUT), self._overdue, group, token)
+        deadline = self._loop.call_at(expires_at, self._free, group, token)
+
         pending = len(tasks)
 
         def ended(_: asyncio.Task) -> None:
             nonlocal pending
             pending -= 1
-            if not pending and self._sending.get(group) is token:
+            if not pending:
                 deadline.cancel()
-                del self._sending[group]
-                if group in self._queued:
-                    self._schedule()
+                self._free(group, token)
 
         for task in tasks:
             task.add_done_callback(ended)
 
-    def _overdue(self, group: tuple[str, Any], token: object) -> None:
-        """The group's statement outlived its deadline: the claims queued behind it time out as its own did."""
+    def _free(self, group: tuple[str, Any], token: object) -> None:
+        """The group's statement ended, or is still out at its deadline: the group's next claims may go."""
         if self._sending.get(group) is token:
             del self._sending[group]
-            _expire(self._queued.pop(group, []))
+            if group in self._queued:
+                self._schedule()
 
 
-async def _claim_for(model_name: str, raw_key: Any, waiters: list[asyncio.Future[Lease | None]]) -> None:
+async def _claim_for(
+    model_name: str, raw_key: Any, waiters: list[asyncio.Future[Lease | None]], expires_at: float
+) -> None:
     """Claims one unit per waiting request and hands them out. This task is the claim's own (nothing cancels
-    it), so it bounds the requests' wait itself: after `LOCALAI_DB_POOL_TIMEOUT` they get `DatabaseTimeout`
-    while the statement goes on, and a unit claimed for a request that stopped waiting (the deadline passed, or
-    its client went away) is given back at once."""
+    it), so it bounds the requests' wait itself: at `expires_at` (loop time: `LOCALAI_DB_POOL_TIMEOUT` after
+    the oldest of them was queued) they get `DatabaseTimeout` while the statement goes on, and a unit claimed
+    for a request that stopped waiting (the deadline passed, or its client went away) is given back at once."""
     waiters = [waiter for waiter in waiters if not waiter.done()]
     if not waiters:
         return
-    deadline = asyncio.get_running_loop().call_later(
-        float(settings.LOCALAI_DB_POOL_TIMEOUT), _expire, waiters
-    )
+    deadline = asyncio.get_running_loop().call_at(expires_at, _expire, waiters)
     try:
         if len(waiters) == 1:
             lease = await _claim_one(model_name, (), raw_key, Preference.none())

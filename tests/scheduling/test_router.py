@@ -460,25 +460,21 @@ async def test_claims_made_while_their_groups_statement_is_out_go_together_in_th
     assert await sync_to_async(flights)() == {"a": 0}
 
 
-async def test_claims_queued_behind_a_statement_past_its_deadline_time_out_and_the_next_goes_alone(
-    monkeypatch, settings
-):
-    """The database froze under a group's statement: when its deadline passes, the claims queued behind it
-    get `DatabaseTimeout` as its own request does (none waits for a second deadline), and the group's next
-    claim sends a statement of its own instead of waiting for the frozen one."""
+async def test_a_statement_past_its_deadline_stops_holding_the_claims_queued_behind_it(monkeypatch, settings):
+    """The database froze under a group's statement: at its deadline its request gets `DatabaseTimeout`, and
+    the claims queued behind it go out in a statement of their own instead of waiting for the frozen one for
+    ever; they time out in their turn (the database is still frozen), each within its own bound."""
     settings.LOCALAI_DB_POOL_TIMEOUT = 0.1
     frozen = asyncio.Event()
     sent = []
 
     async def one(model_name, exclude, raw_key, prefer):
         sent.append(1)
-        if len(sent) == 1:
-            await frozen.wait()  # no answer until the test ends
-        return None
+        await frozen.wait()  # no answer until the test ends
 
     async def units(model_name, raw_key, count):
         sent.append(count)
-        return None
+        await frozen.wait()
 
     monkeypatch.setattr(router, "_claim_one", one)
     monkeypatch.setattr(router, "_claim_units", units)
@@ -486,12 +482,13 @@ async def test_claims_queued_behind_a_statement_past_its_deadline_time_out_and_t
         first = asyncio.ensure_future(router.aclaim("m"))
         await _turns_until(lambda: sent == [1])
         queued = [asyncio.ensure_future(router.aclaim("m")) for _ in range(2)]
-        for claim_ in (first, *queued):
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert sent == [1]  # held behind the statement in flight
+        for request in (first, *queued):
             with pytest.raises(router.DatabaseTimeout):
-                await claim_
-        assert sent == [1]  # the queued claims never went out behind the frozen statement
-        assert await router.aclaim("m") is None  # the next claim: a statement of its own, answered
-        assert sent == [1, 1]
+                await request
+        assert sent == [1, 2]  # the queued two went together once the first was past its deadline
     finally:
         frozen.set()
 
