@@ -145,16 +145,44 @@ def _bindable(port: int) -> bool:
         return True
 
 
+_agent_blocks_handed_out = 0  # in this process: where `agent_port` goes on from
+
+
+def _worker_slice(low: int, high: int) -> tuple[int, int]:
+    """This test process's share of [low, high): pytest-xdist's workers each take their own slice, so two
+    workers never hand out the same agent port."""
+    worker, count = (
+        os.environ.get("PYTEST_XDIST_WORKER", ""),
+        os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"),
+    )
+    if not (worker.startswith("gw") and worker[2:].isdigit() and count.isdigit() and int(count) > 1):
+        return low, high
+    size = (high - low) // int(count)
+    index = int(worker[2:]) % int(count)
+    return low + index * size, low + (index + 1) * size
+
+
 def agent_port() -> int:
     """A free port for a worker agent whose next `AGENT_PORT_BLOCK - 1` ports are free too (its backends take
     them, lowest first), outside the kernel's ephemeral range: a port from `free_port()` lies in that range, and
     the source port of any outgoing connection on the machine (an HTTP client, another test worker) could take
-    the ports after it while a test relies on them."""
+    the ports after it while a test relies on them.
+
+    Blocks are handed out in turn from this process's slice of the range (from a random start), never at
+    random: an agent binds its port only some time after it was handed out, so a block whose ports were all
+    still free could be handed out twice, and two agents of one test then raced for the same port (seen once in
+    CI runs: the second agent could not listen). A block comes round again only after every other block of the
+    slice, long after the test that used it stopped its agents."""
+    global _agent_blocks_handed_out
     ephemeral_low, ephemeral_high = _ephemeral_range()
-    low, high = (10000, ephemeral_low) if ephemeral_low - 10000 > 1000 else (ephemeral_high + 1, 65535)
-    rng = random.SystemRandom()
-    for _ in range(500):
-        base = rng.randrange(low, high - AGENT_PORT_BLOCK)
+    low, high = (10000, ephemeral_low) if ephemeral_low - 10000 > 1000 else (ephemeral_high + 1, 65536)
+    low, high = _worker_slice(low, high)
+    blocks = (high - low) // AGENT_PORT_BLOCK
+    if _agent_blocks_handed_out == 0:
+        _agent_blocks_handed_out = random.SystemRandom().randrange(blocks)
+    for _ in range(blocks):
+        base = low + (_agent_blocks_handed_out % blocks) * AGENT_PORT_BLOCK
+        _agent_blocks_handed_out += 1
         if all(_bindable(port) for port in range(base, base + AGENT_PORT_BLOCK)):
             return base
     raise RuntimeError(f"no block of {AGENT_PORT_BLOCK} free ports in {low}-{high}")

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from localai_cluster import quickstart
-from tests.conftest import free_port, wait_until
+from tests.conftest import agent_port, free_port, wait_until
 from tests.e2e.conftest import child_pids, is_alive
 
 pytestmark = pytest.mark.e2e
@@ -103,7 +103,7 @@ def test_quickstart_serves_echo_1_and_a_stop_signal_stops_everything_in_order(en
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL", "DJANGO_DEBUG"}}
     env["LOCALAI_STATE_DIR"] = str(engine_state_dir)  # its own engines, started and stopped by it
-    agent_ports = f"{free_port()},{free_port() + 20}"
+    agent_ports = f"{agent_port()},{agent_port()}"  # two blocks of free ports, not in the ephemeral range
     argv = [
         sys.executable,
         "-m",
