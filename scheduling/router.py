@@ -702,8 +702,8 @@ class _Claims:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._queued: dict[tuple[str, Any], list[asyncio.Future[Lease | None]]] = {}
-        self._since: dict[tuple[str, Any], float] = {}  # when each queued group's oldest claim was queued
+        # Each queued group's claims, and when the oldest of them was queued (loop time).
+        self._queued: dict[tuple[str, Any], tuple[float, list[asyncio.Future[Lease | None]]]] = {}
         self._scheduled = False
         # The groups with a statement in flight: a token for each, told apart from a later statement's.
         self._sending: dict[tuple[str, Any], object] = {}
@@ -712,11 +712,10 @@ class _Claims:
         """A future of the claimed lease (None when nothing is routable); cancelling it gives its unit back."""
         future: asyncio.Future[Lease | None] = self._loop.create_future()
         group = (model_name, raw_key)
-        waiters = self._queued.get(group)
-        if waiters is None:
-            waiters = self._queued[group] = []
-            self._since[group] = self._loop.time()
-        waiters.append(future)
+        queued = self._queued.get(group)
+        if queued is None:
+            queued = self._queued[group] = (self._loop.time(), [])
+        queued[1].append(future)
         if group not in self._sending:
             self._schedule()
         return future
@@ -729,24 +728,29 @@ class _Claims:
     def _send(self) -> None:
         self._scheduled = False
         for group in [group for group in self._queued if group not in self._sending]:
-            waiters = [waiter for waiter in self._queued.pop(group) if not waiter.done()]
-            expires_at = self._since.pop(group) + float(settings.LOCALAI_DB_POOL_TIMEOUT)
+            since, queued = self._queued.pop(group)
+            waiters = [waiter for waiter in queued if not waiter.done()]
             if waiters:  # none when every request of the group went away while it was queued
-                self._start(group, waiters, expires_at)
+                self._start(group, waiters, since + float(settings.LOCALAI_DB_POOL_TIMEOUT))
 
     def _start(
         self, group: tuple[str, Any], waiters: list[asyncio.Future[Lease | None]], expires_at: float
     ) -> None:
+        """Sends the group's statement(s) for `waiters`. At `expires_at` the requests still waiting get
+        `DatabaseTimeout` while the statement goes on (a unit it claims for them later is given back), and the
+        group is free to send its next claims."""
         model_name, raw_key = group
         token = self._sending[group] = object()
         tasks = [
-            _in_background(
-                _claim_for(model_name, raw_key, waiters[start : start + MAX_BATCH_UNITS], expires_at)
-            )
+            _in_background(_claim_for(model_name, raw_key, waiters[start : start + MAX_BATCH_UNITS]))
             for start in range(0, len(waiters), MAX_BATCH_UNITS)
         ]
-        deadline = self._loop.call_at(expires_at, self._free, group, token)
 
+        def overdue() -> None:
+            _expire(waiters)
+            self._free(group, token)
+
+        deadline = self._loop.call_at(expires_at, overdue)
         pending = len(tasks)
 
         def ended(_: asyncio.Task) -> None:
@@ -767,17 +771,13 @@ class _Claims:
                 self._schedule()
 
 
-async def _claim_for(
-    model_name: str, raw_key: Any, waiters: list[asyncio.Future[Lease | None]], expires_at: float
-) -> None:
+async def _claim_for(model_name: str, raw_key: Any, waiters: list[asyncio.Future[Lease | None]]) -> None:
     """Claims one unit per waiting request and hands them out. This task is the claim's own (nothing cancels
-    it), so it bounds the requests' wait itself: at `expires_at` (loop time: `LOCALAI_DB_POOL_TIMEOUT` after
-    the oldest of them was queued) they get `DatabaseTimeout` while the statement goes on, and a unit claimed
+    it); `_Claims` bounds the requests' wait (`DatabaseTimeout` at their batch's deadline), and a unit claimed
     for a request that stopped waiting (the deadline passed, or its client went away) is given back at once."""
     waiters = [waiter for waiter in waiters if not waiter.done()]
     if not waiters:
         return
-    deadline = asyncio.get_running_loop().call_at(expires_at, _expire, waiters)
     try:
         if len(waiters) == 1:
             lease = await _claim_one(model_name, (), raw_key, Preference.none())
@@ -795,8 +795,6 @@ async def _claim_for(
         for waiter in waiters:
             waiter.cancel()
         raise
-    finally:
-        deadline.cancel()
     for waiter in waiters:
         lease = leases.pop() if leases else None
         if not waiter.done():

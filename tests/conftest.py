@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import random
@@ -151,10 +152,8 @@ _agent_blocks_handed_out = 0  # in this process: where `agent_port` goes on from
 def _worker_slice(low: int, high: int) -> tuple[int, int]:
     """This test process's share of [low, high): pytest-xdist's workers each take their own slice, so two
     workers never hand out the same agent port."""
-    worker, count = (
-        os.environ.get("PYTEST_XDIST_WORKER", ""),
-        os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"),
-    )
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")
     if not (worker.startswith("gw") and worker[2:].isdigit() and count.isdigit() and int(count) > 1):
         return low, high
     size = (high - low) // int(count)
@@ -217,6 +216,16 @@ def wait_until(predicate, *, timeout: float = 15.0, interval: float = 0.05, mess
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:.0f}s waiting for {message}")
         time.sleep(interval)
+
+
+async def turns_until(condition, *, turns: int = 1000) -> None:
+    """Lets the event loop turn until `condition()` holds (bounded by turns of the loop, not by time: for what
+    a callback or a background task does a turn or a few later); fails the test after `turns`."""
+    for _ in range(turns):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    pytest.fail(f"not reached within {turns} turns of the event loop")
 
 
 class ControlPlaneServer:

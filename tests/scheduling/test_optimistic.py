@@ -10,6 +10,7 @@ import pytest
 from localai_cluster import metrics
 from scheduling import optimistic, router
 from scheduling.routing import Preference
+from tests.conftest import turns_until
 
 
 def lease(replica_id: int, *, address: str | None = None, token: str = "t") -> router.Lease:
@@ -187,7 +188,7 @@ async def test_an_answer_thrown_away_after_it_arrived_is_discarded():
     dropped.drop()  # the claim failed
     used = optimistic.EarlyCall(lease(4), answer_of(lease(4)), close)
     assert await used.answer(lease(4), answer_of) == "answer of 4"
-    await wait_for(lambda: len(closed) == 2)
+    await turns_until(lambda: len(closed) == 2, turns=100)
     assert closed == ["answer of 1", "answer of 3"]  # the one used is the caller's to close
 
 
@@ -210,13 +211,4 @@ async def test_an_early_answer_that_arrives_as_its_request_goes_away_is_discarde
     opening.set()
     await asyncio.wait([request])
     assert request.cancelled()
-    await wait_for(lambda: closed == ["stream of 1"])
-
-
-async def wait_for(condition) -> None:
-    """Lets the event loop turn until `condition` holds (a background discard is a turn or two away)."""
-    for _ in range(100):
-        if condition():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("the condition never held")
+    await turns_until(lambda: closed == ["stream of 1"], turns=100)

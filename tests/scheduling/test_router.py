@@ -13,7 +13,7 @@ from django.utils import timezone
 from nodes.models import ModelReplica
 from scheduling import router
 from scheduling.router import replica_release
-from tests.conftest import wait_until
+from tests.conftest import turns_until, wait_until
 from tests.factories import GiB, NodeFactory, NodeLabelFactory, ReplicaFactory, RuleFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -445,7 +445,7 @@ async def test_claims_made_while_their_groups_statement_is_out_go_together_in_th
     hold_first = asyncio.Event()
     sent = _record_claim_statements(monkeypatch, hold_first)
     first = asyncio.ensure_future(router.aclaim("m"))
-    await _turns_until(lambda: sent == [("m", 1)])
+    await turns_until(lambda: sent == [("m", 1)])
     queued = [asyncio.ensure_future(router.aclaim("m")) for _ in range(3)]
     elsewhere = await router.aclaim("other")  # its own group: sent while m's statement is out
     for _ in range(5):  # turns of the loop: nothing more of m's is sent while its statement is out
@@ -480,7 +480,7 @@ async def test_a_statement_past_its_deadline_stops_holding_the_claims_queued_beh
     monkeypatch.setattr(router, "_claim_units", units)
     try:
         first = asyncio.ensure_future(router.aclaim("m"))
-        await _turns_until(lambda: sent == [1])
+        await turns_until(lambda: sent == [1])
         queued = [asyncio.ensure_future(router.aclaim("m")) for _ in range(2)]
         for _ in range(5):
             await asyncio.sleep(0)
@@ -491,15 +491,6 @@ async def test_a_statement_past_its_deadline_stops_holding_the_claims_queued_beh
         assert sent == [1, 2]  # the queued two went together once the first was past its deadline
     finally:
         frozen.set()
-
-
-async def _turns_until(condition, turns=1000):
-    """Lets the event loop run until `condition()` holds (bounded by turns of the loop, not by time)."""
-    for _ in range(turns):
-        if condition():
-            return
-        await asyncio.sleep(0)
-    pytest.fail(f"not reached within {turns} turns of the event loop")
 
 
 async def test_the_claim_is_planned_once_per_connection_not_per_request():
